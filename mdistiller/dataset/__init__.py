@@ -1,0 +1,151 @@
+"""Data sets and loaders. A distiller names the training views it needs; this module builds them.
+
+`TRAIN_VIEWS` maps a view name to a function `(mean, std) -> transform`. A distiller declares
+`train_views = {"image": "standard"}` (the default) or e.g. `{"image_weak": "standard", "image_strong": "strong"}`,
+and every training batch is a dict holding one tensor per batch key plus "target" and "index".
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from ..engine.errors import MdistillerError
+from .cifar import CIFAR_FORMATS, ensure_cifar, read_cifar_split
+
+ViewBuilder = Callable[[tuple, tuple], Callable]
+
+
+def standard_train_transform(mean: tuple, std: tuple) -> Callable:
+    """RandomCrop(32, padding 4) + horizontal flip + normalise: the CIFAR recipe of every table."""
+    return transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def test_transform(mean: tuple, std: tuple) -> Callable:
+    """Normalise only."""
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+TRAIN_VIEWS: dict[str, ViewBuilder] = {"standard": standard_train_transform}
+
+
+def register_view(name: str) -> Callable[[ViewBuilder], ViewBuilder]:
+    """Decorator: make a training view available to distillers by name."""
+
+    def wrap(builder: ViewBuilder) -> ViewBuilder:
+        TRAIN_VIEWS[name] = builder
+        return builder
+
+    return wrap
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 HWC images in memory; each item is a dict of transformed views plus target and index."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, views: Mapping[str, Callable]):
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.views = dict(views)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        image = Image.fromarray(self.images[index])
+        item = {key: transform(image) for key, transform in self.views.items()}
+        item["target"] = self.labels[index]
+        item["index"] = index
+        return item
+
+
+def _build_views(view_names: Mapping[str, str], mean: tuple, std: tuple) -> dict[str, Callable]:
+    views = {}
+    for key, name in view_names.items():
+        if name not in TRAIN_VIEWS:
+            raise MdistillerError(f"unknown training view {name!r}; known: {', '.join(sorted(TRAIN_VIEWS))}")
+        views[key] = TRAIN_VIEWS[name](mean, std)
+    return views
+
+
+def build_cifar_datasets(cfg, train_views: Mapping[str, str]) -> tuple[Dataset, Dataset, int]:
+    """Train and test datasets of DATASET.TYPE (cifar100 / cifar10) and the class count."""
+    fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
+    folder = ensure_cifar(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD)
+    train_images, train_labels = read_cifar_split(cfg.DATASET.TYPE, folder, train=True)
+    test_images, test_labels = read_cifar_split(cfg.DATASET.TYPE, folder, train=False)
+    train_set = ImageArrayDataset(train_images, train_labels, _build_views(train_views, fmt.mean, fmt.std))
+    test_set = ImageArrayDataset(test_images, test_labels, {"image": test_transform(fmt.mean, fmt.std)})
+    return train_set, test_set, fmt.num_classes
+
+
+DATASET_BUILDERS: dict[str, Callable] = {"cifar100": build_cifar_datasets, "cifar10": build_cifar_datasets}
+
+
+def num_classes_of(cfg) -> int:
+    """The class count of DATASET.TYPE, checked against DATASET.NUM_CLASSES when that is set."""
+    known = {name: fmt.num_classes for name, fmt in CIFAR_FORMATS.items()}
+    if cfg.DATASET.TYPE not in known:
+        raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {', '.join(sorted(known))}")
+    count = known[cfg.DATASET.TYPE]
+    if cfg.DATASET.NUM_CLASSES not in (0, count):
+        raise MdistillerError(
+            f"DATASET.NUM_CLASSES is {cfg.DATASET.NUM_CLASSES} but {cfg.DATASET.TYPE} has {count} classes"
+        )
+    return count
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+
+
+def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0):
+    """(train_loader, val_loader, num_train, num_classes) for cfg.DATASET, mdistiller's signature."""
+    if cfg.DATASET.TYPE not in DATASET_BUILDERS:
+        known = ", ".join(sorted(DATASET_BUILDERS))
+        raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {known}")
+    num_classes = num_classes_of(cfg)
+    train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views or {"image": "standard"})
+    workers = cfg.DATASET.NUM_WORKERS
+    pin = torch.cuda.is_available()
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=cfg.SOLVER.BATCH_SIZE,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=pin,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        persistent_workers=workers > 0,
+    )
+    val_loader = eval_loader(test_set, cfg.DATASET.TEST.BATCH_SIZE, workers)
+    return train_loader, val_loader, len(train_set), num_classes
+
+
+def eval_loader(test_set: Dataset, batch_size: int, workers: int) -> DataLoader:
+    """A sequential loader over the test set."""
+    return DataLoader(
+        test_set, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
+
+
+def get_test_set(cfg) -> Dataset:
+    """The test split of cfg.DATASET with the test transform (for tools/eval.py)."""
+    num_classes_of(cfg)
+    _, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, {"image": "standard"})
+    return test_set

@@ -1,0 +1,99 @@
+"""The distiller interface. A distiller computes losses; it never touches the optimizer or the data loader.
+
+What a method needs from the trainer it declares here instead of the trainer branching on its name:
+- `requires_teacher`: whether a teacher is built and loaded;
+- `train_views`: batch key -> training view name (see mdistiller.dataset.TRAIN_VIEWS);
+- `get_learnable_parameters()`: student parameters plus any extra modules (projectors, temperatures);
+- `epoch_metrics()`: scalars to log once per epoch (e.g. a learned temperature);
+- `apply_logit_stand_flags(cfg, base_temp, kd_weight)`: how `--logit-stand` maps onto the method's keys.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine.errors import MdistillerError
+from .logit_stand import standardize_logits
+
+
+class Distiller(nn.Module):
+    """A student, an optional frozen teacher, and the losses between them."""
+
+    requires_teacher: bool = True
+    train_views: Mapping[str, str] = {"image": "standard"}
+    supports_logit_stand: bool = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.logit_stand = bool(cfg is not None and cfg.EXPERIMENT.LOGIT_STAND)
+
+    def train(self, mode: bool = True) -> Distiller:
+        """Train mode for everything but the teacher, which stays in eval (frozen BN statistics)."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def get_learnable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: every parameter outside the teacher."""
+        return [p for name, p in self.named_parameters() if not name.startswith("teacher.") and p.requires_grad]
+
+    def get_extra_parameters(self) -> int:
+        """Number of learnable parameters the method adds to the student."""
+        student = sum(p.numel() for p in self.student.parameters())
+        return sum(p.numel() for p in self.get_learnable_parameters()) - student
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Method-specific scalars logged once per epoch."""
+        return {}
+
+    @classmethod
+    def apply_logit_stand_flags(cls, cfg, base_temp: float, kd_weight: float) -> None:
+        """Map `--logit-stand --base-temp --kd-weight` onto this method's config keys."""
+        raise MdistillerError(
+            f"--logit-stand applies to logit methods; DISTILLER.TYPE {cfg.DISTILLER.TYPE} is not one"
+        )
+
+    def distill_logits(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+        """The logits a logit loss should compare: z-scored when EXPERIMENT.LOGIT_STAND is on, raw otherwise."""
+        if self.logit_stand:
+            return standardize_logits(student_logits), standardize_logits(teacher_logits)
+        return student_logits, teacher_logits
+
+    @torch.no_grad()
+    def teacher_forward(self, image: torch.Tensor):
+        """Teacher (logits, feats) without building a graph."""
+        return self.teacher(image)
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
+        """(student logits, {loss name: scalar tensor}); the trainer sums the losses."""
+        raise NotImplementedError
+
+    def forward_test(self, image: torch.Tensor) -> torch.Tensor:
+        """Student logits."""
+        return self.student(image)[0]
+
+    def forward(self, **batch):
+        if self.training:
+            return self.forward_train(**batch)
+        return self.forward_test(batch["image"])
+
+    def named_extra_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """Child modules other than student and teacher (projectors, temperature modules)."""
+        for name, module in self.named_children():
+            if name not in ("student", "teacher"):
+                yield name, module
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Batch-mean cross-entropy in fp32."""
+    return F.cross_entropy(logits.float(), target)

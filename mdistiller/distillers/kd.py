@@ -1,0 +1,45 @@
+"""KD (Hinton et al., 2015): cross-entropy plus temperature-scaled KL to the teacher's softened distribution."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._base import Distiller, cross_entropy
+from .registry import register_distiller
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`, summed over classes, averaged over the batch (fp32)."""
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(1).mean()
+    return kl * temperature**2
+
+
+@register_distiller("KD")
+class KD(Distiller):
+    """`CE_WEIGHT * CE + KD_WEIGHT * kd_loss(T)`; with logit standardisation the KL compares z-scored logits."""
+
+    supports_logit_stand = True
+
+    def __init__(self, student, teacher, cfg):
+        super().__init__(student, teacher, cfg)
+        self.temperature = cfg.KD.TEMPERATURE
+        self.ce_weight = cfg.KD.LOSS.CE_WEIGHT
+        self.kd_weight = cfg.KD.LOSS.KD_WEIGHT
+
+    @classmethod
+    def apply_logit_stand_flags(cls, cfg, base_temp: float, kd_weight: float) -> None:
+        cfg.KD.TEMPERATURE = float(base_temp)
+        cfg.KD.LOSS.KD_WEIGHT = float(kd_weight)
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
+        logits_student, _ = self.student(image)
+        logits_teacher, _ = self.teacher_forward(image)
+        student_kd, teacher_kd = self.distill_logits(logits_student, logits_teacher)
+        losses = {
+            "loss_ce": self.ce_weight * cross_entropy(logits_student, target),
+            "loss_kd": self.kd_weight * kd_loss(student_kd, teacher_kd, self.temperature),
+        }
+        return logits_student, losses

@@ -1,0 +1,3 @@
+from .errors import MdistillerError
+
+__all__ = ["MdistillerError"]

@@ -1,0 +1,330 @@
+"""The yacs defaults (mdistiller's keys, the logit-standardisation repo's and WKD's, plus ours) and config loading.
+
+Users bring YAML files from mdistiller, the logit-standardisation repo and WKD: every key they use exists here with
+mdistiller's default. Loading goes through `merge_dict` instead of yacs' own merge so that an unknown key is named
+with the closest valid one, and an int is accepted where a float is expected (`KD.TEMPERATURE: 1`).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import os
+from typing import Any, Iterable
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from .errors import MdistillerError
+
+CFG = CN()
+
+# Experiment
+CFG.EXPERIMENT = CN()
+CFG.EXPERIMENT.PROJECT = "distill"
+CFG.EXPERIMENT.NAME = ""
+CFG.EXPERIMENT.TAG = "default"
+CFG.EXPERIMENT.SEED = 0
+CFG.EXPERIMENT.LOGIT_STAND = False
+CFG.EXPERIMENT.BASE_TEMP = 0.0  # --base-temp, recorded when --logit-stand set it (0: not set by the flags)
+CFG.EXPERIMENT.KD_WEIGHT = 0.0  # --kd-weight, likewise
+
+# Dataset
+CFG.DATASET = CN()
+CFG.DATASET.TYPE = "cifar100"
+CFG.DATASET.ROOT = os.environ.get("MDISTILLER_DATA", "./data")
+CFG.DATASET.DOWNLOAD = False
+CFG.DATASET.NUM_WORKERS = 2
+CFG.DATASET.NUM_CLASSES = 0  # 0: taken from the data set; otherwise must agree with it
+CFG.DATASET.TEST = CN()
+CFG.DATASET.TEST.BATCH_SIZE = 64
+
+# Distiller
+CFG.DISTILLER = CN()
+CFG.DISTILLER.TYPE = "NONE"  # vanilla training
+CFG.DISTILLER.TEACHER = "ResNet50"
+CFG.DISTILLER.STUDENT = "resnet32"
+CFG.DISTILLER.TEACHER_CKPT = ""  # overrides the zoo's teacher path when non-empty
+
+# Solver
+CFG.SOLVER = CN()
+CFG.SOLVER.TRAINER = "base"
+CFG.SOLVER.BATCH_SIZE = 64
+CFG.SOLVER.EPOCHS = 240
+CFG.SOLVER.LR = 0.05
+CFG.SOLVER.LR_DECAY_STAGES = [150, 180, 210]
+CFG.SOLVER.LR_DECAY_RATE = 0.1
+CFG.SOLVER.WEIGHT_DECAY = 0.0001
+CFG.SOLVER.MOMENTUM = 0.9
+CFG.SOLVER.TYPE = "SGD"
+CFG.SOLVER.DOT = CN()
+CFG.SOLVER.DOT.DELTA = 0.075
+
+# Log
+CFG.LOG = CN()
+CFG.LOG.TENSORBOARD_FREQ = 500
+CFG.LOG.SAVE_CHECKPOINT_FREQ = 40
+CFG.LOG.PREFIX = "./output"
+CFG.LOG.RESULTS_DIR = "./logs"  # one result file per finished run, named like the logit-standardisation repo's
+CFG.LOG.WANDB = False
+
+# ---- Distillation methods ----
+
+CFG.KD = CN()
+CFG.KD.TEMPERATURE = 4.0
+CFG.KD.LOSS = CN()
+CFG.KD.LOSS.CE_WEIGHT = 0.1
+CFG.KD.LOSS.KD_WEIGHT = 0.9
+
+CFG.DKD = CN()
+CFG.DKD.CE_WEIGHT = 1.0
+CFG.DKD.ALPHA = 1.0
+CFG.DKD.BETA = 8.0
+CFG.DKD.T = 4.0
+CFG.DKD.WARMUP = 20
+
+CFG.AT = CN()
+CFG.AT.P = 2
+CFG.AT.LOSS = CN()
+CFG.AT.LOSS.CE_WEIGHT = 1.0
+CFG.AT.LOSS.FEAT_WEIGHT = 1000.0
+
+CFG.RKD = CN()
+CFG.RKD.DISTANCE_WEIGHT = 25.0
+CFG.RKD.ANGLE_WEIGHT = 50.0
+CFG.RKD.LOSS = CN()
+CFG.RKD.LOSS.CE_WEIGHT = 1.0
+CFG.RKD.LOSS.FEAT_WEIGHT = 1.0
+CFG.RKD.PDIST = CN()
+CFG.RKD.PDIST.EPSILON = 1e-12
+CFG.RKD.PDIST.SQUARED = False
+
+CFG.FITNET = CN()
+CFG.FITNET.HINT_LAYER = 2
+CFG.FITNET.INPUT_SIZE = (32, 32)
+CFG.FITNET.LOSS = CN()
+CFG.FITNET.LOSS.CE_WEIGHT = 1.0
+CFG.FITNET.LOSS.FEAT_WEIGHT = 100.0
+
+CFG.KDSVD = CN()
+CFG.KDSVD.K = 1
+CFG.KDSVD.LOSS = CN()
+CFG.KDSVD.LOSS.CE_WEIGHT = 1.0
+CFG.KDSVD.LOSS.FEAT_WEIGHT = 1.0
+
+CFG.OFD = CN()
+CFG.OFD.LOSS = CN()
+CFG.OFD.LOSS.CE_WEIGHT = 1.0
+CFG.OFD.LOSS.FEAT_WEIGHT = 0.001
+CFG.OFD.CONNECTOR = CN()
+CFG.OFD.CONNECTOR.KERNEL_SIZE = 1
+
+CFG.NST = CN()
+CFG.NST.LOSS = CN()
+CFG.NST.LOSS.CE_WEIGHT = 1.0
+CFG.NST.LOSS.FEAT_WEIGHT = 50.0
+
+CFG.PKT = CN()
+CFG.PKT.LOSS = CN()
+CFG.PKT.LOSS.CE_WEIGHT = 1.0
+CFG.PKT.LOSS.FEAT_WEIGHT = 30000.0
+
+CFG.SP = CN()
+CFG.SP.LOSS = CN()
+CFG.SP.LOSS.CE_WEIGHT = 1.0
+CFG.SP.LOSS.FEAT_WEIGHT = 3000.0
+
+CFG.VID = CN()
+CFG.VID.LOSS = CN()
+CFG.VID.LOSS.CE_WEIGHT = 1.0
+CFG.VID.LOSS.FEAT_WEIGHT = 1.0
+CFG.VID.EPS = 1e-5
+CFG.VID.INIT_PRED_VAR = 5.0
+CFG.VID.INPUT_SIZE = (32, 32)
+
+CFG.CRD = CN()
+CFG.CRD.MODE = "exact"  # "exact" | "relax"
+CFG.CRD.FEAT = CN()
+CFG.CRD.FEAT.DIM = 128
+CFG.CRD.FEAT.STUDENT_DIM = 256
+CFG.CRD.FEAT.TEACHER_DIM = 256
+CFG.CRD.LOSS = CN()
+CFG.CRD.LOSS.CE_WEIGHT = 1.0
+CFG.CRD.LOSS.FEAT_WEIGHT = 0.8
+CFG.CRD.NCE = CN()
+CFG.CRD.NCE.K = 16384
+CFG.CRD.NCE.MOMENTUM = 0.5
+CFG.CRD.NCE.TEMPERATURE = 0.07
+
+CFG.REVIEWKD = CN()
+CFG.REVIEWKD.CE_WEIGHT = 1.0
+CFG.REVIEWKD.REVIEWKD_WEIGHT = 1.0
+CFG.REVIEWKD.WARMUP_EPOCHS = 20
+CFG.REVIEWKD.SHAPES = [1, 8, 16, 32]
+CFG.REVIEWKD.OUT_SHAPES = [1, 8, 16, 32]
+CFG.REVIEWKD.IN_CHANNELS = [64, 128, 256, 256]
+CFG.REVIEWKD.OUT_CHANNELS = [64, 128, 256, 256]
+CFG.REVIEWKD.MAX_MID_CHANNEL = 512
+CFG.REVIEWKD.STU_PREACT = False
+
+# WKD (Lv et al., NeurIPS 2024): the reference keys, so the authors' configs load unchanged.
+CFG.WKD = CN()
+CFG.WKD.TEMPERATURE = 4.0
+CFG.WKD.INPUT_SIZE = (32, 32)
+CFG.WKD.LOSS = CN()
+CFG.WKD.LOSS.CE_WEIGHT = 1.0
+CFG.WKD.LOSS.WKD_LOGIT_WEIGHT = 0.0
+CFG.WKD.LOSS.WKD_FEAT_WEIGHT = 0.0
+CFG.WKD.LOSS.COSINE_DECAY_EPOCH = 150
+CFG.WKD.SINKHORN = CN()
+CFG.WKD.SINKHORN.LAMBDA = 0.05
+CFG.WKD.SINKHORN.ITER = 10
+CFG.WKD.COST_MATRIX = "fc"  # "fc" | "cka"
+CFG.WKD.COST_MATRIX_PATH = ""
+CFG.WKD.COST_MATRIX_SHARPEN = 0.0
+CFG.WKD.EPS = 1e-5
+CFG.WKD.HINT_LAYER = -1
+CFG.WKD.MEAN_COV_RATIO = 2.0
+CFG.WKD.PROJECTOR = "conv1x1"  # "conv1x1" | "bottleneck"
+CFG.WKD.SPATIAL_GRID = 1
+
+
+def default_cfg() -> CN:
+    """A fresh, mutable copy of the defaults."""
+    return CFG.clone()
+
+
+def _all_keys(node: CN, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        full = prefix + key
+        keys.append(full)
+        if isinstance(value, CN):
+            keys.extend(_all_keys(value, full + "."))
+    return keys
+
+
+def _unknown_key_error(full_key: str, root: CN, source: str) -> MdistillerError:
+    candidates = _all_keys(root)
+    close = difflib.get_close_matches(full_key, candidates, n=1, cutoff=0.6)
+    if not close:  # a typo in the leaf name is the common case: compare leaf names too
+        leaf = full_key.rsplit(".", 1)[-1]
+        leaves = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return MdistillerError(f"unknown config key {full_key} in {source}{hint}")
+
+
+def _decode(value: Any) -> Any:
+    """Strings become Python literals where they parse as one, as yacs does ('(32, 32)' -> (32, 32))."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
+def _coerce(value: Any, default: Any, full_key: str, source: str) -> Any:
+    if default is None or value is None or type(value) is type(default):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if isinstance(default, str) and not isinstance(value, (CN, dict)):
+        return str(value)  # e.g. a TAG of digits that literal_eval turned into an int
+    raise MdistillerError(
+        f"config key {full_key} in {source} expects {type(default).__name__} (default {default!r}), "
+        f"got {type(value).__name__} {value!r}"
+    )
+
+
+def merge_dict(cfg: CN, values: dict, source: str, prefix: str = "", root: CN | None = None) -> None:
+    """Merge a nested dict of values into cfg, checking every key and type; errors name the key and the source."""
+    root = cfg if root is None else root
+    for key, value in values.items():
+        full_key = prefix + str(key)
+        if key not in cfg:
+            raise _unknown_key_error(full_key, root, source)
+        default = cfg[key]
+        if isinstance(default, CN):
+            if not isinstance(value, dict):
+                raise MdistillerError(f"config key {full_key} in {source} is a section; got {value!r}")
+            merge_dict(default, value, source, full_key + ".", root)
+        else:
+            cfg[key] = _coerce(_decode(value), default, full_key, source)
+
+
+def merge_file(cfg: CN, path: str) -> None:
+    """Merge a YAML config file (with yacs' `_BASE_` inheritance) into cfg."""
+    if not path:
+        raise MdistillerError("no config file given: pass --cfg configs/<dataset>/<method>/<pair>.yaml")
+    if not os.path.isfile(path):
+        raise MdistillerError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MdistillerError(f"config file {path} is not valid YAML: {first_line}") from None
+    if not isinstance(values, dict):
+        raise MdistillerError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    base = values.pop("_BASE_", None)
+    if base:
+        merge_file(cfg, base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base))
+    merge_dict(cfg, values, path)
+
+
+def merge_opts(cfg: CN, opts: list[str]) -> None:
+    """Merge command-line `KEY VALUE ...` pairs into cfg."""
+    if len(opts) % 2:
+        raise MdistillerError(f"overrides come as KEY VALUE pairs; got an odd number: {' '.join(opts)}")
+    for full_key, raw in zip(opts[::2], opts[1::2]):
+        nested: dict = {}
+        node = nested
+        parts = full_key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = raw
+        merge_dict(cfg, nested, "the command line")
+
+
+def validate_cfg(cfg: CN) -> None:
+    """Reject values no run can use, before anything is built."""
+    positive = {
+        "SOLVER.EPOCHS": cfg.SOLVER.EPOCHS,
+        "SOLVER.BATCH_SIZE": cfg.SOLVER.BATCH_SIZE,
+        "DATASET.TEST.BATCH_SIZE": cfg.DATASET.TEST.BATCH_SIZE,
+        "SOLVER.LR": cfg.SOLVER.LR,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise MdistillerError(f"{key} must be positive, got {value}")
+    if cfg.DATASET.NUM_WORKERS < 0:
+        raise MdistillerError(f"DATASET.NUM_WORKERS must be >= 0, got {cfg.DATASET.NUM_WORKERS}")
+    if cfg.LOG.SAVE_CHECKPOINT_FREQ <= 0:
+        raise MdistillerError(f"LOG.SAVE_CHECKPOINT_FREQ must be positive, got {cfg.LOG.SAVE_CHECKPOINT_FREQ}")
+    if cfg.SOLVER.TYPE != "SGD":
+        raise MdistillerError(f"SOLVER.TYPE {cfg.SOLVER.TYPE!r} is not supported; use SGD")
+
+
+def load_cfg(path: str, opts: Iterable[str] = ()) -> CN:
+    """Defaults <- YAML file <- `KEY VALUE` overrides; returns a mutable (unfrozen) config."""
+    cfg = default_cfg()
+    merge_file(cfg, path)
+    merge_opts(cfg, list(opts))
+    return cfg
+
+
+def dump_cfg(cfg: CN, path: str) -> None:
+    """Write the fully merged config as YAML (what the run actually used)."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, cfg.dump())
+
+
+def cfg_to_dict(cfg: CN) -> dict:
+    """A plain nested dict copy of a config (for checkpoints and hashing)."""
+    return copy.deepcopy(yaml.safe_load(cfg.dump()))

@@ -1,0 +1,129 @@
+"""Checkpoints in mdistiller's format, written atomically, loaded with errors a user can act on.
+
+Format (mdistiller's): `torch.save`d dicts. Student and teacher files hold `{"model": state_dict}` (we add the
+architecture's name under "arch" for better errors; readers that only look at "model" are unaffected). The trainer's
+`latest` also holds "optimizer", "epoch", "best_acc" and our resume state.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import MdistillerError
+
+
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash or a full disk leaves either the previous file or the new one, never a truncated mix.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str) -> None:
+    """Atomically `torch.save` obj to path."""
+    try:
+        _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    except OSError as exc:
+        raise MdistillerError(
+            f"could not write checkpoint {path}: {exc.strerror or exc}; the previous file there is intact"
+        ) from None
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Atomically write a text file."""
+    _atomic_write(path, lambda f: f.write(text), "w")
+
+
+def load_checkpoint(path: str, what: str = "checkpoint") -> dict:
+    """torch.load a checkpoint onto the CPU; a missing or unreadable file raises MdistillerError."""
+    if not os.path.isfile(path):
+        raise MdistillerError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file (pickle, zip, EOF, runtime)
+        raise MdistillerError(f"{what} {path} is unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(obj, dict):
+        raise MdistillerError(f"{what} {path} holds a {type(obj).__name__}, not a state dict or {{'model': ...}}")
+    return obj
+
+
+def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: `{"model": sd}` (mdistiller), `{"state_dict": sd}` or a bare state dict,
+    with DataParallel's `module.` prefixes removed."""
+    for key in ("model", "state_dict"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    state_dict = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def guess_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int) -> str | None:
+    """Name the zoo model whose state-dict keys and shapes match exactly (built on the meta device: no memory)."""
+    from ..models import cifar_model_dict
+
+    signature = {k: tuple(v.shape) for k, v in state_dict.items()}
+    classes = {tuple(v.shape)[0] for k, v in state_dict.items() if k.endswith(("fc.weight", "classifier.weight"))}
+    for name, (builder, _) in cifar_model_dict.items():
+        for n in {num_classes, *classes}:
+            with torch.device("meta"):
+                model = builder(num_classes=n)
+            if {k: tuple(v.shape) for k, v in model.state_dict().items()} == signature:
+                return name if n == num_classes else f"{name} with {n} classes"
+    return None
+
+
+def load_model_weights(model: nn.Module, path: str, arch: str, num_classes: int, what: str = "checkpoint") -> None:
+    """Load a checkpoint file into `model` (architecture `arch`) strictly; a mismatch names both architectures."""
+    obj = load_checkpoint(path, what)
+    state_dict = extract_state_dict(obj)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if expected == found:
+        model.load_state_dict(state_dict, strict=True)
+        return
+    saved_arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
+    other = saved_arch or guess_architecture(state_dict, num_classes) or "an unknown architecture"
+    missing = sorted(set(expected) - set(found))
+    wrong_shape = [k for k in expected if k in found and expected[k] != found[k]]
+    if wrong_shape:
+        k = wrong_shape[0]
+        detail = f"{k} is {list(found[k])} in the file, {list(expected[k])} in {arch}"
+    elif missing:
+        detail = f"{len(missing)} weights of {arch} are missing, e.g. {missing[0]}"
+    else:
+        detail = f"the file has {len(set(found) - set(expected))} weights that {arch} lacks"
+    raise MdistillerError(
+        f"{what} {path} holds weights of {other}, not {arch} ({num_classes} classes): {detail}"
+    )

@@ -1,0 +1,20 @@
+"""What every command-line tool shares: user errors become one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Call main(); an MdistillerError prints `error: <message>` and exits 2, Ctrl-C exits 130."""
+    from .errors import MdistillerError
+
+    try:
+        main()
+    except MdistillerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; a run continues from its last complete epoch with --resume", file=sys.stderr)
+        sys.exit(130)
