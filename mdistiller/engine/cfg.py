@@ -84,6 +84,21 @@ CFG.DKD.BETA = 8.0
 CFG.DKD.T = 4.0
 CFG.DKD.WARMUP = 20
 
+# MLKD (Jin et al., CVPR 2023) uses KD.TEMPERATURE and KD.LOSS.*; this switch is ours.
+CFG.MLKD = CN()
+CFG.MLKD.PER_SAMPLE_MASK = False  # False: the reference (a mask scales a batch-mean term); True: the paper's masking
+
+# CTKD (Li et al., AAAI 2023): learnable temperature through gradient reversal, wrapping KD (KD.LOSS.*) or DKD (DKD.*).
+CFG.CTKD = CN()
+CFG.CTKD.BASE = "KD"  # "KD" | "DKD"
+CFG.CTKD.T_START = 1.0  # temperature = T_START + T_END * sigmoid(theta)
+CFG.CTKD.T_END = 20.0
+CFG.CTKD.INIT = 1.0  # initial theta (the global temperature's parameter)
+CFG.CTKD.COSINE_EPOCHS = 10  # lambda(e) = -(1 - cos(pi * min(e, N) / N)) / 2; 10 on CIFAR, 5 on ImageNet
+CFG.CTKD.LAMBDA_MAX = 1.0  # |lambda| reached after COSINE_EPOCHS
+CFG.CTKD.INSTANCE = False  # True: a per-sample temperature from an MLP over [teacher, student] logits
+CFG.CTKD.MLP_HIDDEN = 256
+
 CFG.AT = CN()
 CFG.AT.P = 2
 CFG.AT.LOSS = CN()
@@ -318,13 +333,26 @@ def load_cfg(path: str, opts: Iterable[str] = ()) -> CN:
     return cfg
 
 
+def cfg_to_dict(cfg: CN) -> dict:
+    """A plain nested dict copy of a config (tuples as lists, as YAML holds them)."""
+    return {
+        key: cfg_to_dict(value) if isinstance(value, CN) else list(value) if isinstance(value, tuple) else value
+        for key, value in cfg.items()
+    }
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # equal tuples shared by several keys must not become &anchors
+        return True
+
+
+def cfg_text(cfg: CN) -> str:
+    """The config as YAML text, loadable by load_cfg."""
+    return yaml.dump(copy.deepcopy(cfg_to_dict(cfg)), Dumper=_NoAliasDumper, sort_keys=True)
+
+
 def dump_cfg(cfg: CN, path: str) -> None:
     """Write the fully merged config as YAML (what the run actually used)."""
     from .checkpoint import atomic_write_text
 
-    atomic_write_text(path, cfg.dump())
-
-
-def cfg_to_dict(cfg: CN) -> dict:
-    """A plain nested dict copy of a config (for checkpoints and hashing)."""
-    return copy.deepcopy(yaml.safe_load(cfg.dump()))
+    atomic_write_text(path, cfg_text(cfg))

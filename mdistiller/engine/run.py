@@ -12,7 +12,7 @@ import torch
 from ..dataset import get_dataset
 from ..distillers import get_distiller_class
 from .build import build_distiller
-from .cfg import dump_cfg
+from .cfg import cfg_text, dump_cfg
 from .errors import MdistillerError
 from .trainer import Trainer
 from .utils import set_seed
@@ -28,9 +28,10 @@ def _fmt(value: float) -> str:
 def run_name(cfg, opts: Sequence[str] = ()) -> str:
     """EXPERIMENT.NAME (or TAG), the `KEY:VALUE` overrides, and the LS setting, so LS runs never share a folder."""
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
+    final_values = dict(zip(opts[::2], opts[1::2]))  # a key given twice counts once, with its last value
     tags = [
         f"{key}:{value}"
-        for key, value in zip(opts[::2], opts[1::2])
+        for key, value in final_values.items()
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in _KEYS_NOT_IN_NAME)
     ]
     if cfg.EXPERIMENT.LOGIT_STAND:
@@ -58,7 +59,7 @@ def result_log_name(cfg) -> str:
 
 def config_hash(cfg) -> str:
     """A short hash of the full merged config (identifies runs of the same recipe across seeds)."""
-    return hashlib.sha1(cfg.dump().encode()).hexdigest()[:10]
+    return hashlib.sha1(cfg_text(cfg).encode()).hexdigest()[:10]
 
 
 def append_result(cfg, run_dir: str, result: dict[str, float]) -> str:

@@ -1,0 +1,87 @@
+"""The CIFAR-100 model zoo shared by mdistiller / RepDistiller.
+
+``cifar_model_dict`` maps each zoo name to ``(builder, teacher_checkpoint)``; the checkpoint path is relative to the
+working directory (``download_ckpts/cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth``) and ``None`` for models
+that are only used as students. Every builder is called as ``builder(num_classes=100)`` and returns a model whose
+``forward`` gives ``(logits, {"feats": [...], "preact_feats": [...] | None, "pooled_feat": tensor})``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .mobilenetv2 import mobile_half
+from .resnet import resnet8, resnet8x4, resnet14, resnet20, resnet32, resnet32x4, resnet44, resnet56, resnet110
+from .resnetv2 import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
+from .shufflenetv1 import ShuffleV1
+from .shufflenetv2 import ShuffleV2
+from .vgg import vgg8, vgg11, vgg13, vgg16, vgg19
+from .wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
+
+__all__ = [
+    "CIFAR100_TEACHER_DIR",
+    "cifar_model_dict",
+    "mobile_half",
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet8x4",
+    "resnet32x4",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "ResNet101",
+    "ResNet152",
+    "ShuffleV1",
+    "ShuffleV2",
+    "vgg8",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+]
+
+CIFAR100_TEACHER_DIR = "download_ckpts/cifar_teachers"
+
+
+def _teacher(name: str) -> str:
+    return f"{CIFAR100_TEACHER_DIR}/{name}_vanilla/ckpt_epoch_240.pth"
+
+
+cifar_model_dict: dict[str, tuple[Callable[..., nn.Module], str | None]] = {
+    # teachers (published checkpoints in cifar_teachers.tar)
+    "resnet56": (resnet56, _teacher("resnet56")),
+    "resnet110": (resnet110, _teacher("resnet110")),
+    "resnet32x4": (resnet32x4, _teacher("resnet32x4")),
+    "ResNet50": (ResNet50, _teacher("ResNet50")),
+    "wrn_40_2": (wrn_40_2, _teacher("wrn_40_2")),
+    "vgg13": (vgg13, _teacher("vgg13")),
+    # students
+    "resnet8": (resnet8, None),
+    "resnet14": (resnet14, None),
+    "resnet20": (resnet20, None),
+    "resnet32": (resnet32, None),
+    "resnet44": (resnet44, None),
+    "resnet8x4": (resnet8x4, None),
+    "ResNet18": (ResNet18, None),
+    "wrn_16_1": (wrn_16_1, None),
+    "wrn_16_2": (wrn_16_2, None),
+    "wrn_40_1": (wrn_40_1, None),
+    "vgg8": (vgg8, None),
+    "vgg11": (vgg11, None),
+    "vgg16": (vgg16, None),
+    "vgg19": (vgg19, None),
+    "MobileNetV2": (mobile_half, None),
+    "ShuffleV1": (ShuffleV1, None),
+    "ShuffleV2": (ShuffleV2, None),
+}

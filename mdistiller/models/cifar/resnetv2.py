@@ -1,0 +1,164 @@
+"""ImageNet-style ResNets adapted to 32x32 inputs (3x3 stem, no max-pool): ResNet18/34/50/101/152.
+
+Parameter names match the published CIFAR-100 checkpoints of mdistiller / RepDistiller.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .resnet import Stage
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152"]
+
+
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
+    """Identity (empty Sequential) or a strided 1x1 conv + BN projection."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_planes),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs plus shortcut; returns ``(out, preact)``."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = F.relu(self.bn1(self.conv1(x)))
+        preact = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return F.relu(preact), preact
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 bottleneck (expansion 4) plus shortcut; returns ``(out, preact)``."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        preact = self.bn3(self.conv3(out)) + self.shortcut(x)
+        return F.relu(preact), preact
+
+
+Block = Union[type[BasicBlock], type[Bottleneck]]
+
+
+class ResNet(nn.Module):
+    """Four-stage ResNet (64/128/256/512 base widths) for 32x32 inputs."""
+
+    def __init__(
+        self, block: Block, num_blocks: list[int], num_classes: int = 100, zero_init_residual: bool = False
+    ) -> None:
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(512 * block.expansion, num_classes)
+        self.stage_channels = [c * block.expansion for c in (64, 128, 256, 512)]
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:  # each residual branch starts as zero (Goyal et al. 2017)
+            for bn in self._last_bns(self.modules()):
+                nn.init.constant_(bn.weight, 0)
+
+    @staticmethod
+    def _last_bns(blocks: Any) -> list[nn.BatchNorm2d]:
+        return [
+            b.bn3 if isinstance(b, Bottleneck) else b.bn2 for b in blocks if isinstance(b, (BasicBlock, Bottleneck))
+        ]
+
+    def _make_layer(self, block: Block, planes: int, num_blocks: int, stride: int) -> Stage:
+        layers: list[nn.Module] = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes * block.expansion
+        return Stage(*layers)
+
+    def get_feat_modules(self) -> nn.ModuleList:
+        """Modules producing the intermediate features, in order."""
+        return nn.ModuleList([self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4])
+
+    def get_bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """The BN layer right before the final ReLU of each stage."""
+        return self._last_bns(layer[-1] for layer in (self.layer1, self.layer2, self.layer3, self.layer4))
+
+    def get_stage_channels(self) -> list[int]:
+        """Channels of ``feats[1:]`` (the stage outputs)."""
+        return list(self.stage_channels)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        f0 = F.relu(self.bn1(self.conv1(x)))
+        f1, f1_pre = self.layer1(f0)
+        f2, f2_pre = self.layer2(f1)
+        f3, f3_pre = self.layer3(f2)
+        f4, f4_pre = self.layer4(f3)
+        avg = self.avgpool(f4).flatten(1)
+        out = self.linear(avg)
+        feats = {
+            "feats": [f0, f1, f2, f3, f4],
+            "preact_feats": [f0, f1_pre, f2_pre, f3_pre, f4_pre],
+            "pooled_feat": avg,
+        }
+        return out, feats
+
+
+def ResNet18(num_classes: int = 100, **kwargs: Any) -> ResNet:
+    """ResNet-18 for 32x32 inputs."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, **kwargs)
+
+
+def ResNet34(num_classes: int = 100, **kwargs: Any) -> ResNet:
+    """ResNet-34 for 32x32 inputs."""
+    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
+
+
+def ResNet50(num_classes: int = 100, **kwargs: Any) -> ResNet:
+    """ResNet-50 for 32x32 inputs."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, **kwargs)
+
+
+def ResNet101(num_classes: int = 100, **kwargs: Any) -> ResNet:
+    """ResNet-101 for 32x32 inputs."""
+    return ResNet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, **kwargs)
+
+
+def ResNet152(num_classes: int = 100, **kwargs: Any) -> ResNet:
+    """ResNet-152 for 32x32 inputs."""
+    return ResNet(Bottleneck, [3, 8, 36, 3], num_classes=num_classes, **kwargs)

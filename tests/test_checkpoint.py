@@ -1,0 +1,95 @@
+"""Checkpoints: the published teacher format loads, a wrong architecture is named, writes are atomic."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mdistiller.engine.build import build_teacher, teacher_checkpoint_path
+from mdistiller.engine.cfg import default_cfg
+from mdistiller.engine.checkpoint import load_model_weights, save_checkpoint
+from mdistiller.engine.errors import MdistillerError
+from mdistiller.models import cifar_model_dict
+
+
+def _model(name: str, classes: int = 100, seed: int = 0):
+    torch.manual_seed(seed)
+    return cifar_model_dict[name][0](num_classes=classes).eval()
+
+
+@pytest.mark.parametrize("wrap", ["model", "bare", "module_prefix", "state_dict"])
+def test_published_formats_load_and_reproduce_outputs(tmp_path, wrap):
+    source = _model("resnet20", seed=1)
+    state = source.state_dict()
+    if wrap == "module_prefix":  # saved from DataParallel
+        obj = {"model": {f"module.{k}": v for k, v in state.items()}}
+    elif wrap == "bare":
+        obj = state
+    else:
+        obj = {wrap: state}
+    torch.save(obj, tmp_path / "ckpt_epoch_240.pth")
+    target = _model("resnet20", seed=2)
+    load_model_weights(target, str(tmp_path / "ckpt_epoch_240.pth"), "resnet20", 100)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(target(x)[0], source(x)[0], rtol=0, atol=0)
+
+
+def test_wrong_architecture_names_both(tmp_path):
+    torch.save({"model": _model("resnet8x4").state_dict()}, tmp_path / "t.pth")
+    with pytest.raises(MdistillerError, match=r"holds weights of resnet8x4, not resnet32x4 \(100 classes\)"):
+        load_model_weights(_model("resnet32x4"), str(tmp_path / "t.pth"), "resnet32x4", 100)
+
+
+def test_wrong_class_count_is_explained(tmp_path):
+    torch.save({"model": _model("resnet8", classes=10).state_dict()}, tmp_path / "t.pth")
+    with pytest.raises(MdistillerError, match=r"resnet8 with 10 classes, not resnet8 \(100 classes\): fc.weight"):
+        load_model_weights(_model("resnet8"), str(tmp_path / "t.pth"), "resnet8", 100)
+
+
+def test_missing_and_unreadable_checkpoints(tmp_path):
+    with pytest.raises(MdistillerError, match="checkpoint not found"):
+        load_model_weights(_model("resnet8"), str(tmp_path / "absent.pth"), "resnet8", 100)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(MdistillerError, match="junk.pth is unreadable"):
+        load_model_weights(_model("resnet8"), str(tmp_path / "junk.pth"), "resnet8", 100)
+
+
+def test_teacher_path_from_zoo_or_override(tmp_path, monkeypatch):
+    cfg = default_cfg()
+    cfg.DISTILLER.TEACHER = "resnet56"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MdistillerError, match="teacher checkpoint not found: download_ckpts/cifar_teachers/resnet56"):
+        teacher_checkpoint_path(cfg)
+    zoo = tmp_path / "download_ckpts/cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth"
+    zoo.parent.mkdir(parents=True)
+    torch.save({"model": _model("resnet56").state_dict()}, zoo)
+    assert build_teacher(cfg, 100).training is False
+    cfg.DISTILLER.TEACHER_CKPT = str(tmp_path / "elsewhere.pth")
+    with pytest.raises(MdistillerError, match="elsewhere.pth"):
+        build_teacher(cfg, 100)
+    cfg.DISTILLER.TEACHER, cfg.DISTILLER.TEACHER_CKPT = "resnet8", ""
+    with pytest.raises(MdistillerError, match="no published checkpoint for teacher resnet8"):
+        teacher_checkpoint_path(cfg)
+
+
+def test_atomic_save_leaves_previous_file_intact_on_failure(tmp_path):
+    path = str(tmp_path / "latest")
+    save_checkpoint({"epoch": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom while writing")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_checkpoint({"epoch": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=False)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["latest"]  # no temporary file left behind
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(MdistillerError, match="could not write checkpoint .*sub/latest"):
+        save_checkpoint({"epoch": 1}, str(blocker / "sub" / "latest"))
