@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cifar_files import write_cifar100  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The project workspace keeps real CIFAR-10 photographs beside the checkout; a user's clone has none.
+SHARED_DATA = Path(os.environ.get("MDISTILLER_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(2)
 

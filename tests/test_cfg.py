@@ -171,3 +171,12 @@ def test_dumped_config_reloads_identically(tmp_path):
     assert "&id" not in text and "*id" not in text  # no YAML anchors/aliases
     again = load_cfg(str(tmp_path / "config.yaml"))
     assert cfg_text(again) == cfg_text(cfg) and again.SOLVER.EPOCHS == 3
+
+
+def test_config_hash_ignores_seed_and_locations_but_not_the_recipe():
+    from mdistiller.engine.run import config_hash
+
+    path = str(REPO / "configs/cifar100/kd/resnet32x4_resnet8x4.yaml")
+    base = config_hash(load_cfg(path))
+    assert config_hash(load_cfg(path, ["EXPERIMENT.SEED", "3", "DATASET.ROOT", "/x", "LOG.PREFIX", "/y"])) == base
+    assert config_hash(load_cfg(path, ["SOLVER.LR", "0.1"])) != base

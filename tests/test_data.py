@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_files import write_cifar10, write_cifar100
 from mdistiller.dataset import get_dataset, num_classes_of
 from mdistiller.dataset.cifar import read_cifar_split
 from mdistiller.engine.cfg import default_cfg
 from mdistiller.engine.errors import MdistillerError
+
+from cifar_files import write_cifar10, write_cifar100
 
 
 def _cfg(root: str, dataset: str = "cifar100", batch: int = 16):

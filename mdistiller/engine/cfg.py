@@ -195,6 +195,7 @@ CFG.WKD.LOSS.COSINE_DECAY_EPOCH = 150
 CFG.WKD.SINKHORN = CN()
 CFG.WKD.SINKHORN.LAMBDA = 0.05
 CFG.WKD.SINKHORN.ITER = 10
+CFG.WKD.SINKHORN.LOG_DOMAIN = False  # ours: log-domain Sinkhorn, finite for small LAMBDA (reference: multiplicative)
 CFG.WKD.COST_MATRIX = "fc"  # "fc" | "cka"
 CFG.WKD.COST_MATRIX_PATH = ""
 CFG.WKD.COST_MATRIX_SHARPEN = 0.0
@@ -203,6 +204,17 @@ CFG.WKD.HINT_LAYER = -1
 CFG.WKD.MEAN_COV_RATIO = 2.0
 CFG.WKD.PROJECTOR = "conv1x1"  # "conv1x1" | "bottleneck"
 CFG.WKD.SPATIAL_GRID = 1
+CFG.WKD.PROJECTOR_RESIZE = "reference"  # ours: "reference" (the authors' resizing convs) | "interpolate"
+
+# VkD (Miles et al., CVPR 2024), our CNN form: CE + smooth_l1(P f_s, layer_norm(f_t)) + T^2 KL, P orthogonal.
+CFG.VKD = CN()
+CFG.VKD.CE_WEIGHT = 1.0
+CFG.VKD.FEAT_WEIGHT = 1.0
+CFG.VKD.KD_WEIGHT = 0.0
+CFG.VKD.T = 1.0
+CFG.VKD.STUDENT_FEATURE = "pooled"  # feature extractors by name: mdistiller.distillers.vkd.VKD_FEATURES
+CFG.VKD.TEACHER_FEATURE = "pooled"
+CFG.VKD.INPUT_SIZE = (32, 32)  # input of the dry forward that reads the feature sizes
 
 
 def default_cfg() -> CN:

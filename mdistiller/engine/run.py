@@ -52,14 +52,22 @@ def result_log_name(cfg) -> str:
     """`<TYPE>,<TEACHER>,<STUDENT>[,<base_temp>,<kd_weight>].txt`, the logit-standardisation repo's naming."""
     teacher = cfg.DISTILLER.TEACHER if get_distiller_class(cfg.DISTILLER.TYPE).requires_teacher else "none"
     parts = [cfg.DISTILLER.TYPE, teacher, cfg.DISTILLER.STUDENT]
-    if cfg.EXPERIMENT.LOGIT_STAND:
-        parts += [_fmt(cfg.EXPERIMENT.BASE_TEMP), _fmt(cfg.EXPERIMENT.KD_WEIGHT)] if cfg.EXPERIMENT.BASE_TEMP > 0 else ["LS"]
+    if cfg.EXPERIMENT.LOGIT_STAND and cfg.EXPERIMENT.BASE_TEMP > 0:
+        parts += [_fmt(cfg.EXPERIMENT.BASE_TEMP), _fmt(cfg.EXPERIMENT.KD_WEIGHT)]
+    elif cfg.EXPERIMENT.LOGIT_STAND:
+        parts.append("LS")
     return ",".join(parts) + ".txt"
 
 
 def config_hash(cfg) -> str:
-    """A short hash of the full merged config (identifies runs of the same recipe across seeds)."""
-    return hashlib.sha1(cfg_text(cfg).encode()).hexdigest()[:10]
+    """A short hash of the recipe: the merged config less the seed and the where-to-work keys, so the seeds of one
+    recipe share it."""
+    recipe = cfg.clone()
+    recipe.defrost()
+    recipe.EXPERIMENT.SEED = 0
+    recipe.DATASET.ROOT = recipe.DATASET.NUM_WORKERS = recipe.LOG.PREFIX = recipe.LOG.RESULTS_DIR = None
+    recipe.DISTILLER.TEACHER_CKPT = ""
+    return hashlib.sha1(cfg_text(recipe).encode()).hexdigest()[:10]
 
 
 def append_result(cfg, run_dir: str, result: dict[str, float]) -> str:
