@@ -17,6 +17,7 @@ from tensorboardX import SummaryWriter
 from torch import nn
 from tqdm import tqdm
 
+from .cfg import cfg_to_dict
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import MdistillerError
 from .utils import get_rng_state, set_rng_state, topk_correct
@@ -80,6 +81,21 @@ class Trainer:
         self.start_epoch = 1
         os.makedirs(run_dir, exist_ok=True)
         self.tb_writer = SummaryWriter(os.path.join(run_dir, "train.events"))
+        self.wandb_run = None
+
+    def _open_wandb(self):
+        """LOG.WANDB: log to Weights & Biases when it is installed and starts; otherwise say so and go on."""
+        try:
+            import wandb
+        except ImportError:
+            self.log("LOG.WANDB is True but wandb is not installed (pip install wandb): logging to tensorboard only")
+            return None
+        try:
+            return wandb.init(project=self.cfg.EXPERIMENT.PROJECT, name=os.path.basename(self.run_dir),
+                              config=cfg_to_dict(self.cfg), dir=self.run_dir, resume="allow")
+        except Exception as exc:  # offline machine, no login, ...
+            self.log(f"wandb did not start ({type(exc).__name__}: {str(exc)[:80]}): logging to tensorboard only")
+            return None
 
     # ---- checkpoints ----
     def _path(self, name: str) -> str:
@@ -190,6 +206,8 @@ class Trainer:
         """Run (or continue) the schedule; returns best and last test top-1."""
         if resume:
             self.resume()
+        if self.cfg.LOG.WANDB:
+            self.wandb_run = self._open_wandb()
         epochs = self.cfg.SOLVER.EPOCHS
         if self.start_epoch > epochs:
             self.log(f"nothing to do: {self._path('latest')} already finished epoch {epochs}")
@@ -217,6 +235,8 @@ class Trainer:
                 self.tb_writer.add_scalar(name, value, epoch)
             self.tb_writer.add_scalar("lr", lr, epoch)
             self.tb_writer.flush()
+            if self.wandb_run is not None:
+                self.wandb_run.log({**metrics, "lr": lr}, step=epoch)
             self._write_worklog(epoch, lr, metrics)
             self._save(epoch, test["top1"], is_best)
             self.log(
@@ -224,7 +244,10 @@ class Trainer:
                 f"train top-1 {train_metrics['train_acc']:.2f}  test top-1 {test['top1']:.2f}  "
                 f"top-5 {test['top5']:.2f}  best {self.best_acc:.2f}  ({epoch_seconds:.1f} s)"
             )
-        with open(self._path("worklog.txt"), "a") as f:
-            f.write(f"best_acc\t{self.best_acc:.4f}{os.linesep}")
+        if self.start_epoch <= epochs:
+            with open(self._path("worklog.txt"), "a") as f:
+                f.write(f"best_acc\t{self.best_acc:.4f}{os.linesep}")
         self.tb_writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
         return {"best_acc": self.best_acc, "last_acc": self.last_acc}
