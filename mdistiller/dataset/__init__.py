@@ -49,6 +49,9 @@ def register_view(name: str) -> Callable[[ViewBuilder], ViewBuilder]:
     return wrap
 
 
+from . import augment  # noqa: E402, F401  (registers the "strong" view; needs register_view above)
+
+
 class ImageArrayDataset(Dataset):
     """uint8 HWC images in memory; each item is a dict of transformed views plus target and index."""
 
@@ -112,13 +115,42 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0):
-    """(train_loader, val_loader, num_train, num_classes) for cfg.DATASET, mdistiller's signature."""
+def _device_resident_loaders(cfg, train_set: ImageArrayDataset, test_set: ImageArrayDataset, device, seed: int):
+    from .device_cifar import DeviceCifarLoader
+
+    fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
+    train = DeviceCifarLoader(train_set.images, train_set.labels.numpy(), cfg.SOLVER.BATCH_SIZE, fmt.mean, fmt.std,
+                              device, train=True, seed=seed)
+    test = DeviceCifarLoader(test_set.images, test_set.labels.numpy(), cfg.DATASET.TEST.BATCH_SIZE, fmt.mean,
+                             fmt.std, device, train=False, seed=seed)
+    return train, test
+
+
+def uses_device_resident_data(cfg, train_views: Mapping[str, str], device) -> bool:
+    """DATASET.DEVICE_RESIDENT applies to CIFAR on CUDA when the distiller needs only the standard view."""
+    return (
+        bool(cfg.DATASET.DEVICE_RESIDENT)
+        and device is not None
+        and torch.device(device).type == "cuda"
+        and cfg.DATASET.TYPE in CIFAR_FORMATS
+        and dict(train_views) == {"image": "standard"}
+    )
+
+
+def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0, device=None):
+    """(train_loader, val_loader, num_train, num_classes) for cfg.DATASET, mdistiller's signature.
+
+    On CUDA with DATASET.DEVICE_RESIDENT, CIFAR lives on the GPU and is augmented there (see device_cifar.py).
+    """
     if cfg.DATASET.TYPE not in DATASET_BUILDERS:
         known = ", ".join(sorted(DATASET_BUILDERS))
         raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {known}")
     num_classes = num_classes_of(cfg)
-    train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views or {"image": "standard"})
+    train_views = train_views or {"image": "standard"}
+    train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views)
+    if uses_device_resident_data(cfg, train_views, device):
+        train_loader, val_loader = _device_resident_loaders(cfg, train_set, test_set, device, seed)
+        return train_loader, val_loader, len(train_set), num_classes
     workers = cfg.DATASET.NUM_WORKERS
     pin = torch.cuda.is_available()
     generator = torch.Generator()

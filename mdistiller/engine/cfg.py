@@ -29,6 +29,7 @@ CFG.EXPERIMENT.SEED = 0
 CFG.EXPERIMENT.LOGIT_STAND = False
 CFG.EXPERIMENT.BASE_TEMP = 0.0  # --base-temp, recorded when --logit-stand set it (0: not set by the flags)
 CFG.EXPERIMENT.KD_WEIGHT = 0.0  # --kd-weight, likewise
+CFG.EXPERIMENT.DETERMINISTIC = False  # ours: deterministic algorithms, cudnn.deterministic, no cudnn.benchmark
 
 # Dataset
 CFG.DATASET = CN()
@@ -37,6 +38,7 @@ CFG.DATASET.ROOT = os.environ.get("MDISTILLER_DATA", "./data")
 CFG.DATASET.DOWNLOAD = False
 CFG.DATASET.NUM_WORKERS = 2
 CFG.DATASET.NUM_CLASSES = 0  # 0: taken from the data set; otherwise must agree with it
+CFG.DATASET.DEVICE_RESIDENT = True  # CIFAR on CUDA: keep the data on the GPU and augment there (no workers)
 CFG.DATASET.TEST = CN()
 CFG.DATASET.TEST.BATCH_SIZE = 64
 
@@ -57,6 +59,7 @@ CFG.SOLVER.LR_DECAY_STAGES = [150, 180, 210]
 CFG.SOLVER.LR_DECAY_RATE = 0.1
 CFG.SOLVER.WEIGHT_DECAY = 0.0001
 CFG.SOLVER.MOMENTUM = 0.9
+CFG.SOLVER.NAN_POLICY = "stop"  # ours: "stop" | "skip" a step whose loss is not finite
 CFG.SOLVER.TYPE = "SGD"
 CFG.SOLVER.DOT = CN()
 CFG.SOLVER.DOT.DELTA = 0.075
@@ -215,6 +218,7 @@ CFG.VKD.T = 1.0
 CFG.VKD.STUDENT_FEATURE = "pooled"  # feature extractors by name: mdistiller.distillers.vkd.VKD_FEATURES
 CFG.VKD.TEACHER_FEATURE = "pooled"
 CFG.VKD.INPUT_SIZE = (32, 32)  # input of the dry forward that reads the feature sizes
+CFG.VKD.ORTHOGONAL_MAP = "matrix_exp"  # "matrix_exp" | "cayley" | "householder" (torch's non-square default; no wd)
 
 
 def default_cfg() -> CN:
