@@ -1,0 +1,144 @@
+"""VkD (Miles et al., CVPR 2024): distil a feature through an orthogonal projection onto a normalised teacher.
+
+Reference (ViT students): `P = orthogonal(nn.Linear(D_s, D_t, bias=False))` keeps its D_t x D_s weight
+semi-orthogonal through training (orthonormal columns when D_s <= D_t, rows otherwise); the loss compares
+`P(f_s)` with `layer_norm(f_t)` (no affine) by smooth L1, next to CE and a KL term at T = 1.
+
+Ours for CNNs (our design): `f_s`, `f_t` = `pooled_feat` of student and teacher, and
+`L = CE_WEIGHT * CE + FEAT_WEIGHT * smooth_l1(P f_s, LN(f_t)) + KD_WEIGHT * T^2 * KL(T)` (keys under VKD.).
+P uses the "matrix_exp" map for every shape (VKD.ORTHOGONAL_MAP; see `orthogonal_projection` for why not torch's
+non-square default) and is trained by the student's optimizer with its learning rate and weight decay.
+`--logit-stand` z-scores the logits of the KL term and sets VKD.T = tau, VKD.KD_WEIGHT = w.
+
+Which feature each side contributes is pluggable: VKD.STUDENT_FEATURE / VKD.TEACHER_FEATURE name an entry of
+`VKD_FEATURES` (`feats dict -> B x D`); "token_mean" (mean of the output tokens, the reference's student
+representation) is there for a ViT model whose feats hold "tokens" (B x N x D). `register_vkd_feature` adds more.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+from ..engine.errors import MdistillerError
+from ._base import Distiller, cross_entropy
+from .kd import kd_loss
+from .registry import register_distiller
+
+FeatureFn = Callable[[dict], torch.Tensor]
+VKD_FEATURES: dict[str, FeatureFn] = {}
+
+
+def register_vkd_feature(name: str) -> Callable[[FeatureFn], FeatureFn]:
+    """Decorator: make `feats -> B x D` selectable as VKD.STUDENT_FEATURE / VKD.TEACHER_FEATURE `name`."""
+
+    def wrap(fn: FeatureFn) -> FeatureFn:
+        VKD_FEATURES[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_vkd_feature("pooled")
+def pooled_feature(feats: dict) -> torch.Tensor:
+    """The globally pooled feature before the classifier (CNNs of the zoo)."""
+    return feats["pooled_feat"]
+
+
+@register_vkd_feature("token_mean")
+def token_mean_feature(feats: dict) -> torch.Tensor:
+    """The mean of a transformer's output tokens (feats["tokens"], B x N x D), as the reference's student."""
+    return feats["tokens"].mean(dim=1)
+
+
+def get_vkd_feature(name: str) -> FeatureFn:
+    if name not in VKD_FEATURES:
+        raise MdistillerError(f"unknown VkD feature {name!r}; known: {', '.join(sorted(VKD_FEATURES))}")
+    return VKD_FEATURES[name]
+
+
+ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
+
+
+def orthogonal_projection(student_dim: int, teacher_dim: int, orthogonal_map: str = "matrix_exp") -> nn.Linear:
+    """`orthogonal(nn.Linear(D_s, D_t, bias=False))`: its weight (D_t x D_s) stays semi-orthogonal.
+
+    "matrix_exp" by default for every shape: torch's own default for a non-square weight, "householder", reads the
+    reflector signs from the diagonal of the raw parameter cast to int, so any weight decay (0.9995 -> 0) turns the
+    weight into zeros after one step.
+    """
+    if orthogonal_map not in ORTHOGONAL_MAPS:
+        raise MdistillerError(f"VKD.ORTHOGONAL_MAP must be one of {', '.join(ORTHOGONAL_MAPS)}, got {orthogonal_map!r}")
+    return orthogonal(nn.Linear(student_dim, teacher_dim, bias=False), orthogonal_map=orthogonal_map)
+
+
+def vkd_feature_loss(projected_student: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """`smooth_l1(P f_s, layer_norm(f_t))`: LN per sample over the feature dimension, no affine; mean over B x D."""
+    teacher = F.layer_norm(teacher_feat.float(), (teacher_feat.shape[-1],))
+    return F.smooth_l1_loss(projected_student.float(), teacher)
+
+
+@torch.no_grad()
+def feature_dims(student: nn.Module, teacher: nn.Module, student_fn: FeatureFn, teacher_fn: FeatureFn,
+                 input_size) -> tuple[int, int]:
+    """(D_s, D_t) from a dry forward of a (1, 3, *input_size) zero input, both models in eval (modes restored)."""
+    dims = []
+    for model, fn in ((student, student_fn), (teacher, teacher_fn)):
+        mode = model.training
+        model.eval()
+        try:
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+            _, feats = model(torch.zeros(1, 3, *input_size, device=device))
+            dims.append(fn(feats).shape[-1])
+        finally:
+            model.train(mode)
+    return dims[0], dims[1]
+
+
+@register_distiller("VKD")
+class VKD(Distiller):
+    """Orthogonal-projection feature distillation; see the module docstring."""
+
+    supports_logit_stand = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
+        super().__init__(student, teacher, cfg)
+        vkd = cfg.VKD
+        self.ce_weight = vkd.CE_WEIGHT
+        self.feat_weight = vkd.FEAT_WEIGHT
+        self.kd_weight = vkd.KD_WEIGHT
+        self.temperature = vkd.T
+        self.student_feature = get_vkd_feature(vkd.STUDENT_FEATURE)
+        self.teacher_feature = get_vkd_feature(vkd.TEACHER_FEATURE)
+        student_dim, teacher_dim = feature_dims(
+            student, teacher, self.student_feature, self.teacher_feature, vkd.INPUT_SIZE
+        )
+        if vkd.ORTHOGONAL_MAP == "householder" and cfg.SOLVER.WEIGHT_DECAY > 0:
+            raise MdistillerError(
+                "VKD.ORTHOGONAL_MAP householder cannot take weight decay (it zeroes the projection after one step): "
+                "use matrix_exp or cayley, or SOLVER.WEIGHT_DECAY 0"
+            )
+        self.projection = orthogonal_projection(student_dim, teacher_dim, vkd.ORTHOGONAL_MAP)
+
+    @classmethod
+    def apply_logit_stand_flags(cls, cfg, base_temp: float, kd_weight: float) -> None:
+        cfg.VKD.T = float(base_temp)
+        cfg.VKD.KD_WEIGHT = float(kd_weight)
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
+        logits_student, feats_student = self.student(image)
+        logits_teacher, feats_teacher = self.teacher_forward(image)
+        projected = self.projection(self.student_feature(feats_student).float())
+        losses = {
+            "loss_ce": self.ce_weight * cross_entropy(logits_student, target),
+            "loss_feat": self.feat_weight * vkd_feature_loss(projected, self.teacher_feature(feats_teacher)),
+        }
+        if self.kd_weight > 0:
+            student_kd, teacher_kd = self.distill_logits(logits_student, logits_teacher)
+            losses["loss_kd"] = self.kd_weight * kd_loss(student_kd, teacher_kd, self.temperature)
+        return logits_student, losses
