@@ -22,7 +22,7 @@ from conftest import run_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "cifar100"
-REFERENCE = REPO.parent / "shared" / "compat" / "reference_configs" / "WKD" / "configs" / "cifar100"
+REFERENCE = Path(__file__).parent / "data" / "reference_configs" / "WKD" / "configs" / "cifar100"
 OUR_CONFIGS = sorted(p for family in ("wkd_l", "wkd_f", "wkd_lf", "vkd") for p in (CONFIGS / family).glob("*.yaml"))
 REFERENCE_NAMES = {"resnet32x4_resnet8x4": "res32x4_res8x4", "wrn_40_2_ShuffleV1": "wrn40_2_shuv1"}
 
