@@ -29,6 +29,14 @@ def cifar100_root(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def cifar100_tiny_root(tmp_path_factory) -> str:
+    """Like cifar100_root with 64 train / 32 test images: for tests that train several short runs (resume, faults)."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_cifar100(str(root), n_train=64, n_test=32, classes_used=10)
+    return str(root)
+
+
 def save_teacher(path: str, arch: str, num_classes: int = 100, seed: int = 0) -> str:
     """A randomly initialised zoo model saved in the published format `{"model": state_dict}`."""
     from mdistiller.models import cifar_model_dict
@@ -70,3 +78,12 @@ def run_overrides(tmp: Path, data_root: str) -> list[str]:
         "DATASET.ROOT", data_root, "DATASET.NUM_WORKERS", "0", "LOG.PREFIX", str(tmp / "output"),
         "LOG.RESULTS_DIR", str(tmp / "logs"), "SOLVER.EPOCHS", "1",
     ]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation, badly so on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

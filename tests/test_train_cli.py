@@ -191,3 +191,13 @@ def test_eval_bad_inputs(tmp_path, cifar100_root, teacher_ckpt):
     missing = run_tool("eval.py", "-m", "resnet56", "--data-root", cifar100_root, cwd=str(tmp_path))
     assert missing.returncode == 2 and "resnet56_vanilla/ckpt_epoch_240.pth" in missing.stderr
     assert "Traceback" not in wrong.stderr + pretrain.stderr + missing.stderr
+
+
+def test_adamw_solver_trains_through_the_cli(tmp_path, cifar100_root):
+    result = run_tool("train.py", "--cfg", VANILLA, *run_overrides(tmp_path, cifar100_root),
+                      "SOLVER.TYPE", "AdamW", "SOLVER.LR", "0.001", "SOLVER.WEIGHT_DECAY", "0.05")
+    assert result.returncode == 0, result.stderr
+    latest = torch.load(_only_run_dir(tmp_path) / "latest", weights_only=False)
+    assert "betas" in latest["optimizer"]["param_groups"][0]  # an AdamW state, not SGD's
+    unknown = run_tool("train.py", "--cfg", VANILLA, *run_overrides(tmp_path, cifar100_root), "SOLVER.TYPE", "Lion")
+    assert unknown.returncode == 2 and "SOLVER.TYPE 'Lion' is not supported" in unknown.stderr

@@ -1,13 +1,17 @@
 """Train a teacher (DISTILLER.TYPE NONE) or distil a student, as a config describes.
 
-    python tools/train.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml [--resume]
+    python tools/train.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml [--resume] [--seeds 0,1,2]
         [--logit-stand [--base-temp 2] [--kd-weight 9]] [KEY VALUE ...]
+
+SIGTERM or Ctrl-C stops after the current step, saves `latest` there, prints the command that continues the run and
+exits with 143 (SIGTERM) or 130 (SIGINT).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout too
@@ -15,13 +19,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from mdistiller.engine.build import apply_logit_stand_flags  # noqa: E402
 from mdistiller.engine.cfg import load_cfg, validate_cfg  # noqa: E402
 from mdistiller.engine.cli import run_cli  # noqa: E402
-from mdistiller.engine.run import train_run  # noqa: E402
+from mdistiller.engine.errors import MdistillerError  # noqa: E402
+from mdistiller.engine.run import train_run, train_sweep  # noqa: E402
+from mdistiller.engine.trainer import TrainingInterrupted  # noqa: E402
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` -> [0, 1, 2]."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MdistillerError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds:
+        raise MdistillerError("--seeds needs at least one seed, e.g. 0,1,2")
+    return seeds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser("train.py", description="training for knowledge distillation")
     parser.add_argument("--cfg", type=str, default="", help="YAML config file")
     parser.add_argument("--resume", action="store_true", help="continue the run from its `latest` checkpoint")
+    parser.add_argument("--seeds", type=str, default=None,
+                        help="comma-separated seeds: one run per seed, one after the other (`,seed:<n>` in the name)")
     parser.add_argument("--logit-stand", action="store_true", help="logit standardisation (z-score) on the logits")
     parser.add_argument("--base-temp", type=float, default=2.0, help="temperature with --logit-stand")
     parser.add_argument("--kd-weight", type=float, default=9.0, help="distillation weight with --logit-stand")
@@ -39,10 +58,25 @@ def build_cfg(args: argparse.Namespace):
     return cfg
 
 
-def main(argv: list[str] | None = None) -> dict:
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this one (`--resume` first: after the KEY VALUE pairs it would be one)."""
+    args = [a for a in argv if a != "--resume"]
+    return shlex.join(["python", sys.argv[0] if sys.argv[0].endswith("train.py") else "tools/train.py",
+                       "--resume", *args])
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     cfg = build_cfg(args)
-    return train_run(cfg, args.opts or [], resume=args.resume)
+    try:
+        if seeds is not None:
+            return train_sweep(cfg, args.opts or [], seeds, resume=args.resume)
+        return train_run(cfg, args.opts or [], resume=args.resume)
+    except TrainingInterrupted as exc:
+        print(f"{exc}; continue with: {resume_command(argv)}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ CFG.DATASET.DOWNLOAD = False
 CFG.DATASET.NUM_WORKERS = 2
 CFG.DATASET.NUM_CLASSES = 0  # 0: taken from the data set; otherwise must agree with it
 CFG.DATASET.DEVICE_RESIDENT = True  # CIFAR on CUDA: keep the data on the GPU and augment there (no workers)
+CFG.DATASET.IMAGE_SIZE = 224  # ImageNet: RandomResizedCrop size for training, CenterCrop size for testing
+CFG.DATASET.SKIP_BAD_IMAGES = False  # ImageNet: an unreadable image stops the run (False) or is skipped and counted
 CFG.DATASET.TEST = CN()
 CFG.DATASET.TEST.BATCH_SIZE = 64
 
@@ -63,6 +65,11 @@ CFG.SOLVER.NAN_POLICY = "stop"  # ours: "stop" | "skip" a step whose loss is not
 CFG.SOLVER.TYPE = "SGD"
 CFG.SOLVER.DOT = CN()
 CFG.SOLVER.DOT.DELTA = 0.075
+# AdamW (SOLVER.TYPE "AdamW", built by mdistiller.engine.optim.build_optimizer): the DeiT / VkD recipe.
+CFG.SOLVER.ADAMW = CN()
+CFG.SOLVER.ADAMW.BETAS = (0.9, 0.999)
+CFG.SOLVER.ADAMW.EPS = 1e-8
+CFG.SOLVER.ADAMW.NO_WEIGHT_DECAY_1D = True  # biases, norms, 1-d params and no_weight_decay() names: no decay
 
 # Log
 CFG.LOG = CN()
@@ -337,8 +344,10 @@ def validate_cfg(cfg: CN) -> None:
         raise MdistillerError(f"DATASET.NUM_WORKERS must be >= 0, got {cfg.DATASET.NUM_WORKERS}")
     if cfg.LOG.SAVE_CHECKPOINT_FREQ <= 0:
         raise MdistillerError(f"LOG.SAVE_CHECKPOINT_FREQ must be positive, got {cfg.LOG.SAVE_CHECKPOINT_FREQ}")
-    if cfg.SOLVER.TYPE != "SGD":
-        raise MdistillerError(f"SOLVER.TYPE {cfg.SOLVER.TYPE!r} is not supported; use SGD")
+    from .optim import OPTIMIZERS
+
+    if cfg.SOLVER.TYPE not in OPTIMIZERS:
+        raise MdistillerError(f"SOLVER.TYPE {cfg.SOLVER.TYPE!r} is not supported; use one of {', '.join(OPTIMIZERS)}")
 
 
 def load_cfg(path: str, opts: Iterable[str] = ()) -> CN:

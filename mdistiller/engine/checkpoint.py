@@ -59,8 +59,29 @@ def save_checkpoint(obj: Mapping[str, Any], path: str) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Atomically write a text file."""
-    _atomic_write(path, lambda f: f.write(text), "w")
+    """Atomically write a text file; an OSError (full disk, read-only folder) becomes a one-line MdistillerError."""
+    try:
+        _atomic_write(path, lambda f: f.write(text), "w")
+    except OSError as exc:
+        raise MdistillerError(f"could not write {path}: {exc.strerror or exc}; the previous file there is intact") \
+            from None
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Delete the temporary files an atomic write killed mid-way (SIGKILL, power loss) left in folder."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if name.startswith(".") and name.endswith(".tmp"):  # mkstemp(prefix=".<name>.", suffix=".tmp")
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def load_checkpoint(path: str, what: str = "checkpoint") -> dict:

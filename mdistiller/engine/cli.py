@@ -16,5 +16,5 @@ def run_cli(main: Callable[[], object]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted; a run continues from its last complete epoch with --resume", file=sys.stderr)
+        print("error: interrupted; a training run continues from its last checkpoint with --resume", file=sys.stderr)
         sys.exit(130)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import tempfile
 from typing import Sequence
 
 import torch
@@ -14,19 +15,21 @@ from ..distillers import get_distiller_class
 from .build import build_distiller
 from .cfg import cfg_text, dump_cfg
 from .errors import MdistillerError
-from .trainer import Trainer
-from .utils import set_seed
+from .trainer import NAN_POLICIES, Trainer
+from .utils import deterministic_mode, set_seed
 
 # Overrides that change where or how verbosely a run works, not what it computes: kept out of the run name.
-_KEYS_NOT_IN_NAME = ("DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "LOG.", "DISTILLER.TEACHER_CKPT")
+_KEYS_NOT_IN_NAME = ("DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "LOG.", "DISTILLER.TEACHER_CKPT",
+                     "EXPERIMENT.DETERMINISTIC")
 
 
 def _fmt(value: float) -> str:
     return f"{value:g}"
 
 
-def run_name(cfg, opts: Sequence[str] = ()) -> str:
-    """EXPERIMENT.NAME (or TAG), the `KEY:VALUE` overrides, and the LS setting, so LS runs never share a folder."""
+def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
+    """EXPERIMENT.NAME (or TAG), the `KEY:VALUE` overrides, and the LS setting, so LS runs never share a folder;
+    `seed:<n>` last for the runs of a --seeds sweep."""
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
     final_values = dict(zip(opts[::2], opts[1::2]))  # a key given twice counts once, with its last value
     tags = [
@@ -36,6 +39,8 @@ def run_name(cfg, opts: Sequence[str] = ()) -> str:
     ]
     if cfg.EXPERIMENT.LOGIT_STAND:
         tags.append(ls_tag(cfg))
+    if seed_in_name:
+        tags.append(f"seed:{cfg.EXPERIMENT.SEED}")
     if tags:
         name += "," + ",".join(tags)
     return name.replace(os.sep, "_")
@@ -65,22 +70,70 @@ def config_hash(cfg) -> str:
     recipe = cfg.clone()
     recipe.defrost()
     recipe.EXPERIMENT.SEED = 0
+    recipe.EXPERIMENT.DETERMINISTIC = False  # same computation, only reproducible to the bit
     recipe.DATASET.ROOT = recipe.DATASET.NUM_WORKERS = recipe.LOG.PREFIX = recipe.LOG.RESULTS_DIR = None
     recipe.DISTILLER.TEACHER_CKPT = ""
     return hashlib.sha1(cfg_text(recipe).encode()).hexdigest()[:10]
 
 
 def append_result(cfg, run_dir: str, result: dict[str, float]) -> str:
-    """Append one line for a finished run to LOG.RESULTS_DIR/<result_log_name>; returns the file's path."""
-    os.makedirs(cfg.LOG.RESULTS_DIR, exist_ok=True)
+    """Append one line for a finished run to LOG.RESULTS_DIR/<result_log_name>; returns the file's path.
+
+    Idempotent: a line already there (a finished run resumed again) is not written twice.
+    """
     path = os.path.join(cfg.LOG.RESULTS_DIR, result_log_name(cfg))
     line = (
         f"best_top1={result['best_acc']:.4f}\tlast_top1={result['last_acc']:.4f}\tseed={cfg.EXPERIMENT.SEED}\t"
         f"epochs={cfg.SOLVER.EPOCHS}\tconfig_hash={config_hash(cfg)}\trun_dir={os.path.abspath(run_dir)}"
     )
-    with open(path, "a") as f:
-        f.write(line + "\n")
+    try:
+        os.makedirs(cfg.LOG.RESULTS_DIR, exist_ok=True)
+        if os.path.isfile(path):
+            with open(path) as f:
+                if line in f.read().splitlines():
+                    return path
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as exc:
+        raise MdistillerError(f"could not append the result to {path}: {exc.strerror or exc}") from None
     return path
+
+
+def check_recipe(cfg) -> None:
+    """Reject, before anything is built, what would only fail (or silently misbehave) during training."""
+    if cfg.SOLVER.NAN_POLICY not in NAN_POLICIES:
+        raise MdistillerError(
+            f"SOLVER.NAN_POLICY must be one of {', '.join(NAN_POLICIES)}, got {cfg.SOLVER.NAN_POLICY!r}"
+        )
+    stages = list(cfg.SOLVER.LR_DECAY_STAGES)
+    if any(not isinstance(s, (int, float)) or isinstance(s, bool) or s <= 0 for s in stages) or any(
+        b <= a for a, b in zip(stages, stages[1:])
+    ):
+        raise MdistillerError(f"SOLVER.LR_DECAY_STAGES must be strictly increasing positive epochs, got {stages}")
+
+
+def check_writable(folder: str, what: str) -> None:
+    """Create folder and write a probe file in it, so an unwritable output fails before training, not after."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"probe")
+    except OSError as exc:
+        raise MdistillerError(f"cannot write to {what} {folder}: {exc.strerror or exc}") from None
+
+
+def check_fits_data(cfg, num_train: int) -> None:
+    """A batch larger than the training set is a config mistake (often DATASET.ROOT pointing at the wrong data)."""
+    if cfg.SOLVER.BATCH_SIZE > num_train:
+        raise MdistillerError(
+            f"SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} is larger than the training set ({num_train} images of "
+            f"{cfg.DATASET.TYPE} in {cfg.DATASET.ROOT}): lower it or check DATASET.ROOT"
+        )
+
+
+def run_dir_of(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
+    """LOG.PREFIX/EXPERIMENT.PROJECT/<run name>."""
+    return os.path.join(cfg.LOG.PREFIX, cfg.EXPERIMENT.PROJECT, run_name(cfg, opts, seed_in_name))
 
 
 def default_device() -> torch.device:
@@ -88,33 +141,46 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train_run(cfg, opts: Sequence[str] = (), resume: bool = False) -> dict:
-    """Train the run that cfg (frozen, validated) describes; returns best/last top-1 and the run directory."""
-    name = run_name(cfg, opts)
-    run_dir = os.path.join(cfg.LOG.PREFIX, cfg.EXPERIMENT.PROJECT, name)
+def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name: bool = False) -> dict:
+    """Train the run that cfg (frozen, validated) describes; returns best/last top-1 and the run directory.
+
+    Everything that can be checked without training is checked first: the recipe, the output folders, the data
+    size and the teacher. SIGTERM/SIGINT during training raise trainer.TrainingInterrupted after saving `latest`.
+    """
+    check_recipe(cfg)
+    run_dir = run_dir_of(cfg, opts, seed_in_name)
     if not resume and os.path.exists(os.path.join(run_dir, "latest")):
         raise MdistillerError(
             f"{run_dir} already holds a run: pass --resume to continue it, or set EXPERIMENT.NAME for a new one"
         )
-    os.makedirs(run_dir, exist_ok=True)
+    check_writable(run_dir, "the run folder (LOG.PREFIX)")
+    check_writable(cfg.LOG.RESULTS_DIR, "LOG.RESULTS_DIR")
     device = default_device()
     set_seed(cfg.EXPERIMENT.SEED)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
-    train_loader, val_loader, num_train, num_classes = get_dataset(
-        cfg, distiller_class.train_views, seed=cfg.EXPERIMENT.SEED
-    )
-    distiller = build_distiller(cfg, num_classes)
-    dump_cfg(cfg, os.path.join(run_dir, "config.yaml"))
-    trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device)
-    trainer.log(
-        f"run {run_dir}: {cfg.DISTILLER.TYPE} {cfg.DISTILLER.STUDENT}"
-        + (f" <- {cfg.DISTILLER.TEACHER}" if distiller_class.requires_teacher else "")
-        + f", {num_train} training images, {num_classes} classes, seed {cfg.EXPERIMENT.SEED}, device {device}, "
-        f"extra parameters {distiller.get_extra_parameters()}"
-    )
-    result = trainer.train(resume=resume)
+    with deterministic_mode(cfg.EXPERIMENT.DETERMINISTIC, device):
+        distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
+        train_loader, val_loader, num_train, num_classes = get_dataset(
+            cfg, distiller_class.train_views, seed=cfg.EXPERIMENT.SEED, device=device
+        )
+        check_fits_data(cfg, num_train)
+        distiller = build_distiller(cfg, num_classes)
+        dump_cfg(cfg, os.path.join(run_dir, "config.yaml"))
+        trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device)
+        trainer.log(
+            f"run {run_dir}: {cfg.DISTILLER.TYPE} {cfg.DISTILLER.STUDENT}"
+            + (f" <- {cfg.DISTILLER.TEACHER}" if distiller_class.requires_teacher else "")
+            + f", {num_train} training images, {num_classes} classes, seed {cfg.EXPERIMENT.SEED}, device {device}, "
+            f"extra parameters {distiller.get_extra_parameters()}"
+            + (", deterministic algorithms" if cfg.EXPERIMENT.DETERMINISTIC else "")
+        )
+        try:
+            result = trainer.train(resume=resume)
+        except RuntimeError as exc:  # an op without a deterministic kernel, under EXPERIMENT.DETERMINISTIC
+            if not (cfg.EXPERIMENT.DETERMINISTIC and "deterministic" in str(exc)):
+                raise
+            raise MdistillerError(
+                f"EXPERIMENT.DETERMINISTIC: {str(exc).splitlines()[0]} (set EXPERIMENT.DETERMINISTIC False to run it)"
+            ) from None
     result_file = append_result(cfg, run_dir, result)
     trainer.log(f"best top-1 {result['best_acc']:.2f}, last {result['last_acc']:.2f}; result appended to {result_file}")
     if not distiller_class.requires_teacher:
@@ -126,3 +192,25 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False) -> dict:
         )
     sys.stdout.flush()
     return {**result, "run_dir": run_dir}
+
+
+def train_sweep(cfg, opts: Sequence[str], seeds: Sequence[int], resume: bool = False) -> list[dict]:
+    """`--seeds`: the same recipe under each seed, one after the other, each in its own run folder (`,seed:<n>` in
+    its name) and each appending its own result line. With resume, a seed whose folder holds `latest` continues (a
+    finished one has nothing to do) and the others start."""
+    if "EXPERIMENT.SEED" in list(opts)[::2]:
+        raise MdistillerError("pass the seeds either with --seeds or as EXPERIMENT.SEED, not both")
+    if len(set(seeds)) != len(seeds):
+        raise MdistillerError(f"--seeds lists a seed twice: {','.join(str(s) for s in seeds)}")
+    cfgs = []
+    for seed in seeds:
+        seeded = cfg.clone()
+        seeded.defrost()
+        seeded.EXPERIMENT.SEED = int(seed)
+        seeded.freeze()
+        cfgs.append(seeded)
+    started = [os.path.exists(os.path.join(run_dir_of(c, opts, True), "latest")) for c in cfgs]
+    if not resume and any(started):
+        taken = run_dir_of(cfgs[started.index(True)], opts, True)
+        raise MdistillerError(f"{taken} already holds a run: pass --resume to continue the sweep")
+    return [train_run(c, opts, resume=resume and done, seed_in_name=True) for c, done in zip(cfgs, started)]

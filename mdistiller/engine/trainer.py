@@ -1,15 +1,24 @@
-"""The one trainer: SGD + step schedule, per-epoch validation, logging, atomic checkpoints, exact resume.
+"""The one trainer: SOLVER.TYPE optimizer, step schedule, per-epoch validation, logging, checkpoints, exact resume.
 
 It knows nothing about methods: a batch dict goes to `distiller(**batch, epoch=epoch)`, the returned losses are
 summed, and whatever the distiller reports in `epoch_metrics()` is logged.
+
+Resume is exact: `latest` holds the model, the optimizer, every RNG state and the state the data sampler had when the
+epoch to run next began. At an epoch boundary that is all there is; after SIGTERM/SIGINT `latest` also holds the step
+reached and the epoch's running sums, and resume replays the sampler (loading, not training on, the batches already
+seen) to continue with the very next batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import signal
+import threading
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -18,9 +27,35 @@ from torch import nn
 from tqdm import tqdm
 
 from .cfg import cfg_to_dict
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from .errors import MdistillerError
+from .optim import build_optimizer
 from .utils import get_rng_state, set_rng_state, topk_correct
+
+NAN_POLICIES = ("stop", "skip")
+PROGRESS_EVERY = 20  # steps between progress-bar updates (a host sync each)
+
+
+def nan_sync_interval(device: torch.device) -> int:
+    """Steps between host reads of the device-side non-finite flag under SOLVER.NAN_POLICY stop.
+
+    On the CPU every step (ops are synchronous, reading a flag costs nothing), so no bad update is ever applied; on an
+    accelerator every PROGRESS_EVERY steps, so the hot loop keeps its kernels queued. The flag remembers the first bad
+    step on the device, so the error names it exactly either way; the updates made after it are never saved.
+    """
+    return 1 if device.type == "cpu" else PROGRESS_EVERY
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped training after a step; `latest` holds a state that --resume continues exactly."""
+
+    def __init__(self, signum: int, epoch: int, step: int, steps: int | None, checkpoint: str, mid_epoch: bool):
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        self.epoch, self.step, self.steps, self.checkpoint, self.mid_epoch = epoch, step, steps, checkpoint, mid_epoch
+        where = f"epoch {epoch}, step {step}/{steps or '?'}" if mid_epoch else f"the end of epoch {epoch}"
+        super().__init__(f"interrupted by {self.signal_name} at {where}; {checkpoint} holds that state")
 
 
 def learning_rate(cfg, epoch: int) -> float:
@@ -60,6 +95,83 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str
     }
 
 
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable without a length
+        return None
+
+
+class _EpochStats:
+    """The running sums of one epoch, on the device (no host sync per step); saved with a mid-epoch checkpoint."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss_sums: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), device=device)
+        self.seen = 0
+        self.steps = 0
+        self.skipped = 0
+        self.skipped_terms: list[str] = []
+
+    def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor, target: torch.Tensor) -> None:
+        for name, term in losses.items():
+            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + term.detach().mean()
+        self.correct += topk_correct(logits.detach(), target, (1,))[0]
+        self.seen += len(target)
+        self.steps += 1
+
+    def skip(self, bad_terms: list[str]) -> None:
+        self.skipped += 1
+        self.skipped_terms += [name for name in bad_terms if name not in self.skipped_terms]
+
+    def state(self) -> dict:
+        return {"loss_sums": {k: torch.as_tensor(v).detach().cpu() for k, v in self.loss_sums.items()},
+                "correct": self.correct.detach().cpu(), "seen": self.seen, "steps": self.steps,
+                "skipped": self.skipped, "skipped_terms": list(self.skipped_terms)}
+
+    def load(self, state: dict) -> None:
+        self.loss_sums = {k: v.to(self.device) for k, v in state["loss_sums"].items()}
+        self.correct = state["correct"].to(self.device)
+        self.seen, self.steps = state["seen"], state["steps"]
+        self.skipped, self.skipped_terms = state["skipped"], list(state["skipped_terms"])
+
+
+class _NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss terms were not all finite and their values."""
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.names: tuple[str, ...] | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, step: int, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Record this step's terms; returns a 0-d device bool, True when one of them is not finite (no sync)."""
+        names = tuple(losses)
+        values = torch.stack([term.detach().float().mean() for term in losses.values()])
+        bad = ~torch.isfinite(values).all()
+        if names != self.names:  # a distiller changed its loss terms: keep a recorded failure, else start over
+            if self.names is not None and self.first() is not None:
+                return bad
+            self.names, self.values = names, values
+        newly = bad & (self.first_step < 0)
+        self.first_step = torch.where(newly, step, self.first_step)
+        self.values = torch.where(newly, values, self.values)
+        return bad
+
+    def first(self) -> tuple[int, dict[str, float]] | None:
+        """(step, {term: value}) of the first non-finite step, or None (a host sync)."""
+        step = int(self.first_step)
+        if step < 0:
+            return None
+        return step, dict(zip(self.names, self.values.tolist()))
+
+
+def _format_terms(values: dict[str, float]) -> str:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)} or values
+    return ", ".join(f"{k}={v}" for k, v in bad.items())
+
+
 class Trainer:
     """Trains `distiller` for cfg.SOLVER.EPOCHS epochs, writing everything under run_dir."""
 
@@ -70,17 +182,21 @@ class Trainer:
         self.distiller = distiller.to(device)
         self.train_loader = train_loader
         self.val_loader = val_loader
-        self.optimizer = torch.optim.SGD(
-            self.distiller.get_learnable_parameters(),
-            lr=cfg.SOLVER.LR,
-            momentum=cfg.SOLVER.MOMENTUM,
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        )
+        self.optimizer = build_optimizer(cfg, self.distiller)
+        self.nan_policy = cfg.SOLVER.NAN_POLICY
+        if self.nan_policy not in NAN_POLICIES:
+            raise MdistillerError(
+                f"SOLVER.NAN_POLICY must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}"
+            )
         self.best_acc = -1.0
         self.last_acc = -1.0
         self.start_epoch = 1
+        self._partial: dict | None = None  # the mid-epoch position `latest` was saved at, until it is replayed
+        self._latest_state: str | None = None  # what `latest` holds, for messages
+        self._epoch_sampler_state: torch.Tensor | None = None
+        self._stop_signal: int | None = None
         os.makedirs(run_dir, exist_ok=True)
-        self.tb_writer = SummaryWriter(os.path.join(run_dir, "train.events"))
+        self.tb_writer: SummaryWriter | None = None
         self.wandb_run = None
 
     def _open_wandb(self):
@@ -105,7 +221,7 @@ class Trainer:
         return getattr(self.train_loader, "generator", None)
 
     def resume(self) -> None:
-        """Continue from `latest`: weights, optimizer, epoch, best accuracy and every RNG state."""
+        """Continue from `latest`: weights, optimizer, epoch (and step), best accuracy and every RNG state."""
         state = load_checkpoint(self._path("latest"), "resume checkpoint")
         if "optimizer" not in state or "epoch" not in state:
             raise MdistillerError(f"{self._path('latest')} is not a trainer checkpoint (no optimizer/epoch)")
@@ -122,24 +238,37 @@ class Trainer:
         generator = self._sampler_generator()
         if generator is not None and "sampler_rng" in state:
             generator.set_state(state["sampler_rng"])
-        self.log(f"resumed from {self._path('latest')} at epoch {self.start_epoch} (best top-1 {self.best_acc:.2f})")
+        where = f"epoch {self.start_epoch}"
+        self._latest_state = f"the end of epoch {state['epoch']}"
+        partial = state.get("partial")
+        if partial is not None:
+            self._partial = {**partial, "rng": state.get("rng")}
+            self.start_epoch = partial["epoch"]
+            where = f"epoch {partial['epoch']}, step {partial['step'] + 1}"
+            self._latest_state = f"epoch {partial['epoch']}, step {partial['step']}"
+        self._truncate_worklog(self.start_epoch)
+        self.log(f"resumed from {self._path('latest')} at {where} (best top-1 {self.best_acc:.2f})")
+
+    def _state(self, epoch: int) -> dict:
+        state = {
+            "model": self.distiller.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch,  # complete epochs
+            "best_acc": self.best_acc,
+            "last_acc": self.last_acc,
+            "rng": get_rng_state(),
+            "arch": self.cfg.DISTILLER.STUDENT,
+        }
+        generator = self._sampler_generator()
+        if generator is not None:  # the state the next epoch's shuffle (and worker seeds) start from
+            state["sampler_rng"] = generator.get_state()
+        return state
 
     def _save(self, epoch: int, test_acc: float, is_best: bool) -> None:
         student = self.distiller.student
         meta = {"arch": self.cfg.DISTILLER.STUDENT, "num_classes": self._num_classes(), "epoch": epoch}
         student_state = {"model": student.state_dict(), **meta, "test_acc": test_acc}
-        state = {
-            "model": self.distiller.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": epoch,
-            "best_acc": self.best_acc,
-            "last_acc": test_acc,
-            "rng": get_rng_state(),
-            "arch": self.cfg.DISTILLER.STUDENT,
-        }
-        generator = self._sampler_generator()
-        if generator is not None:
-            state["sampler_rng"] = generator.get_state()
+        state = self._state(epoch)
         # students first: `latest` is what resume trusts, so it is written last
         save_checkpoint(student_state, self._path("student_latest"))
         if epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
@@ -149,6 +278,16 @@ class Trainer:
             save_checkpoint(state, self._path("best"))
             save_checkpoint(student_state, self._path("student_best"))
         save_checkpoint(state, self._path("latest"))
+        self._latest_state = f"the end of epoch {epoch}"
+
+    def _save_mid_epoch(self, epoch: int, step: int, stats: _EpochStats) -> None:
+        """`latest` at a step inside `epoch`: the sampler state of the epoch's start, the step, the running sums."""
+        state = self._state(epoch - 1)
+        if self._epoch_sampler_state is not None:
+            state["sampler_rng"] = self._epoch_sampler_state
+        state["partial"] = {"epoch": epoch, "step": step, "stats": stats.state()}
+        save_checkpoint(state, self._path("latest"))
+        self._latest_state = f"epoch {epoch}, step {step}"
 
     def _num_classes(self) -> int:
         student = self.distiller.student
@@ -161,53 +300,171 @@ class Trainer:
     def log(self, message: str) -> None:
         tqdm.write(f"[mdistiller] {message}")
 
+    def _append_worklog(self, text: str) -> None:
+        try:
+            with open(self._path("worklog.txt"), "a") as f:
+                f.write(text)
+        except OSError as exc:
+            raise MdistillerError(f"could not write {self._path('worklog.txt')}: {exc.strerror or exc}") from None
+
     def _write_worklog(self, epoch: int, lr: float, metrics: dict[str, float]) -> None:
         lines = ["-" * 25, f"epoch: {epoch}", f"lr: {lr:.6g}"]
         lines += [f"{k}: {v:.4f}" for k, v in metrics.items()]
         lines.append("-" * 25)
-        with open(self._path("worklog.txt"), "a") as f:
-            f.write(os.linesep.join(lines) + os.linesep)
+        self._append_worklog(os.linesep.join(lines) + os.linesep)
+
+    def _truncate_worklog(self, start_epoch: int) -> None:
+        """Drop what a killed run wrote past `latest` (epochs >= start_epoch, the final best_acc line)."""
+        path = self._path("worklog.txt")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = f.read().splitlines()
+        keep, block, epoch = [], [], None
+        for line in lines:  # blocks: dashes, "epoch: N", key: value..., dashes
+            if line.startswith("-----") and block:
+                block.append(line)
+                if epoch is not None and epoch < start_epoch:
+                    keep += block
+                block, epoch = [], None
+            elif line.startswith("-----"):
+                block = [line]
+            elif block:
+                block.append(line)
+                match = re.fullmatch(r"epoch: (\d+)", line)
+                if match and epoch is None:
+                    epoch = int(match.group(1))
+        if keep != lines:
+            atomic_write_text(path, "".join(line + os.linesep for line in keep))
+
+    # ---- signals ----
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT set a flag; the loop stops after the current step and saves. A second Ctrl-C stops now."""
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            yield
+            return
+
+        def handler(signum, frame):  # no I/O here: the main thread may be inside a write
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # ---- training ----
+    def _restart_workers_each_epoch(self) -> None:
+        """EXPERIMENT.DETERMINISTIC with persistent workers: start fresh workers (seeded from the sampler generator)
+        every epoch, so an epoch's augmentations depend on the generator state alone, as resume restores it."""
+        loader = self.train_loader
+        if (self.cfg.EXPERIMENT.DETERMINISTIC and getattr(loader, "persistent_workers", False)
+                and getattr(loader, "_iterator", None) is not None):
+            loader._iterator._shutdown_workers()
+            loader._iterator = None
+
+    def _raise_if_non_finite(self, epoch: int, watch: _NonFiniteWatch, steps: int | None) -> None:
+        found = watch.first()
+        if found is None:
+            return
+        step, values = found
+        kept = (f"{self._path('latest')} (saved at {self._latest_state}) is the last good checkpoint"
+                if self._latest_state else "no checkpoint had been written yet")
+        raise MdistillerError(
+            f"non-finite loss at epoch {epoch}, step {step}/{steps or '?'} ({_format_terms(values)}); stopped "
+            f"without saving: {kept}. Lower SOLVER.LR, check the loss weights, or set SOLVER.NAN_POLICY skip"
+        )
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training set; returns mean loss terms and train top-1."""
+        """One pass over the training set (or the rest of it after a mid-epoch resume); mean loss terms, train top-1."""
         self.distiller.train()
-        loss_sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=self.device)
-        seen = 0
-        steps = 0
-        progress = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=None)
+        stats = _EpochStats(self.device)
+        watch = _NonFiniteWatch(self.device)
+        sync_every = nan_sync_interval(self.device)
+        generator = self._sampler_generator()
+        # captured before the loader draws this epoch's permutation and worker seed from it
+        self._epoch_sampler_state = generator.get_state() if generator is not None else None
+        self._restart_workers_each_epoch()
+        steps_total = _length(self.train_loader)
+        iterator = iter(self.train_loader)
+        step = 0
+        partial, self._partial = self._partial, None
+        if partial is not None and partial["epoch"] == epoch:
+            for _ in range(partial["step"]):  # replays the loading and its RNG draws; workers advance identically
+                if next(iterator, None) is None:
+                    raise MdistillerError(f"{self._path('latest')} was saved at step {partial['step']} of epoch "
+                                          f"{epoch}, but the training set now has fewer batches")
+            step = partial["step"]
+            stats.load(partial["stats"])
+            if partial.get("rng") is not None:
+                set_rng_state(partial["rng"])  # the RNG exactly as it was after that step
+        progress = tqdm(iterator, desc=f"epoch {epoch}", initial=step, total=steps_total, leave=False,
+                        dynamic_ncols=True, disable=None)
         for batch in progress:
+            step += 1
             batch = _to_device(batch, self.device)
             logits, losses = self.distiller(**batch, epoch=epoch)
-            loss = sum(term.mean() for term in losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            for name, term in losses.items():
-                loss_sums[name] = loss_sums.get(name, 0.0) + term.detach().mean()
-            correct += topk_correct(logits.detach(), batch["target"], (1,))[0]
-            seen += len(batch["target"])
-            steps += 1
-            if steps % 20 == 0:  # the only host sync in the loop, for the progress bar
-                progress.set_postfix(loss=f"{sum(loss_sums.values()).item() / steps:.4f}")
-        metrics = {name: (total / steps).item() for name, total in loss_sums.items()}
-        bad = [name for name, value in metrics.items() if not math.isfinite(value)]
-        if bad:
+            bad = watch.update(step, losses)
+            if self.nan_policy == "skip" and bool(bad):  # one host sync per step, as torch.amp.GradScaler makes
+                values = dict(zip(losses, torch.stack([t.detach().float().mean() for t in losses.values()]).tolist()))
+                stats.skip([k for k, v in values.items() if not math.isfinite(v)])
+            else:
+                if self.nan_policy == "stop" and step % sync_every == 0:
+                    self._raise_if_non_finite(epoch, watch, steps_total)
+                loss = sum(term.mean() for term in losses.values())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                stats.add(losses, logits, batch["target"])
+            if step % PROGRESS_EVERY == 0 and stats.loss_sums:
+                progress.set_postfix(loss=f"{sum(stats.loss_sums.values()).item() / max(stats.steps, 1):.4f}")
+            if self._stop_signal is not None:
+                if self.nan_policy == "stop":
+                    self._raise_if_non_finite(epoch, watch, steps_total)
+                self._save_mid_epoch(epoch, step, stats)
+                raise TrainingInterrupted(self._stop_signal, epoch, step, steps_total, self._path("latest"), True)
+        if self.nan_policy == "stop":
+            self._raise_if_non_finite(epoch, watch, steps_total)
+        if stats.steps == 0:
             raise MdistillerError(
-                f"non-finite loss in epoch {epoch} ({', '.join(bad)}); the last good checkpoint is "
-                f"{self._path('latest')}. Lower SOLVER.LR or check the loss weights"
+                f"every step of epoch {epoch} had a non-finite loss ({', '.join(stats.skipped_terms) or 'no steps'});"
+                f" nothing was trained. Lower SOLVER.LR or check the loss weights"
             )
+        metrics = {name: (total / stats.steps).item() for name, total in stats.loss_sums.items()}
         metrics["train_loss"] = sum(v for k, v in metrics.items())
-        metrics["train_acc"] = 100.0 * correct.item() / max(seen, 1)
+        metrics["train_acc"] = 100.0 * stats.correct.item() / max(stats.seen, 1)
+        if self.nan_policy == "skip":
+            metrics["nan_skipped_steps"] = float(stats.skipped)
+            if stats.skipped:
+                self.log(f"epoch {epoch}: skipped {stats.skipped} step(s) with a non-finite loss "
+                         f"({', '.join(stats.skipped_terms)})")
         return metrics
 
     def train(self, resume: bool = False) -> dict[str, float]:
-        """Run (or continue) the schedule; returns best and last test top-1."""
+        """Run (or continue) the schedule; returns best and last test top-1.
+
+        SIGTERM or SIGINT stops after the current step, saves `latest` there and raises TrainingInterrupted.
+        """
         if resume:
             self.resume()
+        remove_stale_temp_files(self.run_dir)  # left by a write that a SIGKILL cut short
+        # purge_step hides the events a killed run logged past `latest` from TensorBoard
+        self.tb_writer = SummaryWriter(self._path("train.events"), purge_step=self.start_epoch if resume else None)
         if self.cfg.LOG.WANDB:
             self.wandb_run = self._open_wandb()
+        try:
+            with self._stop_on_signals():
+                return self._train_epochs()
+        finally:
+            self.tb_writer.close()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+
+    def _train_epochs(self) -> dict[str, float]:
         epochs = self.cfg.SOLVER.EPOCHS
         if self.start_epoch > epochs:
             self.log(f"nothing to do: {self._path('latest')} already finished epoch {epochs}")
@@ -218,7 +475,10 @@ class Trainer:
             started = time.time()
             train_metrics = self.train_epoch(epoch)
             epoch_seconds = time.time() - started
-            test = evaluate(self.distiller, self.val_loader, self.device, desc=f"test {epoch}")
+            # evaluation must not move the training RNG (its DataLoader draws a worker seed from the global one):
+            # then how often or how the test set is evaluated never changes what is trained
+            with torch.random.fork_rng(devices=[]):
+                test = evaluate(self.distiller, self.val_loader, self.device, desc=f"test {epoch}")
             self.last_acc = test["top1"]
             is_best = test["top1"] > self.best_acc
             self.best_acc = max(self.best_acc, test["top1"])
@@ -237,6 +497,7 @@ class Trainer:
             self.tb_writer.flush()
             if self.wandb_run is not None:
                 self.wandb_run.log({**metrics, "lr": lr}, step=epoch)
+            # the worklog first: a kill before `latest` is written makes resume redo the epoch and drop its lines
             self._write_worklog(epoch, lr, metrics)
             self._save(epoch, test["top1"], is_best)
             self.log(
@@ -244,10 +505,8 @@ class Trainer:
                 f"train top-1 {train_metrics['train_acc']:.2f}  test top-1 {test['top1']:.2f}  "
                 f"top-5 {test['top5']:.2f}  best {self.best_acc:.2f}  ({epoch_seconds:.1f} s)"
             )
-        if self.start_epoch <= epochs:
-            with open(self._path("worklog.txt"), "a") as f:
-                f.write(f"best_acc\t{self.best_acc:.4f}{os.linesep}")
-        self.tb_writer.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+            if self._stop_signal is not None:  # arrived during evaluation or saving: `latest` is this epoch's end
+                steps = _length(self.train_loader)
+                raise TrainingInterrupted(self._stop_signal, epoch, steps or 0, steps, self._path("latest"), False)
+        self._append_worklog(f"best_acc\t{self.best_acc:.4f}{os.linesep}")
         return {"best_acc": self.best_acc, "last_acc": self.last_acc}

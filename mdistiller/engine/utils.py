@@ -1,8 +1,11 @@
-"""Small helpers shared by the trainer and the tools: seeding, RNG state, accuracy."""
+"""Small helpers shared by the trainer and the tools: seeding, RNG state, determinism, accuracy."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +33,29 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
+    """EXPERIMENT.DETERMINISTIC: deterministic algorithms, cudnn.deterministic, no cudnn.benchmark (restored after).
+
+    Off, CUDA runs keep cudnn.benchmark on (mdistiller's speed default) and the global switches are left alone.
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    if enabled:
+        # cuBLAS needs a fixed workspace for reproducible matmuls (read at its first use in the process)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
