@@ -22,26 +22,9 @@ from mdistiller.distillers.kd import kd_loss
 from mdistiller.engine.cfg import default_cfg
 from mdistiller.models import cifar_model_dict
 
+from stand_ins import SlotLogits
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation, badly so on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class SlotLogits(nn.Module):
-    """A stand-in model whose "image" (B, 2, C) carries the logits: slot 0 for the student, 1 for the teacher."""
-
-    def __init__(self, slot: int):
-        super().__init__()
-        self.slot = slot
-        self.anchor = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: torch.Tensor):
-        return x[:, self.slot] + 0.0 * self.anchor, {}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**ctkd):

@@ -2,6 +2,7 @@
 
     python tools/eval.py -m resnet8x4 -c output/.../student_best [-d cifar100] [-bs 64]
     python tools/eval.py -m resnet32x4 -c pretrain          # the zoo's published teacher
+    python tools/eval.py -m ResNet34 -c pretrain -d imagenet  # download_ckpts/imagenet_teachers/ (torchvision's)
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout too
 
 from mdistiller.dataset import eval_loader, get_test_set, num_classes_of  # noqa: E402
-from mdistiller.engine.build import build_model, model_builder, resolve_checkpoint_path  # noqa: E402
+from mdistiller.engine.build import (  # noqa: E402
+    build_model,
+    imagenet_teacher_path,
+    is_imagenet,
+    model_builder,
+    resolve_checkpoint_path,
+    zoo_name,
+)
 from mdistiller.engine.cfg import default_cfg  # noqa: E402
 from mdistiller.engine.checkpoint import load_model_weights  # noqa: E402
 from mdistiller.engine.cli import run_cli  # noqa: E402
@@ -27,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser("eval.py", description="evaluate a model checkpoint")
     parser.add_argument("-m", "--model", type=str, required=True, help="zoo model name, e.g. resnet8x4")
     parser.add_argument("-c", "--ckpt", type=str, default="pretrain", help="checkpoint file, or 'pretrain'")
-    parser.add_argument("-d", "--dataset", type=str, default="cifar100", help="cifar100 | cifar10")
+    parser.add_argument("-d", "--dataset", type=str, default="cifar100", help="cifar100 | cifar10 | imagenet")
+    parser.add_argument("--image-size", type=int, default=224, help="ImageNet: the center crop (DATASET.IMAGE_SIZE)")
     parser.add_argument("-bs", "--batch-size", type=int, default=64)
     parser.add_argument("--data-root", type=str, default=None, help="default: $MDISTILLER_DATA or ./data")
     parser.add_argument("--num-workers", type=int, default=2)
@@ -42,15 +51,18 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.DATASET.TYPE = args.dataset
     if args.data_root:
         cfg.DATASET.ROOT = args.data_root
+    cfg.DATASET.IMAGE_SIZE = args.image_size
     num_classes = num_classes_of(cfg)
-    model_builder(args.model)
+    model_builder(args.model, args.dataset)
     ckpt = args.ckpt
-    if ckpt == "pretrain":
+    if ckpt == "pretrain" and is_imagenet(args.dataset):
+        ckpt = imagenet_teacher_path(zoo_name(args.model, args.dataset))
+    elif ckpt == "pretrain":
         zoo_path = cifar_model_dict[args.model][1]
         if zoo_path is None:
             raise MdistillerError(f"the zoo has no published checkpoint for {args.model}; pass -c <file>")
         ckpt = resolve_checkpoint_path(zoo_path)
-    model = build_model(args.model, num_classes)
+    model = build_model(args.model, num_classes, args.dataset, args.image_size)
     load_model_weights(model, ckpt, args.model, num_classes)
     loader = eval_loader(get_test_set(cfg), args.batch_size, args.num_workers)
     device = default_device()

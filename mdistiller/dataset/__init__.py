@@ -1,8 +1,10 @@
 """Data sets and loaders. A distiller names the training views it needs; this module builds them.
 
-`TRAIN_VIEWS` maps a view name to a function `(mean, std) -> transform`. A distiller declares
-`train_views = {"image": "standard"}` (the default) or e.g. `{"image_weak": "standard", "image_strong": "strong"}`,
-and every training batch is a dict holding one tensor per batch key plus "target" and "index".
+`TRAIN_VIEWS` maps a view name to a function `(mean, std) -> transform` for the 32x32 CIFAR sets; `IMAGENET_VIEWS`
+maps the same names to `(mean, std, image_size) -> transform` for ImageNet (registered by imagenet.py). A distiller
+declares `train_views = {"image": "standard"}` (the default) or e.g. `{"image_weak": "standard", "image_strong":
+"strong"}`, each data set builds its own version of the named views, and every training batch is a dict holding one
+tensor per batch key plus "target" and "index".
 """
 
 from __future__ import annotations
@@ -37,13 +39,18 @@ def test_transform(mean: tuple, std: tuple) -> Callable:
 
 
 TRAIN_VIEWS: dict[str, ViewBuilder] = {"standard": standard_train_transform}
+# ImageNet-sized views by the same names: `(mean, std, image_size) -> transform` (filled by imagenet.py).
+IMAGENET_VIEWS: dict[str, Callable[[tuple, tuple, int], Callable]] = {}
+VIEW_REGISTRIES: dict[str, dict[str, Callable]] = {"cifar": TRAIN_VIEWS, "imagenet": IMAGENET_VIEWS}
 
 
-def register_view(name: str) -> Callable[[ViewBuilder], ViewBuilder]:
-    """Decorator: make a training view available to distillers by name."""
+def register_view(name: str, family: str = "cifar") -> Callable[[ViewBuilder], ViewBuilder]:
+    """Decorator: make a training view available to distillers by name, for the CIFAR sets (builders `(mean, std)`)
+    or, with family "imagenet", for ImageNet (builders `(mean, std, image_size)`)."""
+    registry = VIEW_REGISTRIES[family]
 
     def wrap(builder: ViewBuilder) -> ViewBuilder:
-        TRAIN_VIEWS[name] = builder
+        registry[name] = builder
         return builder
 
     return wrap
@@ -92,14 +99,22 @@ def build_cifar_datasets(cfg, train_views: Mapping[str, str]) -> tuple[Dataset, 
 
 
 DATASET_BUILDERS: dict[str, Callable] = {"cifar100": build_cifar_datasets, "cifar10": build_cifar_datasets}
+# Data sets whose class count is read from the files (ImageNet: its class folders): DATASET.TYPE -> cfg -> count.
+CLASS_COUNTERS: dict[str, Callable] = {}
+# Data sets that can build their test split alone (without scanning the training set): DATASET.TYPE -> cfg -> set.
+TEST_SET_BUILDERS: dict[str, Callable] = {}
 
 
 def num_classes_of(cfg) -> int:
     """The class count of DATASET.TYPE, checked against DATASET.NUM_CLASSES when that is set."""
     known = {name: fmt.num_classes for name, fmt in CIFAR_FORMATS.items()}
-    if cfg.DATASET.TYPE not in known:
-        raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {', '.join(sorted(known))}")
-    count = known[cfg.DATASET.TYPE]
+    if cfg.DATASET.TYPE in CLASS_COUNTERS:
+        count = CLASS_COUNTERS[cfg.DATASET.TYPE](cfg)
+    elif cfg.DATASET.TYPE not in known:
+        names = ", ".join(sorted([*known, *CLASS_COUNTERS]))
+        raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {names}")
+    else:
+        count = known[cfg.DATASET.TYPE]
     if cfg.DATASET.NUM_CLASSES not in (0, count):
         raise MdistillerError(
             f"DATASET.NUM_CLASSES is {cfg.DATASET.NUM_CLASSES} but {cfg.DATASET.TYPE} has {count} classes"
@@ -155,7 +170,8 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
     pin = torch.cuda.is_available()
     generator = torch.Generator()
     generator.manual_seed(seed)
-    train_loader = DataLoader(
+    loader_class = getattr(train_set, "loader_class", DataLoader)  # a data set may bring its DataLoader subclass
+    train_loader = loader_class(
         train_set,
         batch_size=cfg.SOLVER.BATCH_SIZE,
         shuffle=True,
@@ -171,7 +187,7 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
 
 def eval_loader(test_set: Dataset, batch_size: int, workers: int) -> DataLoader:
     """A sequential loader over the test set."""
-    return DataLoader(
+    return getattr(test_set, "loader_class", DataLoader)(
         test_set, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available()
     )
 
@@ -179,5 +195,10 @@ def eval_loader(test_set: Dataset, batch_size: int, workers: int) -> DataLoader:
 def get_test_set(cfg) -> Dataset:
     """The test split of cfg.DATASET with the test transform (for tools/eval.py)."""
     num_classes_of(cfg)
+    if cfg.DATASET.TYPE in TEST_SET_BUILDERS:
+        return TEST_SET_BUILDERS[cfg.DATASET.TYPE](cfg)
     _, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, {"image": "standard"})
     return test_set
+
+
+from . import imagenet  # noqa: E402, F401  (registers DATASET.TYPE imagenet and its views; needs the tables above)

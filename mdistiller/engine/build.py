@@ -4,20 +4,52 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 
 from torch import nn
 
 from ..distillers import get_distiller_class
-from ..models import cifar_model_dict
+from ..models import cifar_model_dict, imagenet_model_dict
+from ..models.imagenet import IMAGENET_ALIASES, IMAGENET_TEACHER_DIR, find_imagenet_teacher, teacher_file_candidates
 from .checkpoint import load_model_weights
 from .errors import MdistillerError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def model_builder(name: str):
-    """The zoo builder for a model name; an unknown name says which names exist."""
+def is_imagenet(dataset_type: str | None) -> bool:
+    """Whether a DATASET.TYPE takes the ImageNet zoo (every other type takes the CIFAR zoo)."""
+    return dataset_type == "imagenet"
+
+
+_WARNED_ALIASES: set[str] = set()
+
+
+def zoo_name(name: str, dataset_type: str | None = None) -> str:
+    """The zoo's name for a model: an ImageNet alias of a published config (MobileNetV2) is mapped, with a one-line
+    warning on stderr (once per name and process)."""
+    if is_imagenet(dataset_type) and name in IMAGENET_ALIASES and name not in imagenet_model_dict:
+        new, why = IMAGENET_ALIASES[name]
+        if name not in _WARNED_ALIASES:
+            _WARNED_ALIASES.add(name)
+            print(f"warning: model {name} is read as {new} on ImageNet: {why}", file=sys.stderr, flush=True)
+        return new
+    return name
+
+
+def model_builder(name: str, dataset_type: str | None = None):
+    """The zoo builder for a model name, from the zoo of DATASET.TYPE (None: the CIFAR zoo, then the ImageNet zoo
+    for the names only it has); an unknown name says which names exist."""
+    if is_imagenet(dataset_type):
+        name = zoo_name(name, dataset_type)
+        if name not in imagenet_model_dict:
+            close = difflib.get_close_matches(name, list(imagenet_model_dict), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise MdistillerError(f"unknown model {name!r}{hint}; ImageNet models: {', '.join(imagenet_model_dict)}")
+        return imagenet_model_dict[name][0]
+    if name not in cifar_model_dict and dataset_type is None and name in imagenet_model_dict:
+        return imagenet_model_dict[name][0]
     if name not in cifar_model_dict:
         close = difflib.get_close_matches(name, list(cifar_model_dict), n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -25,9 +57,12 @@ def model_builder(name: str):
     return cifar_model_dict[name][0]
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """A fresh zoo model."""
-    return model_builder(name)(num_classes=num_classes)
+def build_model(name: str, num_classes: int, dataset_type: str | None = None, image_size: int = 224) -> nn.Module:
+    """A fresh zoo model (ImageNet models are built for `image_size` inputs; only the ViTs depend on it)."""
+    builder = model_builder(name, dataset_type)
+    if is_imagenet(dataset_type) or (dataset_type is None and name not in cifar_model_dict):
+        return builder(num_classes=num_classes, image_size=image_size)
+    return builder(num_classes=num_classes)
 
 
 def resolve_checkpoint_path(path: str) -> str:
@@ -42,6 +77,8 @@ def teacher_checkpoint_path(cfg) -> str:
     """DISTILLER.TEACHER_CKPT when set, else the zoo's published path for DISTILLER.TEACHER."""
     if cfg.DISTILLER.TEACHER_CKPT:
         return resolve_checkpoint_path(cfg.DISTILLER.TEACHER_CKPT)
+    if is_imagenet(cfg.DATASET.TYPE):
+        return imagenet_teacher_path(zoo_name(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE))
     model_builder(cfg.DISTILLER.TEACHER)
     zoo_path = cifar_model_dict[cfg.DISTILLER.TEACHER][1]
     if zoo_path is None:
@@ -58,9 +95,27 @@ def teacher_checkpoint_path(cfg) -> str:
     return path
 
 
+def imagenet_teacher_path(name: str) -> str:
+    """The ImageNet teacher file of `name` in download_ckpts/imagenet_teachers/ (<name>.pth or a published name)."""
+    model_builder(name, "imagenet")
+    if imagenet_model_dict[name][1] is None:
+        raise MdistillerError(
+            f"the ImageNet zoo has no teacher file for {name}: pass DISTILLER.TEACHER_CKPT <a trained {name}'s weights>"
+        )
+    found = find_imagenet_teacher(name, resolve_checkpoint_path)
+    if found is None:
+        published = [os.path.basename(p) for p in teacher_file_candidates(name)[1:]]
+        also = f" (or the published {' / '.join(published)} there)" if published else ""
+        raise MdistillerError(
+            f"teacher checkpoint not found for {name}: put its weights at {IMAGENET_TEACHER_DIR}/{name}.pth{also}, "
+            f"see {IMAGENET_TEACHER_DIR}/README.md; or pass DISTILLER.TEACHER_CKPT <path>"
+        )
+    return found
+
+
 def build_teacher(cfg, num_classes: int) -> nn.Module:
     """The teacher with its checkpoint loaded, in eval mode."""
-    teacher = build_model(cfg.DISTILLER.TEACHER, num_classes)
+    teacher = build_model(cfg.DISTILLER.TEACHER, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE)
     load_model_weights(teacher, teacher_checkpoint_path(cfg), cfg.DISTILLER.TEACHER, num_classes, "teacher checkpoint")
     return teacher.eval()
 
@@ -68,7 +123,7 @@ def build_teacher(cfg, num_classes: int) -> nn.Module:
 def build_distiller(cfg, num_classes: int):
     """Student, (teacher) and the distiller of DISTILLER.TYPE."""
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
-    student = build_model(cfg.DISTILLER.STUDENT, num_classes)
+    student = build_model(cfg.DISTILLER.STUDENT, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE)
     teacher = build_teacher(cfg, num_classes) if distiller_class.requires_teacher else None
     return distiller_class(student, teacher, cfg)
 

@@ -1,7 +1,6 @@
-"""The model zoo: `cifar_model_dict[name] -> (builder, teacher checkpoint path or None)`."""
+"""The model zoos: `cifar_model_dict` / `imagenet_model_dict`, each `name -> (builder, teacher path or None)`."""
 
 from .cifar import cifar_model_dict
-
-imagenet_model_dict: dict = {}
+from .imagenet import imagenet_model_dict
 
 __all__ = ["cifar_model_dict", "imagenet_model_dict"]

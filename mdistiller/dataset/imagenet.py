@@ -1,0 +1,304 @@
+"""ImageNet from mdistiller's ImageFolder layout: `<DATASET.ROOT>/imagenet/{train,val}/<wnid>/*.JPEG`.
+
+Train: RandomResizedCrop(S) + horizontal flip + normalise; test: Resize(S * 256 / 224) + CenterCrop(S) + normalise, with
+S = DATASET.IMAGE_SIZE (224: the recipe of every ImageNet table). The class count is the number of class folders
+(train and val must hold the same ones). The views a distiller names ("standard", "strong", "test") have ImageNet
+versions here; "strong" is MLKD's ImageNet view as the logit-standardisation repo builds it (see RangeRandAugment).
+
+Images are decoded lazily, so an unreadable file shows up when a batch first needs it: by default that stops the run
+with the file's name; with DATASET.SKIP_BAD_IMAGES True the next readable image of the split takes its place, and the
+loader (ImageFolderLoader) counts such files and reports them once per pass.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, Mapping
+
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from tqdm import tqdm
+
+from ..engine.errors import MdistillerError
+from . import CLASS_COUNTERS, DATASET_BUILDERS, IMAGENET_VIEWS, TEST_SET_BUILDERS, register_view
+from .augment import CUTOUT_FILL, cutout
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYOUT = "<DATASET.ROOT>/imagenet/{train,val}/<wnid>/*.JPEG"
+# Per-item bookkeeping of skipped files; ImageFolderLoader takes these keys out of every batch.
+SKIPPED_COUNT = "_skipped_images"
+SKIPPED_FILES = "_skipped_files"
+
+
+# ---- layout ----
+
+def split_folder(root: str, split: str) -> str:
+    """`<root>/imagenet/<split>`."""
+    return os.path.join(root, "imagenet", split)
+
+
+def class_folders(folder: str) -> list[str]:
+    """Sorted names of the sub-folders of `folder` (hidden ones excluded): the classes."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def check_layout(root: str) -> list[str]:
+    """The class names of an ImageNet folder, after checking that train and val exist and hold the same classes."""
+    classes = {}
+    for split in ("train", "val"):
+        folder = split_folder(root, split)
+        if not os.path.isdir(folder):
+            raise MdistillerError(
+                f"ImageNet not found: no folder {folder}. Expected layout {LAYOUT}; set DATASET.ROOT (or the "
+                f"MDISTILLER_DATA environment variable) to the folder that holds imagenet/"
+            )
+        classes[split] = class_folders(folder)
+        if not classes[split]:
+            loose = any(name.lower().endswith((".jpeg", ".jpg", ".png")) for name in os.listdir(folder))
+            hint = " (the images lie directly in it: sort them into one folder per class)" if loose else ""
+            raise MdistillerError(f"no class folders in {folder}{hint}. Expected layout {LAYOUT}")
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        parts = [f"{len(only_train)} only in train ({_few(only_train)})" if only_train else "",
+                 f"{len(only_val)} only in val ({_few(only_val)})" if only_val else ""]
+        raise MdistillerError(
+            f"ImageNet train and val class folders differ under {os.path.join(root, 'imagenet')}: "
+            + "; ".join(p for p in parts if p)
+        )
+    return classes["train"]
+
+
+def imagenet_num_classes(cfg) -> int:
+    """The number of class folders (checked by check_layout)."""
+    return len(check_layout(cfg.DATASET.ROOT))
+
+
+# ---- transforms ----
+
+def image_size_of(cfg) -> int:
+    """DATASET.IMAGE_SIZE, checked."""
+    size = cfg.DATASET.IMAGE_SIZE
+    if size <= 0:
+        raise MdistillerError(f"DATASET.IMAGE_SIZE must be positive, got {size}")
+    return size
+
+
+@register_view("standard", family="imagenet")
+def imagenet_train_transform(mean: tuple, std: tuple, image_size: int = 224) -> Callable:
+    """RandomResizedCrop(S) + horizontal flip + normalise."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+@register_view("test", family="imagenet")
+def imagenet_test_transform(mean: tuple, std: tuple, image_size: int = 224) -> Callable:
+    """Resize(S * 256 / 224) + CenterCrop(S) + normalise (Resize(256) + CenterCrop(224) at S = 224)."""
+    return transforms.Compose([
+        transforms.Resize(round(image_size * 256 / 224)),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(()))
+
+
+def _affine(img: Image.Image, coeffs: tuple) -> Image.Image:
+    return img.transform(img.size, Image.Transform.AFFINE, coeffs)
+
+
+# (op, low, high): the op gets a value drawn uniformly from [low, high] (MLKD's ImageNet pool, in its order).
+RANGE_OPS: tuple[tuple[Callable[[Image.Image, float], Image.Image], float, float], ...] = (
+    (lambda img, v: ImageOps.autocontrast(img), 0, 1),
+    (lambda img, v: ImageEnhance.Brightness(img).enhance(v), 0.05, 0.95),
+    (lambda img, v: ImageEnhance.Color(img).enhance(v), 0.05, 0.95),
+    (lambda img, v: ImageEnhance.Contrast(img).enhance(v), 0.05, 0.95),
+    (lambda img, v: ImageOps.equalize(img), 0, 1),
+    (lambda img, v: img, 0, 1),
+    (lambda img, v: ImageOps.posterize(img, max(1, int(v))), 4, 8),
+    (lambda img, v: img.rotate(v), -30, 30),
+    (lambda img, v: ImageEnhance.Sharpness(img).enhance(v), 0.05, 0.95),
+    (lambda img, v: _affine(img, (1, v, 0, 0, 1, 0)), -0.3, 0.3),
+    (lambda img, v: _affine(img, (1, 0, 0, v, 1, 0)), -0.3, 0.3),
+    (lambda img, v: ImageOps.solarize(img, int(v)), 0, 256),
+    (lambda img, v: _affine(img, (1, 0, v * img.size[0], 0, 1, 0)), -0.3, 0.3),
+    (lambda img, v: _affine(img, (1, 0, 0, 0, 1, v * img.size[1])), -0.3, 0.3),
+)
+
+
+class RangeRandAugment:
+    """MLKD's ImageNet RandAugment: `n` ops drawn with replacement, each always applied at a value uniform in its
+    range, then a grey Cutout square of side U(0, 1/2) x the image width. (The CIFAR view uses FixMatch's
+    RandAugmentMC instead: p = 1/2 per op, levels 1..m-1, half-side Cutout.) Draws come from torch's RNG."""
+
+    def __init__(self, n: int = 2, max_cutout_fraction: float = 0.5, fill: tuple = CUTOUT_FILL):
+        self.n = n
+        self.max_cutout_fraction = max_cutout_fraction
+        self.fill = tuple(fill)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        for index in torch.randint(len(RANGE_OPS), (self.n,)).tolist():
+            op, low, high = RANGE_OPS[index]
+            img = op(img, _uniform(low, high))
+        side = int(_uniform(0.0, self.max_cutout_fraction) * img.size[0])
+        return cutout(img, side, self.fill) if side > 0 else img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, max_cutout_fraction={self.max_cutout_fraction})"
+
+
+@register_view("strong", family="imagenet")
+def imagenet_strong_transform(mean: tuple, std: tuple, image_size: int = 224) -> Callable:
+    """RandomResizedCrop(S) + flip + RangeRandAugment(2) + Cutout + normalise: MLKD's ImageNet strong view."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size),
+        transforms.RandomHorizontalFlip(),
+        RangeRandAugment(n=2),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def build_imagenet_views(view_names: Mapping[str, str], image_size: int) -> dict[str, Callable]:
+    """Batch key -> ImageNet transform for the view names a distiller declares."""
+    views = {}
+    for key, name in view_names.items():
+        if name not in IMAGENET_VIEWS:
+            raise MdistillerError(
+                f"training view {name!r} has no ImageNet version; ImageNet views: {', '.join(sorted(IMAGENET_VIEWS))}"
+            )
+        views[key] = IMAGENET_VIEWS[name](IMAGENET_MEAN, IMAGENET_STD, image_size)
+    return views
+
+
+# ---- data set and loader ----
+
+def _load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        return image.convert("RGB")  # decodes the whole file: a truncated or corrupt one fails here
+
+
+def _last_line(exc: BaseException) -> str:
+    """A worker's exception arrives as 'Caught X in DataLoader worker ... Traceback ...': keep its message."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else str(exc)
+    prefix = f"{MdistillerError.__module__}.{MdistillerError.__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+class ImageFolderLoader(DataLoader):
+    """A DataLoader that takes the skipped-image bookkeeping out of each batch, counts it (`skipped_images`,
+    `skipped_files`) and reports it once per pass; a worker's MdistillerError comes back as its one-line message."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped_images = 0  # over all passes
+        self.skipped_files: list[str] = []  # distinct names, first seen first
+
+    def __iter__(self) -> Iterator[dict]:
+        iterator = super().__iter__()
+        skipped = 0
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            except MdistillerError as exc:
+                raise MdistillerError(_last_line(exc)) from None
+            count = batch.pop(SKIPPED_COUNT, None)
+            names = batch.pop(SKIPPED_FILES, None)
+            if count is not None and int(count.sum()):
+                skipped += int(count.sum())
+                for joined in names:
+                    for name in filter(None, joined.split("\n")):
+                        if name not in self.skipped_files:
+                            self.skipped_files.append(name)
+            yield batch
+        if skipped:
+            self.skipped_images += skipped
+            split = os.path.basename(os.path.normpath(getattr(self.dataset, "root", ""))) or "data"
+            tqdm.write(
+                f"[mdistiller] DATASET.SKIP_BAD_IMAGES: skipped {skipped} unreadable image(s) in this pass over "
+                f"{split} ({len(self.skipped_files)} distinct file(s) so far, e.g. {self.skipped_files[0]})"
+            )
+
+
+class ImageNetFolder(ImageFolder):
+    """torchvision's ImageFolder whose items are dicts `{view key: tensor, "target", "index"}` (mdistiller's batch
+    format), reading images lazily; an unreadable image raises, or with skip_bad_images is replaced by the next
+    readable one of the split and counted."""
+
+    loader_class = ImageFolderLoader
+
+    def __init__(self, folder: str, views: Mapping[str, Callable], skip_bad_images: bool = False):
+        try:
+            super().__init__(folder, loader=_load_rgb)
+        except FileNotFoundError as exc:  # a class folder without any image file
+            raise MdistillerError(f"ImageNet folder {folder}: {exc}") from None
+        self.views = dict(views)
+        self.skip_bad_images = bool(skip_bad_images)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = class_folders(directory)  # same rule as check_layout (hidden folders are not classes)
+        if not classes:
+            raise MdistillerError(f"no class folders in {directory}. Expected layout {LAYOUT}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def __getitem__(self, index: int) -> dict:
+        skipped: list[str] = []
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            path, target = self.samples[i]
+            try:
+                image = self.loader(path)
+            except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError, ...
+                if not self.skip_bad_images:
+                    raise MdistillerError(
+                        f"unreadable image {path} ({type(exc).__name__}: {str(exc)[:100]}); replace or remove it, or "
+                        f"set DATASET.SKIP_BAD_IMAGES True to skip such files"
+                    ) from None
+                skipped.append(path)
+                continue
+            item = {key: transform(image) for key, transform in self.views.items()}
+            item.update({"target": target, "index": i, SKIPPED_COUNT: len(skipped), SKIPPED_FILES: "\n".join(skipped)})
+            return item
+        raise MdistillerError(f"no readable image in {self.root} (all {len(self.samples)} files failed to decode)")
+
+
+def build_imagenet_test_set(cfg) -> ImageNetFolder:
+    """The val split with the test transform."""
+    check_layout(cfg.DATASET.ROOT)
+    size = image_size_of(cfg)
+    return ImageNetFolder(split_folder(cfg.DATASET.ROOT, "val"),
+                          {"image": imagenet_test_transform(IMAGENET_MEAN, IMAGENET_STD, size)},
+                          cfg.DATASET.SKIP_BAD_IMAGES)
+
+
+def build_imagenet_datasets(cfg, train_views: Mapping[str, str]) -> tuple[ImageNetFolder, ImageNetFolder, int]:
+    """Train set (the distiller's views), val set (test transform) and the class count."""
+    classes = check_layout(cfg.DATASET.ROOT)
+    views = build_imagenet_views(train_views, image_size_of(cfg))
+    train_set = ImageNetFolder(split_folder(cfg.DATASET.ROOT, "train"), views, cfg.DATASET.SKIP_BAD_IMAGES)
+    return train_set, build_imagenet_test_set(cfg), len(classes)
+
+
+DATASET_BUILDERS["imagenet"] = build_imagenet_datasets
+CLASS_COUNTERS["imagenet"] = imagenet_num_classes
+TEST_SET_BUILDERS["imagenet"] = build_imagenet_test_set
