@@ -374,3 +374,22 @@ def test_logit_stand_flag_is_refused_with_the_reason():
 
     with pytest.raises(MdistillerError, match="--logit-stand is not defined for WKD"):
         get_distiller_class("WKD").apply_logit_stand_flags(default_cfg(), 2.0, 9.0)
+
+
+def test_authors_imagenet_wkd_f_config_builds_at_the_data_sets_image_size():
+    """The authors' ImageNet WKD-F YAML leaves WKD.INPUT_SIZE at (32, 32); the projector must follow the image size."""
+    from pathlib import Path
+
+    from mdistiller.distillers import get_distiller_class
+    from mdistiller.engine.build import build_model
+    from mdistiller.engine.cfg import load_cfg
+
+    path = Path(__file__).parent / "data/reference_configs/WKD/configs/imagenet/r34_r18/wkd_f.yaml"
+    cfg = load_cfg(str(path), ["DATASET.IMAGE_SIZE", "64"])  # 64 px keeps the CPU test fast
+    assert tuple(cfg.WKD.INPUT_SIZE) == (32, 32)
+    torch.manual_seed(0)
+    student = build_model("ResNet18", 10, dataset_type="imagenet")
+    teacher = build_model("ResNet34", 10, dataset_type="imagenet")
+    distiller = get_distiller_class("WKD")(student, teacher, cfg).train()
+    _, losses = distiller(image=torch.randn(2, 3, 64, 64), target=torch.tensor([1, 2]), epoch=1)
+    assert all(torch.isfinite(v) for v in losses.values()) and "loss_wkd_feat" in losses

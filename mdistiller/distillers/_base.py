@@ -94,6 +94,19 @@ class Distiller(nn.Module):
                 yield name, module
 
 
+CIFAR_INPUT_SIZE = (32, 32)
+
+
+def probe_input_size(cfg, configured) -> tuple[int, int]:
+    """The input size of a dry forward that reads feature shapes: the method's INPUT_SIZE key when set to something
+    other than its CIFAR default, else the data set's own (DATASET.IMAGE_SIZE on ImageNet). The authors' ImageNet
+    WKD-F configs leave WKD.INPUT_SIZE at its default."""
+    configured = tuple(int(v) for v in configured)
+    if configured != CIFAR_INPUT_SIZE or cfg.DATASET.TYPE != "imagenet":
+        return configured
+    return (int(cfg.DATASET.IMAGE_SIZE), int(cfg.DATASET.IMAGE_SIZE))
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Batch-mean cross-entropy in fp32."""
     return F.cross_entropy(logits.float(), target)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from ..engine.errors import MdistillerError
-from ._base import Distiller, cross_entropy
+from ._base import Distiller, cross_entropy, probe_input_size
 from .kd import kd_loss
 from .registry import register_distiller
 
@@ -115,8 +115,9 @@ class VKD(Distiller):
         self.temperature = vkd.T
         self.student_feature = get_vkd_feature(vkd.STUDENT_FEATURE)
         self.teacher_feature = get_vkd_feature(vkd.TEACHER_FEATURE)
+        probe_size = probe_input_size(cfg, vkd.INPUT_SIZE)
         student_dim, teacher_dim = feature_dims(
-            student, teacher, self.student_feature, self.teacher_feature, vkd.INPUT_SIZE
+            student, teacher, self.student_feature, self.teacher_feature, probe_size
         )
         if vkd.ORTHOGONAL_MAP == "householder" and cfg.SOLVER.WEIGHT_DECAY > 0:
             raise MdistillerError(

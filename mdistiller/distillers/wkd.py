@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.errors import MdistillerError
-from ._base import Distiller, cross_entropy
+from ._base import Distiller, cross_entropy, probe_input_size
 from .ot import (
     cosine_decay_weight,
     fc_cost_matrix,
@@ -209,7 +209,7 @@ class WKD(Distiller):
             self.eps = wkd.EPS
             self.hint_layer = wkd.HINT_LAYER
             self.spatial_grid = wkd.SPATIAL_GRID
-            s_shapes, t_shapes = feature_shapes(student, teacher, wkd.INPUT_SIZE)
+            s_shapes, t_shapes = feature_shapes(student, teacher, probe_input_size(cfg, wkd.INPUT_SIZE))
             for name, shapes in (("student", s_shapes), ("teacher", t_shapes)):
                 if not -len(shapes) <= self.hint_layer < len(shapes):
                     raise MdistillerError(
