@@ -5,11 +5,12 @@ Parameter names match the published CIFAR-100 checkpoints of mdistiller / RepDis
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..common import fan_out_normal_init
 
 __all__ = ["InvertedResidual", "MobileNetV2", "mobilenetv2_T_w", "mobile_half"]
 
@@ -87,21 +88,8 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, feature_dim))
         self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
         self.stage_channels = [int(c * width_mult) for c in (24, 32, 96, 320)]
-        self._initialize_weights()
+        fan_out_normal_init(self)
 
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
 
     def get_bn_before_relu(self) -> list[nn.Module]:
         """The final (linear-bottleneck) BN of the blocks whose outputs are ``feats[1:]``."""

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import ZooModel, kaiming_init
+
 __all__ = [
     "BasicBlock",
     "Bottleneck",
@@ -93,7 +95,7 @@ class Stage(nn.Sequential):
         return x, preact
 
 
-class ResNet(nn.Module):
+class ResNet(ZooModel):
     """CIFAR ResNet with three stages at 32x32, 16x16 and 8x8 resolution.
 
     Args:
@@ -130,12 +132,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(num_filters[3] * block.expansion, num_classes)
         self.stage_channels = [c * block.expansion for c in num_filters[1:]]
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        kaiming_init(self)
 
     def _make_layer(self, block: Block, planes: int, blocks: int, stride: int = 1) -> Stage:
         downsample = None
@@ -157,10 +154,6 @@ class ResNet(nn.Module):
         """The BN layer right before the final ReLU of each stage."""
         last = [layer[-1] for layer in (self.layer1, self.layer2, self.layer3)]
         return [b.bn3 if isinstance(b, Bottleneck) else b.bn2 for b in last]
-
-    def get_stage_channels(self) -> list[int]:
-        """Channels of ``feats[1:]`` (the stage outputs)."""
-        return list(self.stage_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = self.relu(self.bn1(self.conv1(x)))  # 32x32

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import ZooModel, kaiming_init
 from .resnet import Stage
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152"]
@@ -70,7 +71,7 @@ class Bottleneck(nn.Module):
 Block = Union[type[BasicBlock], type[Bottleneck]]
 
 
-class ResNet(nn.Module):
+class ResNet(ZooModel):
     """Four-stage ResNet (64/128/256/512 base widths) for 32x32 inputs."""
 
     def __init__(
@@ -88,12 +89,7 @@ class ResNet(nn.Module):
         self.linear = nn.Linear(512 * block.expansion, num_classes)
         self.stage_channels = [c * block.expansion for c in (64, 128, 256, 512)]
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        kaiming_init(self)
         if zero_init_residual:  # each residual branch starts as zero (Goyal et al. 2017)
             for bn in self._last_bns(self.modules()):
                 nn.init.constant_(bn.weight, 0)
@@ -118,10 +114,6 @@ class ResNet(nn.Module):
     def get_bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """The BN layer right before the final ReLU of each stage."""
         return self._last_bns(layer[-1] for layer in (self.layer1, self.layer2, self.layer3, self.layer4))
-
-    def get_stage_channels(self) -> list[int]:
-        """Channels of ``feats[1:]`` (the stage outputs)."""
-        return list(self.stage_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = F.relu(self.bn1(self.conv1(x)))

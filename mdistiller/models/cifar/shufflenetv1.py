@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import ZooModel
 from .resnet import Stage
 
 __all__ = ["Bottleneck", "ShuffleBlock", "ShuffleNet", "ShuffleV1", "channel_shuffle"]
@@ -66,7 +67,7 @@ class Bottleneck(nn.Module):
         return F.relu(preact), preact
 
 
-class ShuffleNet(nn.Module):
+class ShuffleNet(ZooModel):
     """ShuffleNet V1 for 32x32 inputs; ``cfg`` holds ``out_planes``, ``num_blocks`` and ``groups``."""
 
     def __init__(self, cfg: dict[str, Any], num_classes: int = 100) -> None:
@@ -99,10 +100,6 @@ class ShuffleNet(nn.Module):
     def get_bn_before_relu(self) -> list[nn.Module]:
         """Not available: a stage's pre-activation is a concatenation / sum, not a single BN output."""
         raise NotImplementedError('ShuffleNet currently is not supported for "Overhaul" teacher')
-
-    def get_stage_channels(self) -> list[int]:
-        """Channels of ``feats[1:]`` (the stage outputs)."""
-        return list(self.stage_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = F.relu(self.bn1(self.conv1(x)))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import ZooModel
 from .resnet import Stage
 from .shufflenetv1 import ShuffleBlock
 
@@ -96,7 +97,7 @@ class DownBlock(nn.Module):
         return self.shuffle(F.relu(preact)), preact
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(ZooModel):
     """ShuffleNet V2 for 32x32 inputs; ``net_size`` selects a row of :data:`configs`."""
 
     def __init__(self, net_size: float, num_classes: int = 100) -> None:
@@ -127,10 +128,6 @@ class ShuffleNetV2(nn.Module):
     def get_bn_before_relu(self) -> list[nn.Module]:
         """Not available: a stage's pre-activation is a concatenation, not a single BN output."""
         raise NotImplementedError('ShuffleNetV2 currently is not supported for "Overhaul" teacher')
-
-    def get_stage_channels(self) -> list[int]:
-        """Channels of ``feats[1:]`` (the stage outputs)."""
-        return list(self.stage_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = F.relu(self.bn1(self.conv1(x)))

@@ -6,12 +6,13 @@ Parameter names match the published CIFAR-100 checkpoints of mdistiller / RepDis
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..common import fan_out_normal_init
 
 __all__ = ["VGG", "cfg", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
 
@@ -54,21 +55,8 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
         self.stage_channels = [block[-1] for block in cfg[1:]]
-        self._initialize_weights()
+        fan_out_normal_init(self)
 
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
 
     def get_feat_modules(self) -> nn.ModuleList:
         """Modules producing the intermediate features, in order."""

@@ -5,12 +5,13 @@ Pre-activation blocks; parameter names match the published CIFAR-100 checkpoints
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..common import ZooModel, fan_out_normal_init
 
 __all__ = ["BasicBlock", "NetworkBlock", "WideResNet", "wrn", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
 
@@ -78,7 +79,7 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(ZooModel):
     """WRN-depth-k for 32x32 inputs (depth = 6n + 4)."""
 
     def __init__(self, depth: int, num_classes: int = 100, widen_factor: int = 1, drop_rate: float = 0.0) -> None:
@@ -97,15 +98,7 @@ class WideResNet(nn.Module):
         self.nChannels = channels[3]
         self.stage_channels = channels[1:]
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        fan_out_normal_init(self, linear_std=None)
 
     def get_feat_modules(self) -> nn.ModuleList:
         """Modules producing the intermediate features, in order."""
@@ -114,10 +107,6 @@ class WideResNet(nn.Module):
     def get_bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """The BN applied (before a ReLU) to each stage output: next stage's first BN, then the final BN."""
         return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
-
-    def get_stage_channels(self) -> list[int]:
-        """Channels of ``feats[1:]`` (the stage outputs)."""
-        return list(self.stage_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = self.conv1(x)

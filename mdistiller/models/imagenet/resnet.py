@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import ZooModel, kaiming_init
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152"]
 
 
@@ -91,7 +93,7 @@ class Stage(nn.Sequential):
         return x, preact
 
 
-class ResNet(nn.Module):
+class ResNet(ZooModel):
     """torchvision's ImageNet ResNet (7x7 stem, max-pool, four stages, global average pool, `fc`)."""
 
     def __init__(self, block: Block, layers: list[int], num_classes: int = 1000,
@@ -109,12 +111,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         self.stage_channels = [c * block.expansion for c in (64, 128, 256, 512)]
 
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        kaiming_init(self)
         if zero_init_residual:  # each residual branch starts as zero (Goyal et al. 2017)
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
@@ -130,10 +127,6 @@ class ResNet(nn.Module):
     def get_bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """The BN right before the final ReLU of each stage (its last block's last BN)."""
         return [layer[-1].last_bn for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
-
-    def get_stage_channels(self) -> list[int]:
-        """Channels of ``feats[1:]`` (the stage outputs)."""
-        return list(self.stage_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         stem_pre = self.bn1(self.conv1(x))

@@ -1,0 +1,45 @@
+"""What every zoo model shares: the reference initialisations and the stage-channel accessor."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+class ZooModel(nn.Module):
+    """A zoo model: `forward -> (logits, feats)`; `stage_channels` lists the channels of `feats[1:]`."""
+
+    stage_channels: list[int]
+
+    def get_stage_channels(self) -> list[int]:
+        """Channels of ``feats[1:]`` (the stage outputs)."""
+        return list(self.stage_channels)
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """torchvision's ResNet initialisation: kaiming-normal (fan_out) convolutions, norms at weight 1 and bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def fan_out_normal_init(model: nn.Module, linear_std: float | None = 0.01) -> None:
+    """The VGG / MobileNetV2 / WRN initialisation: convolutions N(0, 2 / fan_out), BN at 1 and 0, linear biases 0 and
+    linear weights N(0, linear_std) (left at PyTorch's default when linear_std is None, as WRN does)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
