@@ -14,21 +14,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout too
 
 from mdistiller.dataset import eval_loader, get_test_set, num_classes_of  # noqa: E402
-from mdistiller.engine.build import (  # noqa: E402
-    build_model,
-    imagenet_teacher_path,
-    is_imagenet,
-    model_builder,
-    resolve_checkpoint_path,
-    zoo_name,
-)
-from mdistiller.engine.cfg import default_cfg  # noqa: E402
-from mdistiller.engine.checkpoint import load_model_weights  # noqa: E402
+from mdistiller.engine.build import load_zoo_model  # noqa: E402
+from mdistiller.engine.cfg import data_cfg  # noqa: E402
 from mdistiller.engine.cli import run_cli  # noqa: E402
 from mdistiller.engine.errors import MdistillerError  # noqa: E402
 from mdistiller.engine.run import default_device  # noqa: E402
 from mdistiller.engine.trainer import evaluate  # noqa: E402
-from mdistiller.models import cifar_model_dict  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,23 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.batch_size <= 0:
         raise MdistillerError(f"--batch-size must be positive, got {args.batch_size}")
-    cfg = default_cfg()
-    cfg.DATASET.TYPE = args.dataset
-    if args.data_root:
-        cfg.DATASET.ROOT = args.data_root
-    cfg.DATASET.IMAGE_SIZE = args.image_size
+    cfg = data_cfg(args.dataset, args.data_root, args.image_size)
     num_classes = num_classes_of(cfg)
-    model_builder(args.model, args.dataset)
-    ckpt = args.ckpt
-    if ckpt == "pretrain" and is_imagenet(args.dataset):
-        ckpt = imagenet_teacher_path(zoo_name(args.model, args.dataset))
-    elif ckpt == "pretrain":
-        zoo_path = cifar_model_dict[args.model][1]
-        if zoo_path is None:
-            raise MdistillerError(f"the zoo has no published checkpoint for {args.model}; pass -c <file>")
-        ckpt = resolve_checkpoint_path(zoo_path)
-    model = build_model(args.model, num_classes, args.dataset, args.image_size)
-    load_model_weights(model, ckpt, args.model, num_classes)
+    model, ckpt = load_zoo_model(args.model, args.ckpt, num_classes, args.dataset, args.image_size)
     loader = eval_loader(get_test_set(cfg), args.batch_size, args.num_workers)
     device = default_device()
     result = evaluate(model.to(device), loader, device)

@@ -39,38 +39,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _model(name: str, ckpt: str, num_classes: int, what: str):
-    from mdistiller.engine.build import build_model, model_builder, resolve_checkpoint_path
-    from mdistiller.engine.checkpoint import load_model_weights
-    from mdistiller.models import cifar_model_dict
-
-    model_builder(name)
-    if ckpt == "pretrain":
-        zoo_path = cifar_model_dict[name][1]
-        if zoo_path is None:
-            raise MdistillerError(f"the zoo has no published checkpoint for {name}; pass a checkpoint file")
-        ckpt = resolve_checkpoint_path(zoo_path)
-    model = build_model(name, num_classes)
-    load_model_weights(model, ckpt, name, num_classes, what)
-    return model
-
-
 def logit_stats(args: argparse.Namespace) -> list[str]:
     from mdistiller.dataset import eval_loader, get_test_set, num_classes_of
-    from mdistiller.engine.cfg import default_cfg
+    from mdistiller.engine.build import load_zoo_model
+    from mdistiller.engine.cfg import data_cfg
     from mdistiller.engine.plots import collect_logits, plot_logit_stats, require_matplotlib
     from mdistiller.engine.run import default_device
 
     require_matplotlib()  # before the models and data are loaded
     if args.batch_size <= 0:
         raise MdistillerError(f"--batch-size must be positive, got {args.batch_size}")
-    cfg = default_cfg()
-    cfg.DATASET.TYPE = args.dataset
-    if args.data_root:
-        cfg.DATASET.ROOT = args.data_root
+    cfg = data_cfg(args.dataset, args.data_root)
     num_classes = num_classes_of(cfg)
-    teacher = _model(args.teacher, args.teacher_ckpt, num_classes, "teacher checkpoint")
-    student = _model(args.student, args.student_ckpt, num_classes, "student checkpoint")
+    teacher, _ = load_zoo_model(args.teacher, args.teacher_ckpt, num_classes, args.dataset, what="teacher checkpoint")
+    student, _ = load_zoo_model(args.student, args.student_ckpt, num_classes, args.dataset, what="student checkpoint")
     loader = eval_loader(get_test_set(cfg), args.batch_size, args.num_workers)
     device = default_device()
     teacher_logits, _ = collect_logits(teacher, loader, device)

@@ -113,6 +113,27 @@ def imagenet_teacher_path(name: str) -> str:
     return found
 
 
+def pretrained_checkpoint_path(name: str, dataset_type: str | None = None) -> str:
+    """The zoo's published weights for `name` (what `-c pretrain` means in the tools)."""
+    if is_imagenet(dataset_type):
+        return imagenet_teacher_path(zoo_name(name, dataset_type))
+    model_builder(name, dataset_type)
+    zoo_path = cifar_model_dict[name][1]
+    if zoo_path is None:
+        raise MdistillerError(f"the zoo has no published checkpoint for {name}; pass a checkpoint file with -c")
+    return resolve_checkpoint_path(zoo_path)
+
+
+def load_zoo_model(name: str, ckpt: str, num_classes: int, dataset_type: str | None = None, image_size: int = 224,
+                   what: str = "checkpoint") -> tuple[nn.Module, str]:
+    """A zoo model holding the weights of `ckpt` (a file, or "pretrain": the published ones), and that path."""
+    model_builder(name, dataset_type)
+    path = pretrained_checkpoint_path(name, dataset_type) if ckpt == "pretrain" else ckpt
+    model = build_model(name, num_classes, dataset_type, image_size)
+    load_model_weights(model, path, name, num_classes, what)
+    return model, path
+
+
 def build_teacher(cfg, num_classes: int) -> nn.Module:
     """The teacher with its checkpoint loaded, in eval mode."""
     teacher = build_model(cfg.DISTILLER.TEACHER, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE)

@@ -350,6 +350,17 @@ def validate_cfg(cfg: CN) -> None:
         raise MdistillerError(f"SOLVER.TYPE {cfg.SOLVER.TYPE!r} is not supported; use one of {', '.join(OPTIMIZERS)}")
 
 
+def data_cfg(dataset_type: str, data_root: str | None = None, image_size: int | None = None) -> CN:
+    """The defaults pointed at a data set (for tools that evaluate a checkpoint without a run config)."""
+    cfg = default_cfg()
+    cfg.DATASET.TYPE = dataset_type
+    if data_root:
+        cfg.DATASET.ROOT = data_root
+    if image_size:
+        cfg.DATASET.IMAGE_SIZE = image_size
+    return cfg
+
+
 def load_cfg(path: str, opts: Iterable[str] = ()) -> CN:
     """Defaults <- YAML file <- `KEY VALUE` overrides; returns a mutable (unfrozen) config."""
     cfg = default_cfg()
