@@ -18,6 +18,7 @@ from torch import nn
 
 from ..engine.errors import MdistillerError
 from .logit_stand import standardize_logits
+from .precision import fp32_loss
 
 
 class Distiller(nn.Module):
@@ -69,10 +70,16 @@ class Distiller(nn.Module):
             return standardize_logits(student_logits), standardize_logits(teacher_logits)
         return student_logits, teacher_logits
 
-    @torch.no_grad()
     def teacher_forward(self, image: torch.Tensor):
-        """Teacher (logits, feats) without building a graph."""
-        return self.teacher(image)
+        """Teacher (logits, feats) without building a graph: under `inference_mode`, the outputs then cloned into
+        ordinary tensors (a loss may save them for its backward, which inference tensors forbid). Inside
+        torch.compile, under `no_grad` (the compiled graph has no autograd bookkeeping to skip)."""
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return self.teacher(image)
+        with torch.inference_mode():
+            outputs = self.teacher(image)
+        return _clone_tensors(outputs)
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         """(student logits, {loss name: scalar tensor}); the trainer sums the losses."""
@@ -94,6 +101,16 @@ class Distiller(nn.Module):
                 yield name, module
 
 
+def _clone_tensors(value):
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone_tensors(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
 CIFAR_INPUT_SIZE = (32, 32)
 
 
@@ -107,6 +124,7 @@ def probe_input_size(cfg, configured) -> tuple[int, int]:
     return (int(cfg.DATASET.IMAGE_SIZE), int(cfg.DATASET.IMAGE_SIZE))
 
 
+@fp32_loss
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Batch-mean cross-entropy in fp32."""
     return F.cross_entropy(logits.float(), target)

@@ -24,6 +24,7 @@ from ..engine.errors import MdistillerError
 from ._base import Distiller, cross_entropy
 from .dkd import dkd_loss
 from .kd import kd_loss
+from .precision import fp32_loss
 from .registry import register_distiller
 
 
@@ -58,6 +59,7 @@ def temperature_from(raw: torch.Tensor, t_start: float, t_end: float) -> torch.T
     return t_start + t_end * torch.sigmoid(raw)
 
 
+@fp32_loss
 def per_sample_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatures: torch.Tensor):
     """`mean_i tau_i^2 * KL(softmax(z_t,i / tau_i) || softmax(z_s,i / tau_i))`, temperatures (B,) (fp32)."""
     tau = temperatures.float().reshape(-1, 1)

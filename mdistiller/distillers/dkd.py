@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ._base import Distiller, cross_entropy
+from .precision import fp32_loss
 from .registry import register_distiller
 
 # The reference masks the target class out of the non-target softmax by subtracting this from its scaled logit.
@@ -17,6 +18,7 @@ def _target_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logits).scatter_(1, target.view(-1, 1), 1.0)
 
 
+@fp32_loss
 def dkd_terms(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from ._base import Distiller, cross_entropy
+from .precision import fp32_loss
 from .registry import register_distiller
 
 
+@fp32_loss
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """`T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`, summed over classes, averaged over the batch (fp32)."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)

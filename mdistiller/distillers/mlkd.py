@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..engine.errors import MdistillerError
 from ._base import Distiller, cross_entropy
 from .kd import kd_loss
+from .precision import fp32_loss
 from .registry import register_distiller
 
 EXTRA_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)
@@ -82,6 +83,7 @@ def _masked(rows: torch.Tensor, mask: torch.Tensor, per_sample: bool) -> torch.T
     return (rows.sum() * mask).mean()
 
 
+@fp32_loss
 def mlkd_losses(
     student_weak: torch.Tensor,
     teacher_weak: torch.Tensor,

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .precision import fp32_loss
+
 # The reference's additive guard in the Sinkhorn denominators and on the cost (`relu(M) + 1e-8`).
 SINKHORN_GUARD = 1e-8
 
@@ -155,6 +157,7 @@ def wkd_nontarget_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return _shared_kernel_cost(p_s, p_t, u, cost.float(), lam, iters).mean()
 
 
+@fp32_loss
 def wkd_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
                    cost: torch.Tensor, temperature: float, lam: float, iters: int,
                    log_domain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +218,7 @@ def gaussian_wasserstein_terms(student_feat: torch.Tensor, teacher_feat: torch.T
     return mean_term, std_term
 
 
+@fp32_loss
 def gaussian_wasserstein_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, mean_cov_ratio: float,
                               eps: float = 1e-5, grid: int = 1) -> torch.Tensor:
     """WKD-F: `MEAN_COV_RATIO * ||mu_s - mu_t||^2 + ||sigma_s - sigma_t||^2` (squared W2 between diagonal
@@ -223,6 +227,7 @@ def gaussian_wasserstein_loss(student_feat: torch.Tensor, teacher_feat: torch.Te
     return mean_cov_ratio * mean_term + std_term
 
 
+@fp32_loss
 def linear_cka_distance(class_feats: torch.Tensor, progress: bool = False) -> torch.Tensor:
     """`1 - linear CKA` between the per-class feature matrices of a C x n x d tensor -> C x C (symmetric, zero
     diagonal). Each class's rows are centred; CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), rows of

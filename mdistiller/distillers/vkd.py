@@ -27,6 +27,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from ..engine.errors import MdistillerError
 from ._base import Distiller, cross_entropy, probe_input_size
 from .kd import kd_loss
+from .precision import fp32_loss
 from .registry import register_distiller
 
 FeatureFn = Callable[[dict], torch.Tensor]
@@ -76,6 +77,7 @@ def orthogonal_projection(student_dim: int, teacher_dim: int, orthogonal_map: st
     return orthogonal(nn.Linear(student_dim, teacher_dim, bias=False), orthogonal_map=orthogonal_map)
 
 
+@fp32_loss
 def vkd_feature_loss(projected_student: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
     """`smooth_l1(P f_s, layer_norm(f_t))`: LN per sample over the feature dimension, no affine; mean over B x D."""
     teacher = F.layer_norm(teacher_feat.float(), (teacher_feat.shape[-1],))

@@ -63,6 +63,13 @@ CFG.SOLVER.WEIGHT_DECAY = 0.0001
 CFG.SOLVER.MOMENTUM = 0.9
 CFG.SOLVER.NAN_POLICY = "stop"  # ours: "stop" | "skip" a step whose loss is not finite
 CFG.SOLVER.TYPE = "SGD"
+# ours: linear per-step warm-up of the LR over the first N epochs (0: none, mdistiller's recipe); large-batch mode
+CFG.SOLVER.LR_WARMUP_EPOCHS = 0.0
+# ours, speed switches (off = the published fp32 recipe; see README "Speed"): bf16 autocast with losses in fp32,
+# channels_last tensors, and torch.compile of the distiller's forward ("" off, or a torch.compile mode)
+CFG.SOLVER.AMP = False
+CFG.SOLVER.CHANNELS_LAST = False
+CFG.SOLVER.COMPILE = ""
 CFG.SOLVER.DOT = CN()
 CFG.SOLVER.DOT.DELTA = 0.075
 # AdamW (SOLVER.TYPE "AdamW", built by mdistiller.engine.optim.build_optimizer): the DeiT / VkD recipe.
@@ -344,7 +351,14 @@ def validate_cfg(cfg: CN) -> None:
         raise MdistillerError(f"DATASET.NUM_WORKERS must be >= 0, got {cfg.DATASET.NUM_WORKERS}")
     if cfg.LOG.SAVE_CHECKPOINT_FREQ <= 0:
         raise MdistillerError(f"LOG.SAVE_CHECKPOINT_FREQ must be positive, got {cfg.LOG.SAVE_CHECKPOINT_FREQ}")
+    if cfg.SOLVER.LR_WARMUP_EPOCHS < 0:
+        raise MdistillerError(f"SOLVER.LR_WARMUP_EPOCHS must be >= 0, got {cfg.SOLVER.LR_WARMUP_EPOCHS}")
+    from .accel import COMPILE_MODES
     from .optim import OPTIMIZERS
+
+    if cfg.SOLVER.COMPILE not in COMPILE_MODES:
+        modes = ", ".join(repr(m) for m in COMPILE_MODES)
+        raise MdistillerError(f"SOLVER.COMPILE {cfg.SOLVER.COMPILE!r} is not a torch.compile mode; use one of {modes}")
 
     if cfg.SOLVER.TYPE not in OPTIMIZERS:
         raise MdistillerError(f"SOLVER.TYPE {cfg.SOLVER.TYPE!r} is not supported; use one of {', '.join(OPTIMIZERS)}")

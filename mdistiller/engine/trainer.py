@@ -26,6 +26,7 @@ from tensorboardX import SummaryWriter
 from torch import nn
 from tqdm import tqdm
 
+from . import accel
 from .cfg import cfg_to_dict
 from .checkpoint import atomic_write_text, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from .errors import MdistillerError
@@ -58,18 +59,28 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted by {self.signal_name} at {where}; {checkpoint} holds that state")
 
 
-def learning_rate(cfg, epoch: int) -> float:
-    """mdistiller's step schedule: epochs are 1-based; LR x RATE after each stage the epoch is strictly past."""
+def learning_rate(cfg, epoch: int, epoch_fraction: float = 1.0) -> float:
+    """mdistiller's step schedule: epochs are 1-based; LR x RATE after each stage the epoch is strictly past.
+
+    With SOLVER.LR_WARMUP_EPOCHS W > 0 the LR is also scaled by `min(1, done / W)`, `done` = the epochs completed
+    after the current step (`epoch - 1 + epoch_fraction`): a per-step linear ramp (Goyal et al., 2017).
+    """
     steps = int(np.sum(epoch > np.asarray(cfg.SOLVER.LR_DECAY_STAGES)))
-    return cfg.SOLVER.LR * cfg.SOLVER.LR_DECAY_RATE**steps
+    lr = cfg.SOLVER.LR * cfg.SOLVER.LR_DECAY_RATE**steps
+    warmup = cfg.SOLVER.LR_WARMUP_EPOCHS
+    if warmup > 0:
+        lr *= min(1.0, (epoch - 1 + epoch_fraction) / warmup)
+    return lr
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def in_warmup(cfg, epoch: int) -> bool:
+    """Whether the LR of `epoch` changes step by step (it lies in SOLVER.LR_WARMUP_EPOCHS)."""
+    return epoch - 1 < cfg.SOLVER.LR_WARMUP_EPOCHS
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str = "eval") -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str = "eval",
+             fmt: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """Top-1, top-5 (percent) and mean cross-entropy of `model(image) -> logits` (or (logits, feats)) on a loader."""
     was_training = model.training
     model.eval()
@@ -78,7 +89,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str
     loss_sum = torch.zeros((), device=device)
     count = 0
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        batch = _to_device(batch, device)
+        batch = accel.batch_to_device(batch, device, fmt)
         out = model(image=batch["image"]) if hasattr(model, "forward_test") else model(batch["image"])
         logits = out[0] if isinstance(out, tuple) else out
         target = batch["target"]
@@ -179,7 +190,9 @@ class Trainer:
         self.run_dir = run_dir
         self.cfg = cfg
         self.device = device
-        self.distiller = distiller.to(device)
+        self.distiller = accel.prepare_module(distiller.to(device), cfg)
+        self.memory_format = accel.memory_format(cfg)
+        self.forward = accel.compiled(self.distiller, cfg)  # the training forward; the same module when not compiled
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.optimizer = build_optimizer(cfg, self.distiller)
@@ -379,6 +392,29 @@ class Trainer:
             f"without saving: {kept}. Lower SOLVER.LR, check the loss weights, or set SOLVER.NAN_POLICY skip"
         )
 
+    def forward_step(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The distiller's training forward on a device batch, under the run's precision: (logits, loss terms)."""
+        with accel.autocast(self.cfg, self.device):
+            return self.forward(**batch, epoch=epoch)
+
+    def update(self, losses: dict[str, torch.Tensor]) -> None:
+        """Backward of the summed loss terms and one optimizer step (no host sync)."""
+        loss = sum(term.mean() for term in losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def train_step(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step on a host or device batch; returns device tensors only, never syncs the host."""
+        batch = accel.batch_to_device(batch, self.device, self.memory_format)
+        logits, losses = self.forward_step(batch, epoch)
+        self.update(losses)
+        return logits, losses
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set (or the rest of it after a mid-epoch resume); mean loss terms, train top-1."""
         self.distiller.train()
@@ -404,10 +440,13 @@ class Trainer:
                 set_rng_state(partial["rng"])  # the RNG exactly as it was after that step
         progress = tqdm(iterator, desc=f"epoch {epoch}", initial=step, total=steps_total, leave=False,
                         dynamic_ncols=True, disable=None)
+        warming_up = in_warmup(self.cfg, epoch) and steps_total
         for batch in progress:
             step += 1
-            batch = _to_device(batch, self.device)
-            logits, losses = self.distiller(**batch, epoch=epoch)
+            if warming_up:
+                self.set_lr(learning_rate(self.cfg, epoch, step / steps_total))
+            batch = accel.batch_to_device(batch, self.device, self.memory_format)
+            logits, losses = self.forward_step(batch, epoch)
             bad = watch.update(step, losses)
             if self.nan_policy == "skip" and bool(bad):  # one host sync per step, as torch.amp.GradScaler makes
                 values = dict(zip(losses, torch.stack([t.detach().float().mean() for t in losses.values()]).tolist()))
@@ -415,10 +454,7 @@ class Trainer:
             else:
                 if self.nan_policy == "stop" and step % sync_every == 0:
                     self._raise_if_non_finite(epoch, watch, steps_total)
-                loss = sum(term.mean() for term in losses.values())
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                self.update(losses)
                 stats.add(losses, logits, batch["target"])
             if step % PROGRESS_EVERY == 0 and stats.loss_sums:
                 progress.set_postfix(loss=f"{sum(stats.loss_sums.values()).item() / max(stats.steps, 1):.4f}")
@@ -470,15 +506,15 @@ class Trainer:
             self.log(f"nothing to do: {self._path('latest')} already finished epoch {epochs}")
         for epoch in range(self.start_epoch, epochs + 1):
             lr = learning_rate(self.cfg, epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            self.set_lr(lr)
             started = time.time()
             train_metrics = self.train_epoch(epoch)
             epoch_seconds = time.time() - started
             # evaluation must not move the training RNG (its DataLoader draws a worker seed from the global one):
             # then how often or how the test set is evaluated never changes what is trained
             with torch.random.fork_rng(devices=[]):
-                test = evaluate(self.distiller, self.val_loader, self.device, desc=f"test {epoch}")
+                test = evaluate(self.distiller, self.val_loader, self.device, desc=f"test {epoch}",
+                                fmt=self.memory_format)
             self.last_acc = test["top1"]
             is_best = test["top1"] > self.best_acc
             self.best_acc = max(self.best_acc, test["top1"])

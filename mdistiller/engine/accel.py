@@ -1,0 +1,73 @@
+"""The speed switches of a run (SOLVER.AMP, SOLVER.CHANNELS_LAST, SOLVER.COMPILE), in one place for the trainer,
+tools/bench.py and the tests. Off, each is the identity: the published fp32 recipe.
+
+- AMP: the distiller's forward (student and teacher) under bf16 autocast; every pure loss is marked `fp32_loss`
+  (mdistiller.distillers.precision), so losses are computed in fp32 from the bf16 outputs. bf16 has fp32's exponent
+  range: no loss scaling is needed.
+- CHANNELS_LAST: parameters and 4-d input batches in NHWC, the layout cuDNN's tensor-core kernels want.
+- COMPILE: `torch.compile(distiller, mode=...)` for the training forward (backward follows through AOTAutograd);
+  "reduce-overhead" adds CUDA graphs. The optimizer step, the LR schedule and the checkpoints stay eager, on the
+  original module, so state dicts keep their names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+AMP_DTYPE = torch.bfloat16
+
+
+def autocast(cfg, device: torch.device) -> ContextManager:
+    """bf16 autocast on `device` when SOLVER.AMP is on, else a no-op context."""
+    if not cfg.SOLVER.AMP:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPE)
+
+
+def memory_format(cfg) -> torch.memory_format:
+    """channels_last under SOLVER.CHANNELS_LAST, else contiguous (NCHW)."""
+    return torch.channels_last if cfg.SOLVER.CHANNELS_LAST else torch.contiguous_format
+
+
+def prepare_module(module: nn.Module, cfg) -> nn.Module:
+    """Move 4-d parameters and buffers to the run's memory format (in place; a no-op for NCHW)."""
+    if cfg.SOLVER.CHANNELS_LAST:
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def batch_to_device(batch: dict, device: torch.device, fmt: torch.memory_format = torch.contiguous_format) -> dict:
+    """Tensors of a batch dict on `device` (non-blocking from pinned memory); 4-d ones in memory format `fmt`."""
+    moved = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+            if value.dim() == 4 and fmt is not torch.contiguous_format:
+                value = value.contiguous(memory_format=fmt)
+        moved[key] = value
+    return moved
+
+
+def compiled(module: nn.Module, cfg) -> Callable:
+    """`module` itself, or its torch.compile wrapper (sharing its parameters) under SOLVER.COMPILE."""
+    mode = cfg.SOLVER.COMPILE
+    if not mode:
+        return module
+    return torch.compile(module, mode=mode)
+
+
+def describe(cfg) -> str:
+    """The switches that are on, for the log ("fp32" when none)."""
+    parts = []
+    if cfg.SOLVER.AMP:
+        parts.append("bf16 autocast")
+    if cfg.SOLVER.CHANNELS_LAST:
+        parts.append("channels_last")
+    if cfg.SOLVER.COMPILE:
+        parts.append(f"torch.compile({cfg.SOLVER.COMPILE})")
+    return ", ".join(parts) or "fp32"
