@@ -5,6 +5,9 @@
 
 SIGTERM or Ctrl-C stops after the current step, saves `latest` there, prints the command that continues the run and
 exits with 143 (SIGTERM) or 130 (SIGINT).
+
+Multi-GPU: `torchrun --nproc_per_node N tools/train.py --cfg ...` (no extra flag) trains with DistributedDataParallel;
+SOLVER.BATCH_SIZE is then the global batch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout too
 
+from mdistiller.engine import distributed  # noqa: E402
 from mdistiller.engine.build import apply_logit_stand_flags  # noqa: E402
 from mdistiller.engine.cfg import load_cfg, validate_cfg  # noqa: E402
 from mdistiller.engine.cli import run_cli  # noqa: E402
@@ -61,22 +65,39 @@ def build_cfg(args: argparse.Namespace):
 def resume_command(argv: list[str]) -> str:
     """The command line that continues this one (`--resume` first: after the KEY VALUE pairs it would be one)."""
     args = [a for a in argv if a != "--resume"]
-    return shlex.join(["python", sys.argv[0] if sys.argv[0].endswith("train.py") else "tools/train.py",
-                       "--resume", *args])
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "tools/train.py"
+    if distributed.world_size() == 1:
+        return shlex.join(["python", script, "--resume", *args])
+    local = os.environ.get("LOCAL_WORLD_SIZE", str(distributed.world_size()))
+    if int(local) == distributed.world_size():
+        return shlex.join(["torchrun", "--nproc_per_node", local, script, "--resume", *args])
+    return "torchrun <the same launch flags on every node> " + shlex.join([script, "--resume", *args])
 
 
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    cfg = build_cfg(args)
     try:
-        if seeds is not None:
-            return train_sweep(cfg, args.opts or [], seeds, resume=args.resume)
-        return train_run(cfg, args.opts or [], resume=args.resume)
-    except TrainingInterrupted as exc:
-        print(f"{exc}; continue with: {resume_command(argv)}", file=sys.stderr, flush=True)
-        raise SystemExit(exc.exit_code) from None
+        return _train(argv)
+    except MdistillerError as exc:
+        if distributed.reported_here(exc):
+            raise
+        raise SystemExit(2) from None  # under torchrun rank 0 prints what every rank found alike
+
+
+def _train(argv: list[str]) -> dict | list[dict]:
+    with distributed.raised_on_every_rank():
+        args = parse_args(argv)
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+        cfg = build_cfg(args)
+    with distributed.process_group():  # a no-op without torchrun's environment
+        try:
+            if seeds is not None:
+                return train_sweep(cfg, args.opts or [], seeds, resume=args.resume)
+            return train_run(cfg, args.opts or [], resume=args.resume)
+        except TrainingInterrupted as exc:
+            if distributed.is_main_process():
+                print(f"{exc}; continue with: {resume_command(argv)}", file=sys.stderr, flush=True)
+            raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

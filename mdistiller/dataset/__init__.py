@@ -9,14 +9,17 @@ tensor per batch key plus "target" and "index".
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import functools
+import random
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 from torchvision import transforms
 
+from ..engine import distributed
 from ..engine.errors import MdistillerError
 from .cifar import CIFAR_FORMATS, ensure_cifar, read_cifar_split
 
@@ -125,19 +128,64 @@ def num_classes_of(cfg) -> int:
 def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
-    import random
-
     random.seed(seed)
 
 
-def _device_resident_loaders(cfg, train_set: ImageArrayDataset, test_set: ImageArrayDataset, device, seed: int):
+def _seed_rank_worker(rank: int, worker_id: int) -> None:
+    """Under torchrun every rank's workers get the same seeds from the shared generator: mix the rank in."""
+    seed = distributed.rank_seed(torch.initial_seed(), rank)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Rank's share of the global batches a one-process shuffled DataLoader draws from the same generator.
+
+    The permutation comes from a RandomSampler on `generator` (the loader's seeded generator, identical on every rank
+    and saved by the trainer for resume), cut into global batches of `batch_size` (the last one partial) exactly as a
+    BatchSampler does: the N-process run trains on the 1-process run's global batches. Rank r takes the r-th of
+    `world_size` contiguous, near-equal slices of each; a last batch smaller than world_size is dropped (it cannot
+    give every rank a sample). No set_epoch: each pass draws the next permutation from the generator, as a
+    one-process loader does, so restoring the generator's state replays an epoch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, generator: torch.Generator):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.generator = generator
+
+    def global_batches(self) -> Iterator[list[int]]:
+        """The global batches of one pass (advances the generator like a one-process loader)."""
+        batch: list[int] = []
+        for index in RandomSampler(range(self.num_samples), generator=self.generator):
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches():
+            if len(batch) >= self.world_size:
+                start, end = distributed.shard_bounds(len(batch), self.rank, self.world_size)
+                yield batch[start:end]
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest >= self.world_size else 0)
+
+
+def _device_resident_loaders(cfg, train_set: ImageArrayDataset, test_set: ImageArrayDataset, device, seed: int,
+                             rank: int, world_size: int):
     from .device_cifar import DeviceCifarLoader
 
     fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
     train = DeviceCifarLoader(train_set.images, train_set.labels.numpy(), cfg.SOLVER.BATCH_SIZE, fmt.mean, fmt.std,
-                              device, train=True, seed=seed)
+                              device, train=True, seed=seed, rank=rank, world_size=world_size)
     test = DeviceCifarLoader(test_set.images, test_set.labels.numpy(), cfg.DATASET.TEST.BATCH_SIZE, fmt.mean,
-                             fmt.std, device, train=False, seed=seed)
+                             fmt.std, device, train=False, seed=seed, rank=rank, world_size=world_size)
     return train, test
 
 
@@ -152,11 +200,17 @@ def uses_device_resident_data(cfg, train_views: Mapping[str, str], device) -> bo
     )
 
 
-def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0, device=None):
+def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0, device=None,
+                rank: int | None = None, world_size: int | None = None):
     """(train_loader, val_loader, num_train, num_classes) for cfg.DATASET, mdistiller's signature.
 
     On CUDA with DATASET.DEVICE_RESIDENT, CIFAR lives on the GPU and is augmented there (see device_cifar.py).
+    Under torchrun (rank and world_size default to the process group's) SOLVER.BATCH_SIZE is the global batch: the
+    training loader yields this rank's share of each global batch (ShardedBatchSampler), the test loader this rank's
+    contiguous share of the test set.
     """
+    rank = distributed.rank() if rank is None else rank
+    world_size = distributed.world_size() if world_size is None else world_size
     if cfg.DATASET.TYPE not in DATASET_BUILDERS:
         known = ", ".join(sorted(DATASET_BUILDERS))
         raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {known}")
@@ -164,30 +218,37 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
     train_views = train_views or {"image": "standard"}
     train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views)
     if uses_device_resident_data(cfg, train_views, device):
-        train_loader, val_loader = _device_resident_loaders(cfg, train_set, test_set, device, seed)
+        train_loader, val_loader = _device_resident_loaders(cfg, train_set, test_set, device, seed, rank, world_size)
         return train_loader, val_loader, len(train_set), num_classes
     workers = cfg.DATASET.NUM_WORKERS
     pin = torch.cuda.is_available()
     generator = torch.Generator()
     generator.manual_seed(seed)
     loader_class = getattr(train_set, "loader_class", DataLoader)  # a data set may bring its DataLoader subclass
+    if world_size == 1:
+        batching = {"batch_size": cfg.SOLVER.BATCH_SIZE, "shuffle": True, "worker_init_fn": _seed_worker}
+    else:
+        sampler = ShardedBatchSampler(len(train_set), cfg.SOLVER.BATCH_SIZE, rank, world_size, generator)
+        batching = {"batch_sampler": sampler, "worker_init_fn": functools.partial(_seed_rank_worker, rank)}
     train_loader = loader_class(
         train_set,
-        batch_size=cfg.SOLVER.BATCH_SIZE,
-        shuffle=True,
         num_workers=workers,
         pin_memory=pin,
-        worker_init_fn=_seed_worker,
         generator=generator,
         persistent_workers=workers > 0,
+        **batching,
     )
-    val_loader = eval_loader(test_set, cfg.DATASET.TEST.BATCH_SIZE, workers)
+    val_loader = eval_loader(test_set, cfg.DATASET.TEST.BATCH_SIZE, workers, rank, world_size)
     return train_loader, val_loader, len(train_set), num_classes
 
 
-def eval_loader(test_set: Dataset, batch_size: int, workers: int) -> DataLoader:
-    """A sequential loader over the test set."""
-    return getattr(test_set, "loader_class", DataLoader)(
+def eval_loader(test_set: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A sequential loader over the test set, or over rank's contiguous share of it when world_size > 1."""
+    loader_class = getattr(test_set, "loader_class", DataLoader)
+    if world_size > 1:
+        start, end = distributed.shard_bounds(len(test_set), rank, world_size)
+        test_set = Subset(test_set, range(start, end))
+    return loader_class(
         test_set, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available()
     )
 

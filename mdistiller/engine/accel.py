@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 AMP_DTYPE = torch.bfloat16
 
 
@@ -59,6 +60,12 @@ def compiled(module: nn.Module, cfg) -> Callable:
     if not mode:
         return module
     return torch.compile(module, mode=mode)
+
+
+def begin_step(cfg) -> None:
+    """Tell CUDA-graph trees a new training step starts (the last step's outputs may then be overwritten)."""
+    if cfg.SOLVER.COMPILE in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def describe(cfg) -> str:

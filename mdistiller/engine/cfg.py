@@ -54,6 +54,7 @@ CFG.DISTILLER.TEACHER_CKPT = ""  # overrides the zoo's teacher path when non-emp
 # Solver
 CFG.SOLVER = CN()
 CFG.SOLVER.TRAINER = "base"
+# the GLOBAL batch: under torchrun each of the N processes trains on BATCH_SIZE / N of it (N must divide it)
 CFG.SOLVER.BATCH_SIZE = 64
 CFG.SOLVER.EPOCHS = 240
 CFG.SOLVER.LR = 0.05
@@ -85,6 +86,11 @@ CFG.LOG.SAVE_CHECKPOINT_FREQ = 40
 CFG.LOG.PREFIX = "./output"
 CFG.LOG.RESULTS_DIR = "./logs"  # one result file per finished run, named like the logit-standardisation repo's
 CFG.LOG.WANDB = False
+
+# ours: DistributedDataParallel under torchrun (ignored in a one-process run)
+CFG.DISTRIBUTED = CN()
+CFG.DISTRIBUTED.SYNC_BN = False  # the student's (and extra modules') BatchNorm over the global batch; needs CUDA
+CFG.DISTRIBUTED.FIND_UNUSED_PARAMETERS = False  # for a distiller whose forward leaves a learnable parameter unused
 
 # ---- Distillation methods ----
 

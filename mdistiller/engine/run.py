@@ -1,4 +1,9 @@
-"""One training run from a frozen config: name it, seed it, build it, train it, record the result."""
+"""One training run from a frozen config: name it, seed it, build it, train it, record the result.
+
+Under torchrun every rank runs train_run: rank 0 alone checks and creates the output folders (its verdict is shared,
+so every rank stops on it), dumps config.yaml and appends the result; every rank builds the data (its shard), the
+teacher and the student from the same seed, then draws its own random numbers (augmentation, dropout).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,16 @@ import torch
 
 from ..dataset import get_dataset
 from ..distillers import get_distiller_class
+from . import accel, distributed
 from .build import build_distiller
 from .cfg import cfg_text, dump_cfg
 from .errors import MdistillerError
-from .trainer import NAN_POLICIES, Trainer
+from .trainer import NAN_POLICIES, Trainer, check_distributed
 from .utils import deterministic_mode, set_seed
 
 # Overrides that change where or how verbosely a run works, not what it computes: kept out of the run name.
 _KEYS_NOT_IN_NAME = ("DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "LOG.", "DISTILLER.TEACHER_CKPT",
-                     "EXPERIMENT.DETERMINISTIC")
+                     "EXPERIMENT.DETERMINISTIC", "DISTRIBUTED.FIND_UNUSED_PARAMETERS")
 
 
 def _fmt(value: float) -> str:
@@ -73,6 +79,7 @@ def config_hash(cfg) -> str:
     recipe.EXPERIMENT.DETERMINISTIC = False  # same computation, only reproducible to the bit
     recipe.DATASET.ROOT = recipe.DATASET.NUM_WORKERS = recipe.LOG.PREFIX = recipe.LOG.RESULTS_DIR = None
     recipe.DISTILLER.TEACHER_CKPT = ""
+    recipe.SOLVER.CHANNELS_LAST, recipe.SOLVER.COMPILE = False, ""  # layout and compilation: same maths
     return hashlib.sha1(cfg_text(recipe).encode()).hexdigest()[:10]
 
 
@@ -137,8 +144,8 @@ def run_dir_of(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str
 
 
 def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (cuda:LOCAL_RANK under torchrun), else CPU."""
+    return distributed.device()
 
 
 def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name: bool = False) -> dict:
@@ -147,15 +154,21 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
     Everything that can be checked without training is checked first: the recipe, the output folders, the data
     size and the teacher. SIGTERM/SIGINT during training raise trainer.TrainingInterrupted after saving `latest`.
     """
-    check_recipe(cfg)
     run_dir = run_dir_of(cfg, opts, seed_in_name)
-    if not resume and os.path.exists(os.path.join(run_dir, "latest")):
-        raise MdistillerError(
-            f"{run_dir} already holds a run: pass --resume to continue it, or set EXPERIMENT.NAME for a new one"
-        )
-    check_writable(run_dir, "the run folder (LOG.PREFIX)")
-    check_writable(cfg.LOG.RESULTS_DIR, "LOG.RESULTS_DIR")
     device = default_device()
+
+    def check_outputs() -> None:
+        if not resume and os.path.exists(os.path.join(run_dir, "latest")):
+            raise MdistillerError(
+                f"{run_dir} already holds a run: pass --resume to continue it, or set EXPERIMENT.NAME for a new one"
+            )
+        check_writable(run_dir, "the run folder (LOG.PREFIX)")
+        check_writable(cfg.LOG.RESULTS_DIR, "LOG.RESULTS_DIR")
+
+    with distributed.raised_on_every_rank():
+        check_recipe(cfg)
+        check_distributed(cfg, device, distributed.world_size())
+        distributed.on_main_then_share(check_outputs)  # the other ranks wait here until the run folder exists
     set_seed(cfg.EXPERIMENT.SEED)
     with deterministic_mode(cfg.EXPERIMENT.DETERMINISTIC, device):
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
@@ -164,13 +177,18 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
         )
         check_fits_data(cfg, num_train)
         distiller = build_distiller(cfg, num_classes)
-        dump_cfg(cfg, os.path.join(run_dir, "config.yaml"))
+        if distributed.rank() > 0:  # built identically on every rank; from here on each rank draws its own numbers
+            set_seed(distributed.rank_seed(cfg.EXPERIMENT.SEED, distributed.rank()))
+        if distributed.is_main_process():
+            dump_cfg(cfg, os.path.join(run_dir, "config.yaml"))
         trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device)
         trainer.log(
             f"run {run_dir}: {cfg.DISTILLER.TYPE} {cfg.DISTILLER.STUDENT}"
             + (f" <- {cfg.DISTILLER.TEACHER}" if distiller_class.requires_teacher else "")
-            + f", {num_train} training images, {num_classes} classes, seed {cfg.EXPERIMENT.SEED}, device {device}, "
-            f"extra parameters {distiller.get_extra_parameters()}"
+            + f", {num_train} training images, {num_classes} classes, seed {cfg.EXPERIMENT.SEED}, device {device}"
+            + (f" x {distributed.world_size()} processes (global batch {cfg.SOLVER.BATCH_SIZE})"
+               if distributed.world_size() > 1 else "") + ", "
+            f"extra parameters {distiller.get_extra_parameters()}, {accel.describe(cfg)}"
             + (", deterministic algorithms" if cfg.EXPERIMENT.DETERMINISTIC else "")
         )
         try:
@@ -181,7 +199,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
             raise MdistillerError(
                 f"EXPERIMENT.DETERMINISTIC: {str(exc).splitlines()[0]} (set EXPERIMENT.DETERMINISTIC False to run it)"
             ) from None
-    result_file = append_result(cfg, run_dir, result)
+    result_file = append_result(cfg, run_dir, result) if distributed.is_main_process() else ""
     trainer.log(f"best top-1 {result['best_acc']:.2f}, last {result['last_acc']:.2f}; result appended to {result_file}")
     if not distiller_class.requires_teacher:
         weights = os.path.join(run_dir, "student_best")

@@ -7,11 +7,18 @@ Resume is exact: `latest` holds the model, the optimizer, every RNG state and th
 epoch to run next began. At an epoch boundary that is all there is; after SIGTERM/SIGINT `latest` also holds the step
 reached and the epoch's running sums, and resume replays the sampler (loading, not training on, the batches already
 seen) to continue with the very next batch.
+
+Under torchrun (see distributed.py) the training forward runs through DistributedDataParallel (the teacher's
+parameters and buffers excluded), the epoch's sums and the evaluation's are summed over the ranks before they are
+logged, the ranks agree on skipping a non-finite step, on stopping for a non-finite loss and on stopping for a
+signal, and only rank 0 writes (worklog, tensorboard, checkpoints, progress). Checkpoints hold rank 0's state dicts
+(no `module.` prefix) and every rank's RNG state, so resume under the same number of processes is exact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -24,14 +31,15 @@ import numpy as np
 import torch
 from tensorboardX import SummaryWriter
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import accel
+from . import accel, distributed
 from .cfg import cfg_to_dict
 from .checkpoint import atomic_write_text, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from .errors import MdistillerError
 from .optim import build_optimizer
-from .utils import get_rng_state, set_rng_state, topk_correct
+from .utils import get_rng_state, set_rng_state, set_seed, topk_correct
 
 NAN_POLICIES = ("stop", "skip")
 PROGRESS_EVERY = 20  # steps between progress-bar updates (a host sync each)
@@ -78,17 +86,52 @@ def in_warmup(cfg, epoch: int) -> bool:
     return epoch - 1 < cfg.SOLVER.LR_WARMUP_EPOCHS
 
 
+def check_distributed(cfg, device: torch.device, world: int) -> None:
+    """What a run of `world` processes cannot do: a global batch they cannot split evenly, SyncBN off CUDA."""
+    if world > 1 and cfg.SOLVER.BATCH_SIZE % world:
+        raise MdistillerError(
+            f"SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} (the global batch) is not divisible by the {world} processes "
+            f"torchrun started: use a multiple of {world} or another --nproc_per_node"
+        )
+    if world > 1 and cfg.DISTRIBUTED.SYNC_BN and torch.device(device).type != "cuda":
+        raise MdistillerError("DISTRIBUTED.SYNC_BN needs CUDA devices (NCCL); set it False for a CPU run")
+
+
+def sync_batchnorm(distiller: nn.Module) -> nn.Module:
+    """Every BatchNorm outside the teacher as SyncBatchNorm (same parameters and state-dict names)."""
+    for name, child in list(distiller.named_children()):
+        if name != "teacher":
+            setattr(distiller, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return distiller
+
+
+def wrap_ddp(distiller: nn.Module, cfg, device: torch.device) -> DistributedDataParallel:
+    """DistributedDataParallel around the distiller, the teacher's parameters and buffers neither reduced nor
+    broadcast (each rank loaded the same frozen teacher)."""
+    ignored = [name for name, _ in itertools.chain(distiller.named_parameters(), distiller.named_buffers())
+               if name.startswith("teacher.")]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
+    return DistributedDataParallel(
+        distiller, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(cfg.DISTRIBUTED.FIND_UNUSED_PARAMETERS),
+    )
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str = "eval",
-             fmt: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
-    """Top-1, top-5 (percent) and mean cross-entropy of `model(image) -> logits` (or (logits, feats)) on a loader."""
+             fmt: torch.memory_format = torch.contiguous_format, reduce: bool = False) -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean cross-entropy of `model(image) -> logits` (or (logits, feats)) on a loader.
+
+    With reduce under torchrun, each rank holds a share of the test set: the sums are added over the ranks.
+    """
     was_training = model.training
     model.eval()
     correct1 = torch.zeros((), device=device)
     correct5 = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
     count = 0
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    quiet = None if distributed.is_main_process() else True
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=quiet):
         batch = accel.batch_to_device(batch, device, fmt)
         out = model(image=batch["image"]) if hasattr(model, "forward_test") else model(batch["image"])
         logits = out[0] if isinstance(out, tuple) else out
@@ -99,6 +142,11 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, desc: str
         correct5 += c5
         count += len(target)
     model.train(was_training)
+    if reduce and distributed.world_size() > 1:
+        count_t = torch.tensor(float(count), device=device)
+        totals = distributed.all_reduce_sum(torch.stack([correct1, correct5, loss_sum, count_t]).double())
+        c1, c5, loss, count = totals.tolist()
+        return {"top1": 100.0 * c1 / count, "top5": 100.0 * c5 / count, "loss": loss / count}
     return {
         "top1": 100.0 * correct1.item() / count,
         "top5": 100.0 * correct5.item() / count,
@@ -141,11 +189,45 @@ class _EpochStats:
                 "correct": self.correct.detach().cpu(), "seen": self.seen, "steps": self.steps,
                 "skipped": self.skipped, "skipped_terms": list(self.skipped_terms)}
 
+    def _summed(self) -> tuple[list[str], torch.Tensor]:
+        """The loss sums, correct and seen, each summed over the ranks (a collective)."""
+        names = list(self.loss_sums)
+        values = [torch.as_tensor(self.loss_sums[n], device=self.device).float() for n in names]
+        seen = torch.tensor(float(self.seen), device=self.device)
+        return names, distributed.all_reduce_sum(torch.stack([*values, self.correct.float(), seen]).double())
+
+    def summed_state(self) -> dict:
+        """state() with the sums over every rank (a collective): what a mid-epoch checkpoint holds under torchrun."""
+        names, totals = self._summed()
+        state = self.state()
+        state["loss_sums"] = {n: totals[i].float().cpu() for i, n in enumerate(names)}
+        state["correct"], state["seen"] = totals[-2].float().cpu(), int(totals[-1])
+        state["world_size"] = distributed.world_size()
+        return state
+
+    def reduce(self) -> None:
+        """In place: loss sums averaged over the ranks, correct and seen summed (the steps are the same on all)."""
+        names, totals = self._summed()
+        world = distributed.world_size()
+        self.loss_sums = {n: (totals[i] / world).float() for i, n in enumerate(names)}
+        self.correct, self.seen = totals[-2].float(), int(totals[-1])
+
     def load(self, state: dict) -> None:
         self.loss_sums = {k: v.to(self.device) for k, v in state["loss_sums"].items()}
         self.correct = state["correct"].to(self.device)
         self.seen, self.steps = state["seen"], state["steps"]
         self.skipped, self.skipped_terms = state["skipped"], list(state["skipped_terms"])
+        saved_world = state.get("world_size", 1)
+        if saved_world > 1 or distributed.world_size() > 1:
+            # saved sums are over all ranks: rank 0 carries them and the others restart from zero; the loss sums
+            # are rescaled to the current number of ranks, whose mean divides them by steps x ranks
+            if distributed.is_main_process():
+                scale = distributed.world_size() / saved_world
+                self.loss_sums = {k: v * scale for k, v in self.loss_sums.items()}
+            else:
+                self.loss_sums = {k: torch.zeros_like(v) for k, v in self.loss_sums.items()}
+                self.correct = torch.zeros_like(self.correct)
+                self.seen = 0
 
 
 class _NonFiniteWatch:
@@ -190,9 +272,20 @@ class Trainer:
         self.run_dir = run_dir
         self.cfg = cfg
         self.device = device
-        self.distiller = accel.prepare_module(distiller.to(device), cfg)
+        self.world = distributed.world_size()
+        self.rank = distributed.rank()
+        self.is_main = self.rank == 0
+        check_distributed(cfg, device, self.world)
+        distiller = distiller.to(device)
+        if self.world > 1 and cfg.DISTRIBUTED.SYNC_BN:
+            distiller = sync_batchnorm(distiller)
+        self.distiller = accel.prepare_module(distiller, cfg)
         self.memory_format = accel.memory_format(cfg)
-        self.forward = accel.compiled(self.distiller, cfg)  # the training forward; the same module when not compiled
+        # DDP broadcasts rank 0's weights now and reduces gradients in backward; evaluation, the optimizer and the
+        # checkpoints use the unwrapped module
+        self.ddp = wrap_ddp(self.distiller, cfg, device) if self.world > 1 else None
+        # the training forward; the same module when neither wrapped nor compiled
+        self.forward = accel.compiled(self.ddp if self.ddp is not None else self.distiller, cfg)
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.optimizer = build_optimizer(cfg, self.distiller)
@@ -208,7 +301,9 @@ class Trainer:
         self._latest_state: str | None = None  # what `latest` holds, for messages
         self._epoch_sampler_state: torch.Tensor | None = None
         self._stop_signal: int | None = None
-        os.makedirs(run_dir, exist_ok=True)
+        self._quiet = None if self.is_main else True  # tqdm: only rank 0 shows progress
+        if self.is_main:
+            os.makedirs(run_dir, exist_ok=True)
         self.tb_writer: SummaryWriter | None = None
         self.wandb_run = None
 
@@ -246,8 +341,13 @@ class Trainer:
         self.start_epoch = state["epoch"] + 1
         self.best_acc = state["best_acc"]
         self.last_acc = state.get("last_acc", -1.0)
-        if "rng" in state:
-            set_rng_state(state["rng"])
+        rng = self._rank_rng(state)
+        if rng is not None:
+            set_rng_state(rng)
+        if self.world > 1 and len(state.get("rng_ranks") or [None]) != self.world and self.rank > 0:
+            # saved by another number of processes: fresh, rank-distinct streams (resume is then not exact)
+            set_seed(distributed.rank_seed(self.cfg.EXPERIMENT.SEED * 1_000_003 + state["epoch"], self.rank))
+            rng = None
         generator = self._sampler_generator()
         if generator is not None and "sampler_rng" in state:
             generator.set_state(state["sampler_rng"])
@@ -255,12 +355,23 @@ class Trainer:
         self._latest_state = f"the end of epoch {state['epoch']}"
         partial = state.get("partial")
         if partial is not None:
-            self._partial = {**partial, "rng": state.get("rng")}
+            self._partial = {**partial, "rng": rng}
             self.start_epoch = partial["epoch"]
             where = f"epoch {partial['epoch']}, step {partial['step'] + 1}"
             self._latest_state = f"epoch {partial['epoch']}, step {partial['step']}"
-        self._truncate_worklog(self.start_epoch)
+        if self.is_main:
+            self._truncate_worklog(self.start_epoch)
+        saved_world = len(state.get("rng_ranks") or [None])
+        if saved_world != self.world:
+            where += f" (saved by {saved_world} process(es), now {self.world}: the continuation is not bitwise exact)"
         self.log(f"resumed from {self._path('latest')} at {where} (best top-1 {self.best_acc:.2f})")
+
+    def _rank_rng(self, state: dict) -> dict | None:
+        """This rank's RNG state from a checkpoint: its own when as many processes saved it, else rank 0's."""
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world:
+            return ranks[self.rank]
+        return state.get("rng")
 
     def _state(self, epoch: int) -> dict:
         state = {
@@ -272,6 +383,8 @@ class Trainer:
             "rng": get_rng_state(),
             "arch": self.cfg.DISTILLER.STUDENT,
         }
+        if self.world > 1:  # a collective: every rank calls _state, rank 0 writes
+            state["rng_ranks"] = distributed.all_gather_object(state["rng"])
         generator = self._sampler_generator()
         if generator is not None:  # the state the next epoch's shuffle (and worker seeds) start from
             state["sampler_rng"] = generator.get_state()
@@ -282,6 +395,9 @@ class Trainer:
         meta = {"arch": self.cfg.DISTILLER.STUDENT, "num_classes": self._num_classes(), "epoch": epoch}
         student_state = {"model": student.state_dict(), **meta, "test_acc": test_acc}
         state = self._state(epoch)
+        self._latest_state = f"the end of epoch {epoch}"
+        if not self.is_main:
+            return
         # students first: `latest` is what resume trusts, so it is written last
         save_checkpoint(student_state, self._path("student_latest"))
         if epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
@@ -291,16 +407,17 @@ class Trainer:
             save_checkpoint(state, self._path("best"))
             save_checkpoint(student_state, self._path("student_best"))
         save_checkpoint(state, self._path("latest"))
-        self._latest_state = f"the end of epoch {epoch}"
 
     def _save_mid_epoch(self, epoch: int, step: int, stats: _EpochStats) -> None:
         """`latest` at a step inside `epoch`: the sampler state of the epoch's start, the step, the running sums."""
         state = self._state(epoch - 1)
         if self._epoch_sampler_state is not None:
             state["sampler_rng"] = self._epoch_sampler_state
-        state["partial"] = {"epoch": epoch, "step": step, "stats": stats.state()}
-        save_checkpoint(state, self._path("latest"))
+        state["partial"] = {"epoch": epoch, "step": step,
+                            "stats": stats.summed_state() if self.world > 1 else stats.state()}
         self._latest_state = f"epoch {epoch}, step {step}"
+        if self.is_main:
+            save_checkpoint(state, self._path("latest"))
 
     def _num_classes(self) -> int:
         student = self.distiller.student
@@ -311,9 +428,13 @@ class Trainer:
 
     # ---- logging ----
     def log(self, message: str) -> None:
-        tqdm.write(f"[mdistiller] {message}")
+        """Print a line (rank 0 only)."""
+        if self.is_main:
+            tqdm.write(f"[mdistiller] {message}")
 
     def _append_worklog(self, text: str) -> None:
+        if not self.is_main:
+            return
         try:
             with open(self._path("worklog.txt"), "a") as f:
                 f.write(text)
@@ -382,6 +503,10 @@ class Trainer:
 
     def _raise_if_non_finite(self, epoch: int, watch: _NonFiniteWatch, steps: int | None) -> None:
         found = watch.first()
+        if self.world > 1:  # every rank stops together, naming the first bad step of any rank
+            if not distributed.any_rank(found is not None, self.device):
+                return
+            found = min((f for f in distributed.all_gather_object(found) if f is not None), key=lambda f: f[0])
         if found is None:
             return
         step, values = found
@@ -394,6 +519,7 @@ class Trainer:
 
     def forward_step(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The distiller's training forward on a device batch, under the run's precision: (logits, loss terms)."""
+        accel.begin_step(self.cfg)
         with accel.autocast(self.cfg, self.device):
             return self.forward(**batch, epoch=epoch)
 
@@ -439,7 +565,7 @@ class Trainer:
             if partial.get("rng") is not None:
                 set_rng_state(partial["rng"])  # the RNG exactly as it was after that step
         progress = tqdm(iterator, desc=f"epoch {epoch}", initial=step, total=steps_total, leave=False,
-                        dynamic_ncols=True, disable=None)
+                        dynamic_ncols=True, disable=self._quiet)
         warming_up = in_warmup(self.cfg, epoch) and steps_total
         for batch in progress:
             step += 1
@@ -448,7 +574,7 @@ class Trainer:
             batch = accel.batch_to_device(batch, self.device, self.memory_format)
             logits, losses = self.forward_step(batch, epoch)
             bad = watch.update(step, losses)
-            if self.nan_policy == "skip" and bool(bad):  # one host sync per step, as torch.amp.GradScaler makes
+            if self.nan_policy == "skip" and self._any_rank(bad):  # one host sync per step, as GradScaler makes
                 values = dict(zip(losses, torch.stack([t.detach().float().mean() for t in losses.values()]).tolist()))
                 stats.skip([k for k, v in values.items() if not math.isfinite(v)])
             else:
@@ -458,13 +584,18 @@ class Trainer:
                 stats.add(losses, logits, batch["target"])
             if step % PROGRESS_EVERY == 0 and stats.loss_sums:
                 progress.set_postfix(loss=f"{sum(stats.loss_sums.values()).item() / max(stats.steps, 1):.4f}")
-            if self._stop_signal is not None:
+            if self._stop_requested(step % sync_every == 0):
                 if self.nan_policy == "stop":
                     self._raise_if_non_finite(epoch, watch, steps_total)
                 self._save_mid_epoch(epoch, step, stats)
                 raise TrainingInterrupted(self._stop_signal, epoch, step, steps_total, self._path("latest"), True)
         if self.nan_policy == "stop":
             self._raise_if_non_finite(epoch, watch, steps_total)
+        if self.world > 1:
+            stats.reduce()
+            # each rank's BN statistics moved with its own shard: evaluate (on every rank) what rank 0 saves
+            buffers = [b for n, b in self.distiller.named_buffers() if not n.startswith("teacher.")]
+            distributed.broadcast_tensors(buffers)
         if stats.steps == 0:
             raise MdistillerError(
                 f"every step of epoch {epoch} had a non-finite loss ({', '.join(stats.skipped_terms) or 'no steps'});"
@@ -480,6 +611,22 @@ class Trainer:
                          f"({', '.join(stats.skipped_terms)})")
         return metrics
 
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        """bool(flag), or whether it holds on any rank under torchrun (a host sync)."""
+        return distributed.any_rank(flag, self.device) if self.world > 1 else bool(flag)
+
+    def _stop_requested(self, check_now: bool = True) -> bool:
+        """Whether a signal asks to stop. Under torchrun the ranks agree (the largest signal number of any rank)
+        only where check_now (where the loop reads the host anyway), so they stop at the same step."""
+        if self.world == 1:
+            return self._stop_signal is not None
+        if not check_now:
+            return False
+        signum = torch.tensor(float(self._stop_signal or 0), device=self.device)
+        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+        self._stop_signal = int(signum) or None
+        return self._stop_signal is not None
+
     def train(self, resume: bool = False) -> dict[str, float]:
         """Run (or continue) the schedule; returns best and last test top-1.
 
@@ -487,16 +634,18 @@ class Trainer:
         """
         if resume:
             self.resume()
-        remove_stale_temp_files(self.run_dir)  # left by a write that a SIGKILL cut short
-        # purge_step hides the events a killed run logged past `latest` from TensorBoard
-        self.tb_writer = SummaryWriter(self._path("train.events"), purge_step=self.start_epoch if resume else None)
-        if self.cfg.LOG.WANDB:
-            self.wandb_run = self._open_wandb()
+        if self.is_main:
+            remove_stale_temp_files(self.run_dir)  # left by a write that a SIGKILL cut short
+            # purge_step hides the events a killed run logged past `latest` from TensorBoard
+            self.tb_writer = SummaryWriter(self._path("train.events"), purge_step=self.start_epoch if resume else None)
+            if self.cfg.LOG.WANDB:
+                self.wandb_run = self._open_wandb()
         try:
             with self._stop_on_signals():
                 return self._train_epochs()
         finally:
-            self.tb_writer.close()
+            if self.tb_writer is not None:
+                self.tb_writer.close()
             if self.wandb_run is not None:
                 self.wandb_run.finish()
 
@@ -514,7 +663,7 @@ class Trainer:
             # then how often or how the test set is evaluated never changes what is trained
             with torch.random.fork_rng(devices=[]):
                 test = evaluate(self.distiller, self.val_loader, self.device, desc=f"test {epoch}",
-                                fmt=self.memory_format)
+                                fmt=self.memory_format, reduce=True)
             self.last_acc = test["top1"]
             is_best = test["top1"] > self.best_acc
             self.best_acc = max(self.best_acc, test["top1"])
@@ -527,10 +676,11 @@ class Trainer:
                 "epoch_seconds": epoch_seconds,
                 **self.distiller.epoch_metrics(),
             }
-            for name, value in metrics.items():
-                self.tb_writer.add_scalar(name, value, epoch)
-            self.tb_writer.add_scalar("lr", lr, epoch)
-            self.tb_writer.flush()
+            if self.tb_writer is not None:
+                for name, value in metrics.items():
+                    self.tb_writer.add_scalar(name, value, epoch)
+                self.tb_writer.add_scalar("lr", lr, epoch)
+                self.tb_writer.flush()
             if self.wandb_run is not None:
                 self.wandb_run.log({**metrics, "lr": lr}, step=epoch)
             # the worklog first: a kill before `latest` is written makes resume redo the epoch and drop its lines
@@ -541,7 +691,7 @@ class Trainer:
                 f"train top-1 {train_metrics['train_acc']:.2f}  test top-1 {test['top1']:.2f}  "
                 f"top-5 {test['top5']:.2f}  best {self.best_acc:.2f}  ({epoch_seconds:.1f} s)"
             )
-            if self._stop_signal is not None:  # arrived during evaluation or saving: `latest` is this epoch's end
+            if self._stop_requested():  # arrived during evaluation or saving: `latest` is this epoch's end
                 steps = _length(self.train_loader)
                 raise TrainingInterrupted(self._stop_signal, epoch, steps or 0, steps, self._path("latest"), False)
         self._append_worklog(f"best_acc\t{self.best_acc:.4f}{os.linesep}")
