@@ -1,0 +1,132 @@
+"""tools/bench.py on the CPU: the tiny table, its JSON, the ImageNet-shaped mode and one-line errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mdistiller.dataset.cifar import read_cifar_split
+from mdistiller.dataset.cifar_files import write_cifar
+from mdistiller.engine.errors import MdistillerError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ROWS = ("reference", "ours", "amp", "channels_last")
+IMAGENET_ROWS = ("reference", "ours", "amp", "amp_channels_last")
+# row, batch, images/s, s/epoch, peak memory, ratio
+TABLE_LINE = re.compile(r"^(\w+)\s+(\d+)\s+([\d,.]+)\s+([\d.]+)\s+(-|[\d.]+ GiB)\s+([\d.]+)$")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """tools/bench.py imported as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python tools/bench.py args...` on the CPU, one thread (a second one only waits on a busy 2-core machine)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), *args], cwd=str(REPO), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def table_rows(stdout: str) -> dict[str, tuple]:
+    """{row: (batch, images/s, s/epoch, peak, ratio)} parsed from the printed plain-text table."""
+    rows = {}
+    for line in stdout.splitlines():
+        match = TABLE_LINE.match(line.strip())
+        if match:
+            name, batch, rate, epoch, peak, ratio = match.groups()
+            rows[name] = (int(batch), float(rate.replace(",", "")), float(epoch), peak, ratio)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One tiny CPU bench (resnet20 -> resnet8, 64 synthetic images, batch 16, 2 timed steps per row)."""
+    json_path = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = run_bench("--device", "cpu", "--tiny", "--data", "synthetic", "--synthetic-size", "64", "--steps", "2",
+                       "--warmup", "1", "--rows", ",".join(TINY_ROWS), "--json", str(json_path), "--markdown",
+                       "--opts", "SOLVER.BATCH_SIZE", "16")
+    return result, json_path
+
+
+def test_tiny_cpu_table_has_every_row_with_positive_throughput(tiny_run):
+    result, _ = tiny_run
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert list(rows) == list(TINY_ROWS), result.stdout
+    for name, (batch, rate, epoch, peak, _) in rows.items():
+        assert batch == 16 and rate > 0 and epoch > 0 and peak == "-", name
+    assert rows["reference"][4] == "1.00"
+    assert "random-initialised" in result.stdout
+    assert "'ours' reads the same DataLoader as 'reference'" in result.stdout
+    assert "| reference | 16 |" in result.stdout  # the Markdown table
+
+
+def test_json_holds_device_version_date_and_rows(tiny_run):
+    result, json_path = tiny_run
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(json_path.read_text())
+    assert payload["device"].startswith("CPU") and payload["torch"] and payload["date"].startswith("20")
+    assert payload["teacher_weights"] == "random" and payload["ratio_to"] == "reference"
+    assert [r["name"] for r in payload["rows"]] == list(TINY_ROWS)
+    for row in payload["rows"]:
+        assert row["images_per_s"] > 0 and row["peak_memory_mib"] is None and row["steps"] == 2
+        assert row["seconds_per_epoch"] == pytest.approx(50_000 / row["images_per_s"])  # the full CIFAR epoch
+        assert row["data"].startswith("DataLoader")  # on the CPU every row reads the DataLoader
+    by_name = {r["name"]: r for r in payload["rows"]}
+    assert by_name["reference"]["ratio"] == 1.0 and by_name["reference"]["host_sync_every_step"]
+    assert by_name["amp"]["switches"] == "bf16 autocast" and by_name["channels_last"]["switches"] == "channels_last"
+
+
+def test_imagenet_shaped_mode_times_synthetic_device_tensors():
+    result = run_bench("--device", "cpu", "--cfg", "configs/imagenet/r34_r18/kd.yaml", "--steps", "1", "--warmup",
+                       "1", "--opts", "DATASET.IMAGE_SIZE", "32", "SOLVER.BATCH_SIZE", "4")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert list(rows) == list(IMAGENET_ROWS), result.stdout
+    assert all(r[0] == 4 and r[1] > 0 for r in rows.values()) and rows["reference"][4] == "1.00"
+    assert "KD ResNet34 -> ResNet18" in result.stdout and "synthetic ImageNet-shaped" in result.stdout
+    assert "1,281,167 training images" in result.stdout
+
+
+def test_bad_row_name_gives_one_line_error_and_exit_code_2():
+    result = run_bench("--device", "cpu", "--rows", "reference,nope")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "unknown row 'nope'; rows: reference, ours" in errors[0], result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cfg", "configs/cifar100/kd/nope.yaml"], "config file not found"),
+    (["--cfg", "configs/imagenet/r34_r18/kd.yaml", "--rows", "large_batch"], "row large_batch is the CIFAR"),
+    (["--rows", "ours,ours"], "names a row twice"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--data", "real", "--opts", "DATASET.ROOT", "/nonexistent"], "--data real: no cifar-100-python folder"),
+    (["--opts", "SOLVER.BATCH_SIZ", "8"], "did you mean SOLVER.BATCH_SIZE?"),
+])
+def test_bad_input_is_a_user_error_before_any_timing(bench, args, message):
+    with pytest.raises(MdistillerError, match=re.escape(message)):
+        bench.main(["--device", "cpu", *args])
+
+
+def test_random_cifar_files_read_back_in_the_real_format(tmp_path):
+    write_cifar("cifar100", str(tmp_path), n_train=40, n_test=8, learnable=False)
+    images, labels = read_cifar_split("cifar100", str(tmp_path / "cifar-100-python"), train=True)
+    assert images.shape == (40, 32, 32, 3) and images.dtype == np.uint8 and labels.max() < 100
+    write_cifar("cifar10", str(tmp_path), n_train=40, n_test=8, learnable=False)
+    images, _ = read_cifar_split("cifar10", str(tmp_path / "cifar-10-batches-py"), train=True)
+    assert images.shape == (40, 32, 32, 3)
