@@ -119,6 +119,19 @@ def test_teacher_files_by_zoo_name_or_torchvisions_published_name(tmp_path, monk
         teacher_checkpoint_path(_imagenet_cfg("MobileNetV1"))
 
 
+def test_the_vanilla_run_hint_names_the_file_the_teacher_lookup_reads(tmp_path, monkeypatch):
+    """A vanilla run ends by naming `teacher_home`: a student copied there is what a later run loads as teacher."""
+    from mdistiller.engine.build import teacher_home
+
+    monkeypatch.chdir(tmp_path)
+    home = teacher_home("ResNet34", "imagenet")
+    assert home == "download_ckpts/imagenet_teachers/ResNet34.pth"
+    Path(home).parent.mkdir(parents=True)
+    Path(home).write_bytes(b"")
+    assert teacher_checkpoint_path(_imagenet_cfg()).endswith(home)
+    assert teacher_home("resnet56", "cifar100") == "download_ckpts/cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth"
+
+
 def test_a_torchvision_weight_file_loads_as_teacher(tmp_path):
     from mdistiller.engine.build import build_teacher
 
@@ -129,8 +142,13 @@ def test_a_torchvision_weight_file_loads_as_teacher(tmp_path):
     cfg.DISTILLER.TEACHER_CKPT = str(path)
     teacher = build_teacher(cfg, 5)
     assert teacher.training is False and teacher.fc.out_features == 5
-    with pytest.raises(MdistillerError, match="holds weights of an unknown architecture, not ResNet18 \\(7 classes\\)"):
+    found = "holds weights of ResNet18 with 5 classes \\(ImageNet zoo\\), not "
+    with pytest.raises(MdistillerError, match=found + "ResNet18 \\(7 classes\\)"):
         build_teacher(cfg, 7)
+    cfg = _imagenet_cfg("ResNet34")  # a ResNet18 file given for a ResNet34 teacher: the error names both
+    cfg.DISTILLER.TEACHER_CKPT = str(path)
+    with pytest.raises(MdistillerError, match=found + "ResNet34"):
+        build_teacher(cfg, 1000)
 
 
 @pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=lambda p: "/".join(p.parts[-2:]))

@@ -113,6 +113,14 @@ def imagenet_teacher_path(name: str) -> str:
     return found
 
 
+def teacher_home(name: str, dataset_type: str | None = None) -> str:
+    """Where the zoo looks for `name`'s teacher weights: mdistiller's CIFAR layout or the ImageNet teacher folder."""
+    if is_imagenet(dataset_type):
+        return f"{IMAGENET_TEACHER_DIR}/{zoo_name(name, dataset_type)}.pth"
+    published = cifar_model_dict.get(name, (None, None))[1]
+    return published or f"download_ckpts/cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth"
+
+
 def pretrained_checkpoint_path(name: str, dataset_type: str | None = None) -> str:
     """The zoo's published weights for `name` (what `-c pretrain` means in the tools)."""
     if is_imagenet(dataset_type):

@@ -111,17 +111,24 @@ def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def guess_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int) -> str | None:
-    """Name the zoo model whose state-dict keys and shapes match exactly (built on the meta device: no memory)."""
-    from ..models import cifar_model_dict
+    """Name the zoo model (CIFAR, then ImageNet) whose state-dict keys and shapes match exactly (built on the meta
+    device: no memory). timm models are tried only when timm is installed."""
+    from ..models import cifar_model_dict, imagenet_model_dict
 
     signature = {k: tuple(v.shape) for k, v in state_dict.items()}
-    classes = {tuple(v.shape)[0] for k, v in state_dict.items() if k.endswith(("fc.weight", "classifier.weight"))}
-    for name, (builder, _) in cifar_model_dict.items():
-        for n in {num_classes, *classes}:
-            with torch.device("meta"):
-                model = builder(num_classes=n)
-            if {k: tuple(v.shape) for k, v in model.state_dict().items()} == signature:
-                return name if n == num_classes else f"{name} with {n} classes"
+    classes = {tuple(v.shape)[0] for k, v in state_dict.items()
+               if k.endswith(("fc.weight", "classifier.weight", "head.weight")) and v.dim() == 2}
+    zoos = [("", cifar_model_dict), (" (ImageNet zoo)", imagenet_model_dict)]
+    for zoo_label, zoo in zoos:
+        for name, (builder, _) in zoo.items():
+            for n in sorted({num_classes, *classes}):
+                try:
+                    with torch.device("meta"):
+                        model = builder(num_classes=n)
+                except (ImportError, MdistillerError):  # an optional extra (timm) is not installed
+                    break
+                if {k: tuple(v.shape) for k, v in model.state_dict().items()} == signature:
+                    return (name if n == num_classes else f"{name} with {n} classes") + zoo_label
     return None
 
 

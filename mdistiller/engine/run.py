@@ -18,7 +18,7 @@ import torch
 from ..dataset import get_dataset
 from ..distillers import get_distiller_class
 from . import accel, distributed
-from .build import build_distiller
+from .build import build_distiller, teacher_home
 from .cfg import cfg_text, dump_cfg
 from .errors import MdistillerError
 from .trainer import NAN_POLICIES, Trainer, check_distributed
@@ -203,7 +203,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
     trainer.log(f"best top-1 {result['best_acc']:.2f}, last {result['last_acc']:.2f}; result appended to {result_file}")
     if not distiller_class.requires_teacher:
         weights = os.path.join(run_dir, "student_best")
-        zoo = f"download_ckpts/cifar_teachers/{cfg.DISTILLER.STUDENT}_vanilla/ckpt_epoch_240.pth"
+        zoo = teacher_home(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
         trainer.log(
             f"teacher weights: {weights}. To distil from it, pass DISTILLER.TEACHER_CKPT {weights} "
             f"or copy it to {zoo}"
