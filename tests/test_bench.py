@@ -102,6 +102,21 @@ def test_imagenet_shaped_mode_times_synthetic_device_tensors():
     assert "1,281,167 training images" in result.stdout
 
 
+def test_imagenet_loader_rows_time_pil_and_decode_paths_over_written_jpegs(tmp_path):
+    json_path = tmp_path / "loader.json"
+    result = run_bench("--device", "cpu", "--cfg", "configs/imagenet/r34_r18/kd.yaml", "--tiny", "--rows",
+                       "loader_pil,loader_gpu_decode", "--steps", "2", "--warmup", "1", "--json", str(json_path),
+                       "--opts", "DATASET.NUM_WORKERS", "1")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^loader_pil +4 +1 +[\d.]+ +[\d,.]+ +1\.00$", result.stdout, re.M), result.stdout
+    assert re.search(r"^loader_gpu_decode +4 +1 +[\d.]+ +[\d,.]+ +[\d.]+$", result.stdout, re.M), result.stdout
+    assert "[CPU: the same path with device cpu]" in result.stdout and "synthetic 500x375 JPEGs" in result.stdout
+    rows = json.loads(json_path.read_text())["loader_rows"]
+    assert [r["name"] for r in rows] == ["loader_pil", "loader_gpu_decode"]
+    assert all(r["batches_per_s"] > 0 and r["images_per_s"] == pytest.approx(4 * r["batches_per_s"]) for r in rows)
+    assert rows[1]["data"].endswith("decode on cpu, 1 workers")
+
+
 def test_bad_row_name_gives_one_line_error_and_exit_code_2():
     result = run_bench("--device", "cpu", "--rows", "reference,nope")
     assert result.returncode == 2, result.stderr
@@ -114,6 +129,7 @@ def test_bad_row_name_gives_one_line_error_and_exit_code_2():
     (["--cfg", "configs/cifar100/kd/nope.yaml"], "config file not found"),
     (["--cfg", "configs/imagenet/r34_r18/kd.yaml", "--rows", "large_batch"], "row large_batch is the CIFAR"),
     (["--rows", "ours,ours"], "names a row twice"),
+    (["--rows", "loader_pil"], "time the ImageNet JPEG pipeline: give an ImageNet --cfg"),
     (["--steps", "0"], "--steps must be positive"),
     (["--data", "real", "--opts", "DATASET.ROOT", "/nonexistent"], "--data real: no cifar-100-python folder"),
     (["--opts", "SOLVER.BATCH_SIZ", "8"], "did you mean SOLVER.BATCH_SIZE?"),

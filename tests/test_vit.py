@@ -136,3 +136,33 @@ def test_sgd_is_the_trainers_optimizer_and_other_types_are_refused():
     cfg.SOLVER.TYPE = "LAMB"
     with pytest.raises(MdistillerError, match="SOLVER.TYPE 'LAMB' is not supported; use one of SGD, AdamW"):
         build_optimizer(cfg, distiller)
+
+
+@needs_timm
+def test_the_deit_config_trains_an_epoch_with_its_recipe(tmp_path):
+    """The DeiT-Ti VkD config as written (AdamW, cosine with warm-up, timm's DeiT view, Mixup/CutMix + smoothing,
+    bf16 autocast) trains one epoch on a tiny ImageFolder at 32 px with a small CNN teacher."""
+    from test_imagenet_data import write_imagenet
+
+    from mdistiller.dataset import get_dataset
+    from mdistiller.engine.trainer import Trainer
+
+    root = write_imagenet(str(tmp_path / "data"), n_train=4, n_val=2)
+    torch.manual_seed(0)
+    teacher_file = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), teacher_file)
+    cfg = load_cfg(str(REPO / "configs/imagenet/deit/deit_tiny_vkd.yaml"), [
+        "DATASET.ROOT", root, "DATASET.IMAGE_SIZE", "32", "VKD.INPUT_SIZE", "(32, 32)", "DATASET.NUM_CLASSES", "0",
+        "DATASET.NUM_WORKERS", "0", "SOLVER.BATCH_SIZE", "4", "DATASET.TEST.BATCH_SIZE", "6",
+        "DISTILLER.TEACHER", "ResNet18", "DISTILLER.TEACHER_CKPT", str(teacher_file),
+    ])
+    assert cfg.SOLVER.TYPE == "AdamW" and cfg.SOLVER.LR_SCHEDULE == "cosine" and cfg.DATASET.MIXUP.CUTMIX_ALPHA == 1.0
+    train, val, num_train, num_classes = get_dataset(cfg, {"image": "standard"}, seed=0)
+    transform = repr(train.dataset.views["image"])
+    assert "RandAugment" in transform and "RandomErasing" in transform and "bicubic" in transform
+    trainer = Trainer(str(tmp_path / "run"), build_distiller(cfg, num_classes), train, val, cfg, torch.device("cpu"))
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    metrics = trainer.train_epoch(1)
+    assert len(seen) == 3 and seen[0] < seen[1] < seen[2] < 5e-4 / 5  # warm-up, step by step
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())

@@ -10,7 +10,10 @@ warm-up steps first, then `--steps` steps between two device synchronisations. I
 s/epoch is the training-set size (the full 50,000 of CIFAR when the data are synthetic) over images/s.
 
 With an ImageNet config (DATASET.TYPE imagenet) the batches are synthetic device tensors of the config's batch and
-DATASET.IMAGE_SIZE: the step alone is timed, not the JPEG pipeline.
+DATASET.IMAGE_SIZE: the step alone is timed, not the JPEG pipeline. The rows loader_pil and loader_gpu_decode time
+that pipeline alone (no training step): the training DataLoader with PIL decoding in the workers, and with
+DATASET.GPU_DECODE (batched decode_jpeg + crop/resize/flip on the device; on the CPU the same path runs with device
+cpu). They read DATASET.ROOT's imagenet/ folder, or 500x375 JPEGs of 10 classes the bench writes to a temp folder.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch  # noqa: E402
 from mdistiller.dataset import get_dataset, uses_device_resident_data  # noqa: E402
 from mdistiller.dataset.cifar import CIFAR_FORMATS  # noqa: E402
 from mdistiller.dataset.cifar_files import write_cifar  # noqa: E402
+from mdistiller.dataset.imagenet import DECODE_ON_CPU_ENV, ImageNetJpegFolder  # noqa: E402
 from mdistiller.distillers import get_distiller_class  # noqa: E402
 from mdistiller.engine import accel  # noqa: E402
 from mdistiller.engine.build import build_model, is_imagenet  # noqa: E402
@@ -70,6 +74,7 @@ class Row:
     opts: tuple[str, ...] = ()
     sync_every_step: bool = False
     large_batch: bool = False  # built from the large-batch config instead of --cfg
+    loader_only: bool = False  # times the ImageNet training loader alone, no training step
 
 
 _RESIDENT = ("DATASET.DEVICE_RESIDENT", "True")
@@ -86,12 +91,17 @@ ROWS = {row.name: row for row in (
     Row("combined", "ours + AMP + channels_last + compile default", (*_RESIDENT, *_switches(True, True, "default"))),
     Row("large_batch", "the large-batch config (batch 512, LR 0.4 with warm-up, AMP, channels_last, compile)",
         large_batch=True),
+    Row("loader_pil", "loader alone: JPEGs decoded, cropped and flipped by PIL in the DataLoader workers",
+        ("DATASET.GPU_DECODE", "False"), loader_only=True),
+    Row("loader_gpu_decode", "loader alone: DATASET.GPU_DECODE (workers read bytes; batched decode_jpeg, crop, resize, "
+        "flip on the device)", ("DATASET.GPU_DECODE", "True"), loader_only=True),
 )}
+LOADER_ROWS = tuple(name for name, row in ROWS.items() if row.loader_only)
 DEFAULT_ROWS = {
     ("cifar", "cuda"): ("reference", "ours", "amp", "channels_last", "compile", "cuda_graphs", "combined",
                         "large_batch"),
     ("cifar", "cpu"): ("reference", "ours", "amp", "channels_last"),
-    ("imagenet", "cuda"): ("reference", "ours", "amp", "amp_channels_last"),
+    ("imagenet", "cuda"): ("reference", "ours", "amp", "amp_channels_last", *LOADER_ROWS),
     ("imagenet", "cpu"): ("reference", "ours", "amp", "amp_channels_last"),
 }
 
@@ -144,6 +154,8 @@ def select_rows(text: str, family: str, device: torch.device) -> list[Row]:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         raise MdistillerError(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
+    if family != "imagenet" and any(ROWS[n].loader_only for n in names):
+        raise MdistillerError(f"rows {', '.join(LOADER_ROWS)} time the ImageNet JPEG pipeline: give an ImageNet --cfg")
     if family == "imagenet" and "large_batch" in names:
         raise MdistillerError("row large_batch is the CIFAR large-batch config; an ImageNet bench sets its batch "
                               "with --opts SOLVER.BATCH_SIZE")
@@ -253,6 +265,107 @@ class ImageNetData:
             item["index"] = torch.arange(batch, device=device)
             pool.append(item)
         return itertools.cycle(pool), self.epoch_images, num_classes, lambda: None
+
+
+class JpegFolderData:
+    """The ImageNet folder the loader rows read: DATASET.ROOT's, or synthetic 500x375 JPEGs written to a temp folder."""
+
+    def __init__(self, cfg, stack: contextlib.ExitStack, classes: int = 10):
+        present = all(os.path.isdir(os.path.join(cfg.DATASET.ROOT, "imagenet", split)) for split in ("train", "val"))
+        self.synthetic = not present
+        self.root = cfg.DATASET.ROOT
+        if self.synthetic:
+            self.root = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_imagenet_"))
+            self.per_class = min(max(4 * cfg.SOLVER.BATCH_SIZE // classes, 8), 200)
+            write_jpeg_folder(self.root, classes, self.per_class)
+            self.classes = classes
+
+    def describe(self) -> str:
+        """Where the JPEGs come from, for the legend."""
+        if self.synthetic:
+            return f"{self.classes * self.per_class} synthetic 500x375 JPEGs (quality 90, 10 classes) in a temp folder"
+        return os.path.join(self.root, "imagenet", "train")
+
+    def opts(self) -> list[str]:
+        """Overrides that point a loader row at this folder (whose class count may not be the config's)."""
+        return ["DATASET.ROOT", self.root, "DATASET.NUM_CLASSES", "0"]
+
+
+def write_jpeg_folder(root: str, classes: int, per_class: int, width: int = 500, height: int = 375) -> None:
+    """`root/imagenet/{train,val}/<class>/*.JPEG`: smooth gradients plus mild noise, ImageNet-like file sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for split, count in (("train", per_class), ("val", 1)):
+        for c in range(classes):
+            folder = os.path.join(root, "imagenet", split, f"n{c:08d}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                a, b = rng.uniform(0.2, 3.0, 2)
+                base = np.stack([xx * a, yy * b, (xx + yy) * (a + b) / 4], -1) + rng.uniform(0, 255, 3)
+                pixels = np.clip(base % 256 + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"n{c:08d}_{i}.JPEG"), quality=90)
+
+
+@contextlib.contextmanager
+def _decode_on(device: torch.device, cfg) -> Iterator[None]:
+    """On the CPU, let DATASET.GPU_DECODE run its path with device cpu (it needs CUDA otherwise)."""
+    force = device.type != "cuda" and cfg.DATASET.GPU_DECODE
+    old = os.environ.get(DECODE_ON_CPU_ENV)
+    if force:
+        os.environ[DECODE_ON_CPU_ENV] = "1"
+    try:
+        yield
+    finally:
+        if force:
+            if old is None:
+                os.environ.pop(DECODE_ON_CPU_ENV, None)
+            else:
+                os.environ[DECODE_ON_CPU_ENV] = old
+
+
+def time_loader_row(row: Row, cfg, data: JpegFolderData, device: torch.device, steps: int, warmup: int) -> dict:
+    """Iterate the row's training loader alone: `warmup` full batches, then `steps` timed ones."""
+    views = get_distiller_class(cfg.DISTILLER.TYPE).train_views
+    set_seed(cfg.EXPERIMENT.SEED)
+    with _decode_on(device, cfg), contextlib.redirect_stdout(sys.stderr):  # the loader's one-line notes
+        train_loader, _, num_train, _ = get_dataset(cfg, views, seed=cfg.EXPERIMENT.SEED, device=device)
+    on_device = isinstance(train_loader.dataset, ImageNetJpegFolder)
+    if bool(cfg.DATASET.GPU_DECODE) != on_device:
+        raise MdistillerError(f"row {row.name}: DATASET.GPU_DECODE did not apply (see the note above)")
+    batches = _full_batches(train_loader, cfg.SOLVER.BATCH_SIZE)
+    try:
+        for _ in range(warmup):
+            next(batches)
+        synchronize(device)
+        started = time.perf_counter()
+        images = sum(len(next(batches)["target"]) for _ in range(steps))
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    finally:
+        batches.close()
+        iterator = getattr(train_loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+    where = f"decode on {device}" if on_device else "PIL decode"
+    what = row.what + (" [CPU: the same path with device cpu]" if on_device and device.type != "cuda" else "")
+    return {"name": row.name, "what": what, "batch": cfg.SOLVER.BATCH_SIZE, "workers": cfg.DATASET.NUM_WORKERS,
+            "batches_per_s": steps / seconds, "images_per_s": images / seconds, "steps": steps, "warmup": warmup,
+            "seconds": seconds, "image_size": cfg.DATASET.IMAGE_SIZE, "loader_only": True,
+            "data": f"{data.describe()}; {where}, {cfg.DATASET.NUM_WORKERS} workers"}
+
+
+def format_loader_table(rows: list[dict]) -> str:
+    """The loader rows' plain-text table, with each row's images/s over the first one's."""
+    head = ["loader row", "batch", "workers", "batches/s", "images/s", f"vs {rows[0]['name']}"]
+    lines = [head] + [[r["name"], str(r["batch"]), str(r["workers"]), f"{r['batches_per_s']:.2f}",
+                       f"{r['images_per_s']:,.1f}", f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}"]
+                      for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
 
 
 # ---- timing ----
@@ -438,6 +551,8 @@ def header(meta: dict) -> str:
     lines = [f"device: {meta['device']}, torch {meta['torch']}, {meta['date']}",
              f"config: {meta['config']} ({meta['pair']}); data: {meta['data']}",
              "teacher: random-initialised weights (speed does not depend on them)"]
+    if meta.get("loader_data"):
+        lines.append(f"loader rows: {meta['loader_data']}")
     if meta["device_type"] == "cpu" and meta["family"] == "cifar":
         lines.append("on the CPU, 'ours' reads the same DataLoader as 'reference' (data live on the GPU only on "
                      "CUDA): it differs by the per-step host sync alone")
@@ -460,6 +575,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         check_writable(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
     if args.profile:
         check_writable(args.profile[1], "the --profile folder")
+        if rows[0].loader_only:
+            raise MdistillerError(f"--profile traces training steps; row {rows[0].name} times the loader alone")
     tiny = list(TINY_IMAGENET_OPTS if family == "imagenet" else TINY_CIFAR_OPTS) if args.tiny else []
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # mdistiller's setting, and our runs' unless EXPERIMENT.DETERMINISTIC
@@ -467,7 +584,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with contextlib.ExitStack() as stack:
         data = ImageNetData() if family == "imagenet" else CifarData(base, args.data, args.synthetic_size, stack)
         base_opts = [*tiny, *data.opts(), *args.opts]
-        cfgs = {row.name: row_cfg(args, row, base_opts) for row in rows}  # every config checked before any timing
+        # every config checked before any timing
+        cfgs = {row.name: row_cfg(args, row, base_opts) for row in rows if not row.loader_only}
+        loader_rows = [row for row in rows if row.loader_only]
+        jpegs = None
+        if loader_rows:
+            jpegs = JpegFolderData(_load(args.cfg, [*tiny, *args.opts]), stack)
+            cfgs.update({row.name: row_cfg(args, row, [*tiny, *args.opts, *jpegs.opts()]) for row in loader_rows})
         if args.profile:
             row = rows[0]
             profile_row(row, cfgs[row.name], data, device, warmup_steps(args, cfgs[row.name], device),
@@ -478,24 +601,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "date": datetime.datetime.now().isoformat(timespec="seconds"), "config": args.cfg, "family": family,
                 "pair": f"{first.DISTILLER.TYPE} {first.DISTILLER.TEACHER} -> {first.DISTILLER.STUDENT}",
                 "data": data.describe(), "teacher_weights": "random"}
+        if jpegs is not None:
+            meta["loader_data"] = jpegs.describe()
         print(header(meta), flush=True)
-        results = []
+        results, loader_results = [], []
+        for row in loader_rows:
+            warmup = max(args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2), 1)
+            print(f"  timing {row.name}: {warmup} warm-up + {steps} batches ...", file=sys.stderr, flush=True)
+            loader_results.append(time_loader_row(row, cfgs[row.name], jpegs, device, steps, warmup))
         for row in rows:
+            if row.loader_only:
+                continue
             warmup = warmup_steps(args, cfgs[row.name], device)
             print(f"  timing {row.name}: {warmup} warm-up + {steps} steps ...", file=sys.stderr, flush=True)
             results.append(time_row(row, cfgs[row.name], data, device, steps, warmup))
             if row.large_batch:
                 results[-1]["what"] += f"; config {large_batch_source(args)}"
-    base_name = add_ratios(results)
-    print(format_table(results, base_name))
-    print(f"s/epoch: {results[0]['epoch_images']:,} training images / images/s (timed on full batches only)")
-    print("\n".join(f"  {r['name']}: {r['what']}; data: {r['data']}" for r in results))
-    if args.markdown:
+    base_name = add_ratios(results) if results else None
+    if results:
+        print(format_table(results, base_name))
+        print(f"s/epoch: {results[0]['epoch_images']:,} training images / images/s (timed on full batches only)")
+        print("\n".join(f"  {r['name']}: {r['what']}; data: {r['data']}" for r in results))
+    if loader_results:
+        print(format_loader_table(loader_results))
+        print("\n".join(f"  {r['name']}: {r['what']}; data: {r['data']}" for r in loader_results))
+    if args.markdown and results:
         print()
         print(format_markdown(results, base_name))
     if args.json:
-        _write_json(args.json, {**meta, "ratio_to": base_name, "rows": results})
-    return results
+        _write_json(args.json, {**meta, "ratio_to": base_name, "rows": results, "loader_rows": loader_results})
+    return results + loader_results
 
 
 def _write_json(path: str, payload: dict) -> None:

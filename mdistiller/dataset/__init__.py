@@ -90,8 +90,9 @@ def _build_views(view_names: Mapping[str, str], mean: tuple, std: tuple) -> dict
     return views
 
 
-def build_cifar_datasets(cfg, train_views: Mapping[str, str]) -> tuple[Dataset, Dataset, int]:
-    """Train and test datasets of DATASET.TYPE (cifar100 / cifar10) and the class count."""
+def build_cifar_datasets(cfg, train_views: Mapping[str, str], device=None) -> tuple[Dataset, Dataset, int]:
+    """Train and test datasets of DATASET.TYPE (cifar100 / cifar10) and the class count (`device`: unused, the
+    builders' common signature)."""
     fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
     folder = ensure_cifar(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD)
     train_images, train_labels = read_cifar_split(cfg.DATASET.TYPE, folder, train=True)
@@ -101,6 +102,7 @@ def build_cifar_datasets(cfg, train_views: Mapping[str, str]) -> tuple[Dataset, 
     return train_set, test_set, fmt.num_classes
 
 
+# DATASET.TYPE -> (cfg, train_views, device=None) -> (train set, test set, class count)
 DATASET_BUILDERS: dict[str, Callable] = {"cifar100": build_cifar_datasets, "cifar10": build_cifar_datasets}
 # Data sets whose class count is read from the files (ImageNet: its class folders): DATASET.TYPE -> cfg -> count.
 CLASS_COUNTERS: dict[str, Callable] = {}
@@ -200,6 +202,12 @@ def uses_device_resident_data(cfg, train_views: Mapping[str, str], device) -> bo
     )
 
 
+def with_augment(train_views: Mapping[str, str], cfg) -> dict[str, str]:
+    """The views to build: DATASET.AUGMENT (a view name, e.g. "deit") replaces the "standard" view when set."""
+    chosen = cfg.DATASET.AUGMENT
+    return {key: chosen if chosen and name == "standard" else name for key, name in train_views.items()}
+
+
 def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0, device=None,
                 rank: int | None = None, world_size: int | None = None):
     """(train_loader, val_loader, num_train, num_classes) for cfg.DATASET, mdistiller's signature.
@@ -215,8 +223,8 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
         known = ", ".join(sorted(DATASET_BUILDERS))
         raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {known}")
     num_classes = num_classes_of(cfg)
-    train_views = train_views or {"image": "standard"}
-    train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views)
+    train_views = with_augment(train_views or {"image": "standard"}, cfg)
+    train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views, device=device)
     if uses_device_resident_data(cfg, train_views, device):
         train_loader, val_loader = _device_resident_loaders(cfg, train_set, test_set, device, seed, rank, world_size)
         return train_loader, val_loader, len(train_set), num_classes
@@ -262,4 +270,5 @@ def get_test_set(cfg) -> Dataset:
     return test_set
 
 
-from . import imagenet  # noqa: E402, F401  (registers DATASET.TYPE imagenet and its views; needs the tables above)
+from . import imagenet  # noqa: E402, F401, I001  (registers DATASET.TYPE imagenet and its views; needs the tables)
+from . import deit_views  # noqa: E402, F401  (registers the ImageNet "deit" view; needs register_view)

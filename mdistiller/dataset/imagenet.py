@@ -8,11 +8,16 @@ versions here; "strong" is MLKD's ImageNet view as the logit-standardisation rep
 Images are decoded lazily, so an unreadable file shows up when a batch first needs it: by default that stops the run
 with the file's name; with DATASET.SKIP_BAD_IMAGES True the next readable image of the split takes its place, and the
 loader (ImageFolderLoader) counts such files and reports them once per pass.
+
+With DATASET.GPU_DECODE on a CUDA run whose distiller needs the standard view alone, the training workers do not
+decode: the batch's JPEG files are decoded on the GPU in one call and cropped, resized, flipped and normalised there
+(jpeg_decode.py, ImageNetJpegFolder, JpegDecodeLoader). Validation keeps the PIL path.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -25,6 +30,7 @@ from tqdm import tqdm
 from ..engine.errors import MdistillerError
 from . import CLASS_COUNTERS, DATASET_BUILDERS, IMAGENET_VIEWS, TEST_SET_BUILDERS, register_view
 from .augment import CUTOUT_FILL, cutout
+from .jpeg_decode import collate_encoded, decode_batch, draw_crop, read_encoded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -267,19 +273,93 @@ class ImageNetFolder(ImageFolder):
             i = (index + offset) % len(self.samples)
             path, target = self.samples[i]
             try:
-                image = self.loader(path)
+                image = self.read(path)
             except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError, ...
                 if not self.skip_bad_images:
-                    raise MdistillerError(
-                        f"unreadable image {path} ({type(exc).__name__}: {str(exc)[:100]}); replace or remove it, or "
-                        f"set DATASET.SKIP_BAD_IMAGES True to skip such files"
-                    ) from None
+                    raise MdistillerError(unreadable_message(path, exc)) from None
                 skipped.append(path)
                 continue
-            item = {key: transform(image) for key, transform in self.views.items()}
+            item = self.make_item(image, path)
             item.update({"target": target, "index": i, SKIPPED_COUNT: len(skipped), SKIPPED_FILES: "\n".join(skipped)})
             return item
         raise MdistillerError(f"no readable image in {self.root} (all {len(self.samples)} files failed to decode)")
+
+    def read(self, path: str):
+        """The image of one file; raises on an unreadable one."""
+        return self.loader(path)
+
+    def make_item(self, image, path: str) -> dict:
+        """The item's images: one transformed view per batch key."""
+        return {key: transform(image) for key, transform in self.views.items()}
+
+
+def unreadable_message(path: str, exc: BaseException) -> str:
+    """The one-line error of an unreadable image."""
+    detail = re.sub(r"^\w+, \S+:\d+, ", "", " ".join(str(exc).split()))  # torchvision's "fn, file.cpp:171, " prefix
+    return (f"unreadable image {path} ({type(exc).__name__}: {detail[:100]}); replace or remove it, or set "
+            f"DATASET.SKIP_BAD_IMAGES True to skip such files")
+
+
+# ---- DATASET.GPU_DECODE (see jpeg_decode.py) ----
+# Runs the GPU_DECODE path on a CPU device (tests, the CPU bench): the same code, decode_jpeg on the CPU.
+DECODE_ON_CPU_ENV = "MDISTILLER_GPU_DECODE_ON_CPU"
+
+
+class JpegDecodeLoader(ImageFolderLoader):
+    """ImageFolderLoader over an ImageNetJpegFolder: workers yield encoded files with their crop boxes and flips,
+    and each batch is decoded and transformed on the folder's device into {"image", "target", "index"}."""
+
+    def __init__(self, dataset: ImageNetJpegFolder, *args, **kwargs):
+        kwargs.setdefault("collate_fn", collate_encoded)
+        super().__init__(dataset, *args, **kwargs)
+
+    def __iter__(self) -> Iterator[dict]:
+        folder = self.dataset
+        for batch in super().__iter__():
+            out = decode_batch(batch, folder.device, folder.image_size, IMAGENET_MEAN, IMAGENET_STD, self._on_bad)
+            if out is not None:
+                yield out
+
+    def _on_bad(self, path: str, exc: Exception) -> None:
+        if not self.dataset.skip_bad_images:
+            raise MdistillerError(unreadable_message(path, exc))
+        self.skipped_images += 1
+        if path not in self.skipped_files:
+            self.skipped_files.append(path)
+        tqdm.write(f"[mdistiller] DATASET.SKIP_BAD_IMAGES: dropped unreadable image {path} from its batch "
+                   f"(no decoder read it: {type(exc).__name__})")
+
+
+class ImageNetJpegFolder(ImageNetFolder):
+    """The training split for DATASET.GPU_DECODE: items hold the encoded file (or, for a file the device decoder
+    does not take, PIL's decoded image), its RandomResizedCrop box and flip; JpegDecodeLoader decodes on `device`."""
+
+    loader_class = JpegDecodeLoader
+
+    def __init__(self, folder: str, image_size: int, device: torch.device | str, skip_bad_images: bool = False):
+        super().__init__(folder, {}, skip_bad_images)
+        self.image_size = image_size
+        self.device = torch.device(device)
+
+    def read(self, path: str):
+        """(encoded bytes or PIL-decoded tensor, header image); raises on a file PIL cannot open."""
+        return read_encoded(path)
+
+    def make_item(self, image, path: str) -> dict:
+        """The encoded image with its crop box and flip coin (drawn as the PIL path's transforms draw them)."""
+        data, header = image
+        box, flip = draw_crop(header)
+        return {"data": data, "box": box, "flip": flip, "path": path}
+
+
+def gpu_decode_blocker(cfg, train_views: Mapping[str, str], device) -> str | None:
+    """Why DATASET.GPU_DECODE cannot apply to this run (None when it applies)."""
+    if dict(train_views) != {"image": "standard"}:
+        return f"the distiller's views {dict(train_views)} are not the standard view alone"
+    on_cpu_allowed = os.environ.get(DECODE_ON_CPU_ENV, "") not in ("", "0")
+    if device is None or (torch.device(device).type != "cuda" and not on_cpu_allowed):
+        return f"the device is {device or 'not given'}, not CUDA"
+    return None
 
 
 def build_imagenet_test_set(cfg) -> ImageNetFolder:
@@ -291,11 +371,21 @@ def build_imagenet_test_set(cfg) -> ImageNetFolder:
                           cfg.DATASET.SKIP_BAD_IMAGES)
 
 
-def build_imagenet_datasets(cfg, train_views: Mapping[str, str]) -> tuple[ImageNetFolder, ImageNetFolder, int]:
-    """Train set (the distiller's views), val set (test transform) and the class count."""
+def build_imagenet_datasets(cfg, train_views: Mapping[str, str],
+                            device=None) -> tuple[ImageNetFolder, ImageNetFolder, int]:
+    """Train set (the distiller's views; decoded on `device` with DATASET.GPU_DECODE), val set (test transform)
+    and the class count."""
     classes = check_layout(cfg.DATASET.ROOT)
     views = build_imagenet_views(train_views, image_size_of(cfg))
-    train_set = ImageNetFolder(split_folder(cfg.DATASET.ROOT, "train"), views, cfg.DATASET.SKIP_BAD_IMAGES)
+    folder = split_folder(cfg.DATASET.ROOT, "train")
+    blocker = gpu_decode_blocker(cfg, train_views, device) if cfg.DATASET.GPU_DECODE else None
+    if blocker:
+        tqdm.write(f"[mdistiller] DATASET.GPU_DECODE: decoding with PIL in the workers instead: {blocker}")
+    if cfg.DATASET.GPU_DECODE and not blocker:
+        train_set = ImageNetJpegFolder(folder, image_size_of(cfg), device, cfg.DATASET.SKIP_BAD_IMAGES)
+        tqdm.write(f"[mdistiller] DATASET.GPU_DECODE: training JPEGs decoded on {train_set.device}, batched")
+    else:
+        train_set = ImageNetFolder(folder, views, cfg.DATASET.SKIP_BAD_IMAGES)
     return train_set, build_imagenet_test_set(cfg), len(classes)
 
 

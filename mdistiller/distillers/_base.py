@@ -5,7 +5,8 @@ What a method needs from the trainer it declares here instead of the trainer bra
 - `train_views`: batch key -> training view name (see mdistiller.dataset.TRAIN_VIEWS);
 - `get_learnable_parameters()`: student parameters plus any extra modules (projectors, temperatures);
 - `epoch_metrics()`: scalars to log once per epoch (e.g. a learned temperature);
-- `apply_logit_stand_flags(cfg, base_temp, kd_weight)`: how `--logit-stand` maps onto the method's keys.
+- `apply_logit_stand_flags(cfg, base_temp, kd_weight)`: how `--logit-stand` maps onto the method's keys;
+- `accepts_soft_targets`: whether its losses train on the soft labels of DATASET.MIXUP.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Distiller(nn.Module):
     requires_teacher: bool = True
     train_views: Mapping[str, str] = {"image": "standard"}
     supports_logit_stand: bool = False
+    accepts_soft_targets: bool = False  # whether "target" may be (B, C) soft labels (DATASET.MIXUP)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
         super().__init__()

@@ -24,6 +24,7 @@ class KD(Distiller):
     """`CE_WEIGHT * CE + KD_WEIGHT * kd_loss(T)`; with logit standardisation the KL compares z-scored logits."""
 
     supports_logit_stand = True
+    accepts_soft_targets = True  # CE with probabilities: trains under DATASET.MIXUP
 
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher, cfg)

@@ -14,6 +14,7 @@ class Vanilla(Distiller):
     """Plain supervised training."""
 
     requires_teacher = False
+    accepts_soft_targets = True  # CE with probabilities: trains under DATASET.MIXUP
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
         super().__init__(student, None, cfg)

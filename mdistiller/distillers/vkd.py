@@ -107,6 +107,7 @@ class VKD(Distiller):
     """Orthogonal-projection feature distillation; see the module docstring."""
 
     supports_logit_stand = True
+    accepts_soft_targets = True  # CE with probabilities: trains under DATASET.MIXUP
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
         super().__init__(student, teacher, cfg)

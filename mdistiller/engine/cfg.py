@@ -41,6 +41,16 @@ CFG.DATASET.NUM_CLASSES = 0  # 0: taken from the data set; otherwise must agree 
 CFG.DATASET.DEVICE_RESIDENT = True  # CIFAR on CUDA: keep the data on the GPU and augment there (no workers)
 CFG.DATASET.IMAGE_SIZE = 224  # ImageNet: RandomResizedCrop size for training, CenterCrop size for testing
 CFG.DATASET.SKIP_BAD_IMAGES = False  # ImageNet: an unreadable image stops the run (False) or is skipped and counted
+CFG.DATASET.GPU_DECODE = False  # ImageNet on CUDA, standard view: decode the training JPEGs on the GPU, batched
+# ours: a training view that replaces the methods' "standard" one ("" keeps it; "deit": timm's DeiT augmentation)
+CFG.DATASET.AUGMENT = ""
+# ours: Mixup / CutMix / label smoothing on training batches (timm's, the DeiT recipe); 0 everywhere: off
+CFG.DATASET.MIXUP = CN()
+CFG.DATASET.MIXUP.MIXUP_ALPHA = 0.0
+CFG.DATASET.MIXUP.CUTMIX_ALPHA = 0.0
+CFG.DATASET.MIXUP.PROB = 1.0
+CFG.DATASET.MIXUP.SWITCH_PROB = 0.5
+CFG.DATASET.MIXUP.LABEL_SMOOTHING = 0.0
 CFG.DATASET.TEST = CN()
 CFG.DATASET.TEST.BATCH_SIZE = 64
 
@@ -66,6 +76,9 @@ CFG.SOLVER.NAN_POLICY = "stop"  # ours: "stop" | "skip" a step whose loss is not
 CFG.SOLVER.TYPE = "SGD"
 # ours: linear per-step warm-up of the LR over the first N epochs (0: none, mdistiller's recipe); large-batch mode
 CFG.SOLVER.LR_WARMUP_EPOCHS = 0.0
+# ours: "step" (mdistiller's LR_DECAY_STAGES x LR_DECAY_RATE) or "cosine" to LR_MIN, per step (DeiT / VkD)
+CFG.SOLVER.LR_SCHEDULE = "step"
+CFG.SOLVER.LR_MIN = 0.0
 # ours, speed switches (off = the published fp32 recipe; see README "Speed"): bf16 autocast with losses in fp32,
 # channels_last tensors, and torch.compile of the distiller's forward ("" off, or a torch.compile mode)
 CFG.SOLVER.AMP = False
@@ -360,6 +373,11 @@ def validate_cfg(cfg: CN) -> None:
     if cfg.SOLVER.LR_WARMUP_EPOCHS < 0:
         raise MdistillerError(f"SOLVER.LR_WARMUP_EPOCHS must be >= 0, got {cfg.SOLVER.LR_WARMUP_EPOCHS}")
     from .accel import COMPILE_MODES
+    from .trainer import LR_SCHEDULES
+
+    if cfg.SOLVER.LR_SCHEDULE not in LR_SCHEDULES:
+        raise MdistillerError(f"SOLVER.LR_SCHEDULE {cfg.SOLVER.LR_SCHEDULE!r} is not supported; use one of "
+                              f"{', '.join(LR_SCHEDULES)}")
     from .optim import OPTIMIZERS
 
     if cfg.SOLVER.COMPILE not in COMPILE_MODES:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..dataset.mixing import build_batch_mixer, hard_labels
 from . import accel, distributed
 from .cfg import cfg_to_dict
 from .checkpoint import atomic_write_text, load_checkpoint, remove_stale_temp_files, save_checkpoint
@@ -67,23 +68,34 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted by {self.signal_name} at {where}; {checkpoint} holds that state")
 
 
-def learning_rate(cfg, epoch: int, epoch_fraction: float = 1.0) -> float:
-    """mdistiller's step schedule: epochs are 1-based; LR x RATE after each stage the epoch is strictly past.
+LR_SCHEDULES = ("step", "cosine")
 
-    With SOLVER.LR_WARMUP_EPOCHS W > 0 the LR is also scaled by `min(1, done / W)`, `done` = the epochs completed
-    after the current step (`epoch - 1 + epoch_fraction`): a per-step linear ramp (Goyal et al., 2017).
+
+def learning_rate(cfg, epoch: int, epoch_fraction: float = 1.0) -> float:
+    """The LR after `epoch_fraction` of (1-based) `epoch`, by SOLVER.LR_SCHEDULE:
+
+    - "step" (mdistiller's): LR x LR_DECAY_RATE after each of LR_DECAY_STAGES the epoch is strictly past;
+    - "cosine" (DeiT's): `LR_MIN + (LR - LR_MIN) (1 + cos(pi t / EPOCHS)) / 2`, t = epochs done, set every step.
+
+    With SOLVER.LR_WARMUP_EPOCHS W > 0 the LR is also scaled by `min(1, t / W)`: a per-step linear ramp (Goyal et
+    al., 2017), t = `epoch - 1 + epoch_fraction`.
     """
-    steps = int(np.sum(epoch > np.asarray(cfg.SOLVER.LR_DECAY_STAGES)))
-    lr = cfg.SOLVER.LR * cfg.SOLVER.LR_DECAY_RATE**steps
-    warmup = cfg.SOLVER.LR_WARMUP_EPOCHS
-    if warmup > 0:
-        lr *= min(1.0, (epoch - 1 + epoch_fraction) / warmup)
+    solver = cfg.SOLVER
+    done = epoch - 1 + epoch_fraction
+    if solver.LR_SCHEDULE == "cosine":
+        progress = min(max(done / solver.EPOCHS, 0.0), 1.0)
+        lr = solver.LR_MIN + (solver.LR - solver.LR_MIN) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        steps = int(np.sum(epoch > np.asarray(solver.LR_DECAY_STAGES)))
+        lr = solver.LR * solver.LR_DECAY_RATE**steps
+    if solver.LR_WARMUP_EPOCHS > 0:
+        lr *= min(1.0, done / solver.LR_WARMUP_EPOCHS)
     return lr
 
 
-def in_warmup(cfg, epoch: int) -> bool:
-    """Whether the LR of `epoch` changes step by step (it lies in SOLVER.LR_WARMUP_EPOCHS)."""
-    return epoch - 1 < cfg.SOLVER.LR_WARMUP_EPOCHS
+def lr_changes_within(cfg, epoch: int) -> bool:
+    """Whether the LR of `epoch` is set step by step (cosine schedule, or an epoch of the warm-up)."""
+    return cfg.SOLVER.LR_SCHEDULE == "cosine" or epoch - 1 < cfg.SOLVER.LR_WARMUP_EPOCHS
 
 
 def check_distributed(cfg, device: torch.device, world: int) -> None:
@@ -176,7 +188,7 @@ class _EpochStats:
     def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor, target: torch.Tensor) -> None:
         for name, term in losses.items():
             self.loss_sums[name] = self.loss_sums.get(name, 0.0) + term.detach().mean()
-        self.correct += topk_correct(logits.detach(), target, (1,))[0]
+        self.correct += topk_correct(logits.detach(), hard_labels(target), (1,))[0]
         self.seen += len(target)
         self.steps += 1
 
@@ -289,6 +301,12 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.optimizer = build_optimizer(cfg, self.distiller)
+        self.mix_batch = build_batch_mixer(cfg, self._num_classes())  # DATASET.MIXUP, None when off
+        if self.mix_batch is not None and not getattr(self.distiller, "accepts_soft_targets", False):
+            raise MdistillerError(
+                f"DATASET.MIXUP gives soft labels, which {type(self.distiller).__name__} cannot train on "
+                f"(its losses index the target class): set the DATASET.MIXUP values to 0"
+            )
         self.nan_policy = cfg.SOLVER.NAN_POLICY
         if self.nan_policy not in NAN_POLICIES:
             raise MdistillerError(
@@ -517,6 +535,11 @@ class Trainer:
             f"without saving: {kept}. Lower SOLVER.LR, check the loss weights, or set SOLVER.NAN_POLICY skip"
         )
 
+    def prepare_batch(self, batch: dict) -> dict:
+        """A loaded training batch on the device, in the run's memory format, mixed under DATASET.MIXUP."""
+        batch = accel.batch_to_device(batch, self.device, self.memory_format)
+        return self.mix_batch(batch) if self.mix_batch is not None else batch
+
     def forward_step(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The distiller's training forward on a device batch, under the run's precision: (logits, loss terms)."""
         accel.begin_step(self.cfg)
@@ -532,7 +555,7 @@ class Trainer:
 
     def train_step(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step on a host or device batch; returns device tensors only, never syncs the host."""
-        batch = accel.batch_to_device(batch, self.device, self.memory_format)
+        batch = self.prepare_batch(batch)
         logits, losses = self.forward_step(batch, epoch)
         self.update(losses)
         return logits, losses
@@ -566,12 +589,12 @@ class Trainer:
                 set_rng_state(partial["rng"])  # the RNG exactly as it was after that step
         progress = tqdm(iterator, desc=f"epoch {epoch}", initial=step, total=steps_total, leave=False,
                         dynamic_ncols=True, disable=self._quiet)
-        warming_up = in_warmup(self.cfg, epoch) and steps_total
+        per_step_lr = lr_changes_within(self.cfg, epoch) and steps_total
         for batch in progress:
             step += 1
-            if warming_up:
+            if per_step_lr:
                 self.set_lr(learning_rate(self.cfg, epoch, step / steps_total))
-            batch = accel.batch_to_device(batch, self.device, self.memory_format)
+            batch = self.prepare_batch(batch)
             logits, losses = self.forward_step(batch, epoch)
             bad = watch.update(step, losses)
             if self.nan_policy == "skip" and self._any_rank(bad):  # one host sync per step, as GradScaler makes
