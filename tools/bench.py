@@ -423,23 +423,30 @@ class RowRun:
             torch.cuda.empty_cache()
 
 
-def time_row(row: Row, cfg, data, device: torch.device, steps: int, warmup: int) -> dict:
-    """Build the row, run warm-up steps, then time `steps` steps between two device synchronisations."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+@contextlib.contextmanager
+def warmed_up(row: Row, cfg, data, device: torch.device, warmup: int) -> Iterator[RowRun]:
+    """A row's run after `warmup` steps and a device synchronisation; closed (and freed) on exit."""
     with contextlib.ExitStack() as stack:
         run = RowRun(row, cfg, data, device, stack)
         try:
             for _ in range(warmup):
                 run.step()
             synchronize(device)
-            started = time.perf_counter()
-            images = sum(run.step() for _ in range(steps))
-            synchronize(device)
-            seconds = time.perf_counter() - started
-            epoch_images = run.epoch_images
+            yield run
         finally:
             run.close()
+
+
+def time_row(row: Row, cfg, data, device: torch.device, steps: int, warmup: int) -> dict:
+    """Build the row, run warm-up steps, then time `steps` steps between two device synchronisations."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with warmed_up(row, cfg, data, device, warmup) as run:
+        started = time.perf_counter()
+        images = sum(run.step() for _ in range(steps))
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        epoch_images = run.epoch_images
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     rate = images / seconds
     return {"name": row.name, "what": row.what, "batch": cfg.SOLVER.BATCH_SIZE, "images_per_s": rate,
@@ -468,28 +475,21 @@ def profile_row(row: Row, cfg, data, device: torch.device, warmup: int, folder: 
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with contextlib.ExitStack() as stack:
-        run = RowRun(row, cfg, data, device, stack)
-        try:
-            for _ in range(warmup):
-                run.step()
+    with warmed_up(row, cfg, data, device, warmup) as run:
+        data_s = step_s = 0.0
+        with profile(activities=activities) as prof:
+            started = time.perf_counter()
+            for _ in range(PROFILE_STEPS):
+                t0 = time.perf_counter()
+                batch = next(run.batches)
+                t1 = time.perf_counter()
+                _, losses = run.trainer.train_step(batch, epoch=1)
+                if row.sync_every_step:
+                    sum(term.mean() for term in losses.values()).item()
+                data_s += t1 - t0
+                step_s += time.perf_counter() - t1
             synchronize(device)
-            data_s = step_s = 0.0
-            with profile(activities=activities) as prof:
-                started = time.perf_counter()
-                for _ in range(PROFILE_STEPS):
-                    t0 = time.perf_counter()
-                    batch = next(run.batches)
-                    t1 = time.perf_counter()
-                    _, losses = run.trainer.train_step(batch, epoch=1)
-                    if row.sync_every_step:
-                        sum(term.mean() for term in losses.values()).item()
-                    data_s += t1 - t0
-                    step_s += time.perf_counter() - t1
-                synchronize(device)
-                wall = time.perf_counter() - started
-        finally:
-            run.close()
+            wall = time.perf_counter() - started
     trace = os.path.join(folder, f"{row.name}.trace.json")
     prof.export_chrome_trace(trace)
     averages = prof.key_averages()
