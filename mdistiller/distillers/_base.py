@@ -116,14 +116,21 @@ def _clone_tensors(value):
 CIFAR_INPUT_SIZE = (32, 32)
 
 
-def probe_input_size(cfg, configured) -> tuple[int, int]:
+def probe_input_size(cfg, configured, key: str = "INPUT_SIZE") -> tuple[int, int]:
     """The input size of a dry forward that reads feature shapes: the method's INPUT_SIZE key when set to something
     other than its CIFAR default, else the data set's own (DATASET.IMAGE_SIZE on ImageNet). The authors' ImageNet
-    WKD-F configs leave WKD.INPUT_SIZE at its default."""
+    WKD-F configs leave WKD.INPUT_SIZE at its default. On ImageNet a set INPUT_SIZE must equal the training size:
+    the shapes read at another size would not be those the run trains on."""
     configured = tuple(int(v) for v in configured)
-    if configured != CIFAR_INPUT_SIZE or cfg.DATASET.TYPE != "imagenet":
-        return configured
-    return (int(cfg.DATASET.IMAGE_SIZE), int(cfg.DATASET.IMAGE_SIZE))
+    if cfg.DATASET.TYPE != "imagenet" or configured == CIFAR_INPUT_SIZE:
+        return configured if cfg.DATASET.TYPE != "imagenet" else (int(cfg.DATASET.IMAGE_SIZE),) * 2
+    training = (int(cfg.DATASET.IMAGE_SIZE),) * 2
+    if configured != training:
+        raise MdistillerError(
+            f"{key} {configured} differs from DATASET.IMAGE_SIZE {training[0]}: the feature shapes must be read at the "
+            f"training size; set {key} {training} (or leave it at its default {CIFAR_INPUT_SIZE} on ImageNet)"
+        )
+    return configured
 
 
 @fp32_loss

@@ -118,7 +118,7 @@ class VKD(Distiller):
         self.temperature = vkd.T
         self.student_feature = get_vkd_feature(vkd.STUDENT_FEATURE)
         self.teacher_feature = get_vkd_feature(vkd.TEACHER_FEATURE)
-        probe_size = probe_input_size(cfg, vkd.INPUT_SIZE)
+        probe_size = probe_input_size(cfg, vkd.INPUT_SIZE, "VKD.INPUT_SIZE")
         student_dim, teacher_dim = feature_dims(
             student, teacher, self.student_feature, self.teacher_feature, probe_size
         )

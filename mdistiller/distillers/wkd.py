@@ -209,7 +209,8 @@ class WKD(Distiller):
             self.eps = wkd.EPS
             self.hint_layer = wkd.HINT_LAYER
             self.spatial_grid = wkd.SPATIAL_GRID
-            s_shapes, t_shapes = feature_shapes(student, teacher, probe_input_size(cfg, wkd.INPUT_SIZE))
+            probe_size = probe_input_size(cfg, wkd.INPUT_SIZE, "WKD.INPUT_SIZE")
+            s_shapes, t_shapes = feature_shapes(student, teacher, probe_size)
             for name, shapes in (("student", s_shapes), ("teacher", t_shapes)):
                 if not -len(shapes) <= self.hint_layer < len(shapes):
                     raise MdistillerError(
