@@ -146,9 +146,10 @@ def test_the_deit_config_trains_an_epoch_with_its_recipe(tmp_path):
 
     from mdistiller.dataset import get_dataset
     from mdistiller.engine.trainer import Trainer
+    from mdistiller.engine.utils import set_seed
 
     root = write_imagenet(str(tmp_path / "data"), n_train=4, n_val=2)
-    torch.manual_seed(0)
+    set_seed(0)  # python's and numpy's RNGs too: timm's RandAugment and Mixup draw from them
     teacher_file = tmp_path / "resnet18-f37072fd.pth"
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), teacher_file)
     cfg = load_cfg(str(REPO / "configs/imagenet/deit/deit_tiny_vkd.yaml"), [
