@@ -327,3 +327,20 @@ def test_large_batch_recipe_reaches_the_batch64_accuracy_on_a_learnable_task(tmp
     assert mean_small > 85, small
     assert abs(mean_large - mean_small) <= 2.0, (small, large)
     assert unscaled < mean_small - 8, (unscaled, small)
+
+
+def test_large_batch_config_trains_through_the_cli_with_its_switches(tmp_path, cifar100_tiny_root, teacher_ckpt):
+    """tools/train.py with the fast config (bf16 autocast, channels_last, warm-up; compile off to stay quick on the
+    CPU): one epoch, the run log names the switches, checkpoints hold fp32 weights under their usual names."""
+    from conftest import run_overrides, run_tool
+
+    result = run_tool("train.py", "--cfg", str(FAST_CFG), *run_overrides(tmp_path, cifar100_tiny_root),
+                      "DISTILLER.TEACHER", "resnet20", "DISTILLER.STUDENT", "resnet8", "SOLVER.BATCH_SIZE", "16",
+                      "SOLVER.COMPILE", "", "DISTILLER.TEACHER_CKPT", teacher_ckpt("resnet20"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bf16 autocast, channels_last" in result.stdout
+    (run_dir,) = [p for p in (tmp_path / "output").glob("*/*") if p.is_dir()]
+    assert run_dir.parent.name == "cifar100_fast"
+    student = torch.load(run_dir / "student_best", weights_only=False)["model"]
+    assert all(t.dtype == torch.float32 for k, t in student.items() if t.is_floating_point())
+    assert set(student) == set(cifar_model_dict["resnet8"][0](num_classes=100).state_dict())
