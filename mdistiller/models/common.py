@@ -1,9 +1,12 @@
-"""What every zoo model shares: the reference initialisations and the stage-channel accessor."""
+"""What every zoo model shares: the reference initialisations, the stage-channel accessor, and the stage of blocks
+that return `(out, preact)` with the ResNet way of building and running them."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable
 
+import torch
 from torch import nn
 
 
@@ -15,6 +18,37 @@ class ZooModel(nn.Module):
     def get_stage_channels(self) -> list[int]:
         """Channels of ``feats[1:]`` (the stage outputs)."""
         return list(self.stage_channels)
+
+
+class Stage(nn.Sequential):
+    """Blocks in sequence (children `0`, `1`, ... as the published `layerN`), each returning ``(out, preact)``;
+    returns the pair of its last block."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        preact = x
+        for block in self:
+            x, preact = block(x)
+        return x, preact
+
+
+def resnet_stage(block: Callable[[int, int, int], nn.Module], in_planes: int, planes: int, blocks: int,
+                 stride: int, expansion: int) -> tuple[Stage, int]:
+    """`blocks` blocks `block(in, planes, stride)`, the first with `stride`; the stage and its output channels."""
+    layers: list[nn.Module] = []
+    for s in [stride] + [1] * (blocks - 1):
+        layers.append(block(in_planes, planes, s))
+        in_planes = planes * expansion
+    return Stage(*layers), in_planes
+
+
+def run_stages(x: torch.Tensor, stages: Iterable[nn.Module]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each stage's output and pre-activation, running the stages in sequence from `x`."""
+    outs, preacts = [], []
+    for stage in stages:
+        x, preact = stage(x)
+        outs.append(x)
+        preacts.append(preact)
+    return outs, preacts
 
 
 def kaiming_init(model: nn.Module) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import ZooModel, kaiming_init
+from ..common import Stage, ZooModel, kaiming_init
 
 __all__ = [
     "BasicBlock",
@@ -83,16 +83,6 @@ class Bottleneck(nn.Module):
 
 
 Block = Union[type[BasicBlock], type[Bottleneck]]
-
-
-class Stage(nn.Sequential):
-    """A sequence of blocks that each return ``(out, preact)``; returns the pair of its last block."""
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        preact = x
-        for block in self:
-            x, preact = block(x)
-        return x, preact
 
 
 class ResNet(ZooModel):

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import ZooModel, kaiming_init
-from .resnet import Stage
+from ..common import ZooModel, kaiming_init, resnet_stage, run_stages
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152"]
 
@@ -100,12 +99,9 @@ class ResNet(ZooModel):
             b.bn3 if isinstance(b, Bottleneck) else b.bn2 for b in blocks if isinstance(b, (BasicBlock, Bottleneck))
         ]
 
-    def _make_layer(self, block: Block, planes: int, num_blocks: int, stride: int) -> Stage:
-        layers: list[nn.Module] = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(block(self.in_planes, planes, s))
-            self.in_planes = planes * block.expansion
-        return Stage(*layers)
+    def _make_layer(self, block: Block, planes: int, num_blocks: int, stride: int) -> nn.Module:
+        stage, self.in_planes = resnet_stage(block, self.in_planes, planes, num_blocks, stride, block.expansion)
+        return stage
 
     def get_feat_modules(self) -> nn.ModuleList:
         """Modules producing the intermediate features, in order."""
@@ -117,18 +113,10 @@ class ResNet(ZooModel):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = self.layer1(f0)
-        f2, f2_pre = self.layer2(f1)
-        f3, f3_pre = self.layer3(f2)
-        f4, f4_pre = self.layer4(f3)
-        avg = self.avgpool(f4).flatten(1)
-        out = self.linear(avg)
-        feats = {
-            "feats": [f0, f1, f2, f3, f4],
-            "preact_feats": [f0, f1_pre, f2_pre, f3_pre, f4_pre],
-            "pooled_feat": avg,
-        }
-        return out, feats
+        outs, preacts = run_stages(f0, (self.layer1, self.layer2, self.layer3, self.layer4))
+        avg = self.avgpool(outs[-1]).flatten(1)
+        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": avg}
+        return self.linear(avg), feats
 
 
 def ResNet18(num_classes: int = 100, **kwargs: Any) -> ResNet:

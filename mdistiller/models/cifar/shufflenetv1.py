@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import ZooModel
-from .resnet import Stage
+from ..common import Stage, ZooModel
 
 __all__ = ["Bottleneck", "ShuffleBlock", "ShuffleNet", "ShuffleV1", "channel_shuffle"]
 

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import ZooModel
-from .resnet import Stage
+from ..common import Stage, ZooModel
 from .shufflenetv1 import ShuffleBlock
 
 __all__ = ["BasicBlock", "DownBlock", "ShuffleNetV2", "ShuffleV2", "SplitBlock", "configs"]

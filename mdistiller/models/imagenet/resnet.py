@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import ZooModel, kaiming_init
+from ..common import ZooModel, kaiming_init, resnet_stage, run_stages
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152"]
 
@@ -83,16 +83,6 @@ class Bottleneck(nn.Module):
 Block = Union[type[BasicBlock], type[Bottleneck]]
 
 
-class Stage(nn.Sequential):
-    """Blocks in sequence (children `0`, `1`, ... as torchvision's `layerN`); returns the last ``(out, preact)``."""
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        preact = x
-        for block in self:
-            x, preact = block(x)
-        return x, preact
-
-
 class ResNet(ZooModel):
     """torchvision's ImageNet ResNet (7x7 stem, max-pool, four stages, global average pool, `fc`)."""
 
@@ -117,12 +107,9 @@ class ResNet(ZooModel):
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.constant_(m.last_bn.weight, 0)
 
-    def _make_layer(self, block: Block, planes: int, blocks: int, stride: int) -> Stage:
-        layers: list[nn.Module] = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(block(self.in_planes, planes, s))
-            self.in_planes = planes * block.expansion
-        return Stage(*layers)
+    def _make_layer(self, block: Block, planes: int, blocks: int, stride: int) -> nn.Module:
+        stage, self.in_planes = resnet_stage(block, self.in_planes, planes, blocks, stride, block.expansion)
+        return stage
 
     def get_bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """The BN right before the final ReLU of each stage (its last block's last BN)."""
@@ -131,18 +118,10 @@ class ResNet(ZooModel):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         stem_pre = self.bn1(self.conv1(x))
         stem = F.relu(stem_pre)
-        f1, f1_pre = self.layer1(self.maxpool(stem))
-        f2, f2_pre = self.layer2(f1)
-        f3, f3_pre = self.layer3(f2)
-        f4, f4_pre = self.layer4(f3)
-        pooled = torch.flatten(self.avgpool(f4), 1)
-        logits = self.fc(pooled)
-        feats = {
-            "feats": [stem, f1, f2, f3, f4],
-            "preact_feats": [stem_pre, f1_pre, f2_pre, f3_pre, f4_pre],
-            "pooled_feat": pooled,
-        }
-        return logits, feats
+        outs, preacts = run_stages(self.maxpool(stem), (self.layer1, self.layer2, self.layer3, self.layer4))
+        pooled = torch.flatten(self.avgpool(outs[-1]), 1)
+        feats = {"feats": [stem, *outs], "preact_feats": [stem_pre, *preacts], "pooled_feat": pooled}
+        return self.fc(pooled), feats
 
 
 def ResNet18(num_classes: int = 1000, **kwargs: Any) -> ResNet:
