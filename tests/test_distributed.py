@@ -350,3 +350,27 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resume_is_bit
 def _worklog_without_times(run_dir: Path) -> list[str]:
     lines = (run_dir / "worklog.txt").read_text().splitlines()
     return [line for line in lines if not line.startswith("epoch_seconds")]
+
+
+@needs_gloo
+def test_torchrun_trains_kd_on_an_imagenet_folder(tmp_path, tmp_path_factory):
+    """`torchrun ... tools/train.py` with an ImageNet config on a tiny ImageFolder of real JPEGs: 2 processes, global
+    batch 8 (4 a rank), a torchvision-format teacher; the 24 training images make 3 global steps and rank 0 logs
+    the whole test set once."""
+    import torchvision
+    from test_imagenet_cli import KD, _overrides
+    from test_imagenet_data import write_imagenet
+
+    root = write_imagenet(str(tmp_path_factory.mktemp("tiny_imagenet")))
+    teacher = tmp_path / "resnet18-f37072fd.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), teacher)
+    result = _torchrun(str(REPO / "tools" / "train.py"), "--cfg", KD, *_overrides(tmp_path, root),
+                       "DISTILLER.TEACHER_CKPT", str(teacher))
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "24 training images, 3 classes" in output and "x 2 processes (global batch 8)" in output
+    (run_dir,) = [p for p in (tmp_path / "output").glob("*/*") if p.is_dir()]
+    worklog = (run_dir / "worklog.txt").read_text()
+    assert re.findall(r"^epoch: (\d+)$", worklog, re.M) == ["1"] and re.search(r"^loss_kd: [\d.]+$", worklog, re.M)
+    assert torch.load(run_dir / "student_best", weights_only=False)["arch"] == "ResNet18"
