@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import Stage, ZooModel, kaiming_init
+from ..common import Stage, ZooModel, kaiming_init, run_stages
 
 __all__ = [
     "BasicBlock",
@@ -147,17 +147,10 @@ class ResNet(ZooModel):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = self.relu(self.bn1(self.conv1(x)))  # 32x32
-        f1, f1_pre = self.layer1(f0)  # 32x32
-        f2, f2_pre = self.layer2(f1)  # 16x16
-        f3, f3_pre = self.layer3(f2)  # 8x8
-        avg = self.avgpool(f3).flatten(1)
-        out = self.fc(avg)
-        feats = {
-            "feats": [f0, f1, f2, f3],
-            "preact_feats": [f0, f1_pre, f2_pre, f3_pre],
-            "pooled_feat": avg,
-        }
-        return out, feats
+        outs, preacts = run_stages(f0, (self.layer1, self.layer2, self.layer3))  # 32x32, 16x16, 8x8
+        avg = self.avgpool(outs[-1]).flatten(1)
+        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": avg}
+        return self.fc(avg), feats
 
 
 def resnet8(num_classes: int = 100, **kwargs: Any) -> ResNet:

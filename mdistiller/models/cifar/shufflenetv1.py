@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import Stage, ZooModel
+from ..common import Stage, ZooModel, run_stages
 
 __all__ = ["Bottleneck", "ShuffleBlock", "ShuffleNet", "ShuffleV1", "channel_shuffle"]
 
@@ -102,17 +102,10 @@ class ShuffleNet(ZooModel):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = self.layer1(f0)
-        f2, f2_pre = self.layer2(f1)
-        f3, f3_pre = self.layer3(f2)
-        pooled = F.avg_pool2d(f3, 4).flatten(1)
-        logits = self.linear(pooled)
-        feats = {
-            "feats": [f0, f1, f2, f3],
-            "preact_feats": [f0, f1_pre, f2_pre, f3_pre],
-            "pooled_feat": pooled,
-        }
-        return logits, feats
+        outs, preacts = run_stages(f0, (self.layer1, self.layer2, self.layer3))
+        pooled = F.avg_pool2d(outs[-1], 4).flatten(1)
+        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": pooled}
+        return self.linear(pooled), feats
 
 
 def ShuffleV1(num_classes: int = 100, **kwargs: Any) -> ShuffleNet:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import Stage, ZooModel
+from ..common import Stage, ZooModel, run_stages
 from .shufflenetv1 import ShuffleBlock
 
 __all__ = ["BasicBlock", "DownBlock", "ShuffleNetV2", "ShuffleV2", "SplitBlock", "configs"]
@@ -130,18 +130,11 @@ class ShuffleNetV2(ZooModel):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = self.layer1(f0)
-        f2, f2_pre = self.layer2(f1)
-        f3, f3_pre = self.layer3(f2)
-        out = F.relu(self.bn2(self.conv2(f3)))
+        outs, preacts = run_stages(f0, (self.layer1, self.layer2, self.layer3))
+        out = F.relu(self.bn2(self.conv2(outs[-1])))
         pooled = F.avg_pool2d(out, 4).flatten(1)
-        logits = self.linear(pooled)
-        feats = {
-            "feats": [f0, f1, f2, f3],
-            "preact_feats": [f0, f1_pre, f2_pre, f3_pre],
-            "pooled_feat": pooled,
-        }
-        return logits, feats
+        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": pooled}
+        return self.linear(pooled), feats
 
 
 def ShuffleV2(num_classes: int = 100, **kwargs: Any) -> ShuffleNetV2:
