@@ -15,7 +15,7 @@ import pytest
 
 from mdistiller.dataset.cifar import read_cifar_split
 from mdistiller.dataset.cifar_files import write_cifar
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ROWS = ("reference", "ours", "amp", "channels_last")
@@ -27,10 +27,7 @@ TABLE_LINE = re.compile(r"^(\w+)\s+(\d+)\s+([\d,.]+)\s+([\d.]+)\s+(-|[\d.]+ GiB)
 @pytest.fixture(scope="module")
 def bench():
     """tools/bench.py imported as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mdistiller.cli.bench")
     return module
 
 

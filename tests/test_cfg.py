@@ -10,7 +10,7 @@ import torch
 
 from mdistiller.engine.build import build_model
 from mdistiller.engine.cfg import cfg_text, default_cfg, dump_cfg, load_cfg, merge_opts, validate_cfg
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_CONFIGS = sorted((Path(__file__).parent / "data" / "reference_configs").rglob("*.yaml"))
@@ -18,9 +18,7 @@ OUR_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 def _load_train_tool():
-    spec = importlib.util.spec_from_file_location("train_tool", REPO / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mdistiller.cli.train")
     return module
 
 

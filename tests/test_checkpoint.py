@@ -10,7 +10,7 @@ import torch
 from mdistiller.engine.build import build_teacher, teacher_checkpoint_path
 from mdistiller.engine.cfg import default_cfg
 from mdistiller.engine.checkpoint import load_model_weights, save_checkpoint
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 from mdistiller.models import cifar_model_dict
 
 

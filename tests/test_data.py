@@ -12,7 +12,7 @@ import torch
 from mdistiller.dataset import get_dataset, num_classes_of
 from mdistiller.dataset.cifar import read_cifar_split
 from mdistiller.engine.cfg import default_cfg
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 
 from cifar_files import write_cifar10, write_cifar100
 

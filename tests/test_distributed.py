@@ -19,10 +19,10 @@ from torch.utils.data import BatchSampler, RandomSampler
 
 from mdistiller.dataset import ShardedBatchSampler, eval_loader
 from mdistiller.dataset.device_cifar import DeviceCifarLoader
+from mdistiller.distributed import rank_seed, shard_bounds
 from mdistiller.engine.cfg import default_cfg
-from mdistiller.engine.distributed import rank_seed, shard_bounds
-from mdistiller.engine.errors import MdistillerError
 from mdistiller.engine.trainer import check_distributed
+from mdistiller.errors import MdistillerError
 
 from conftest import REPO, run_overrides
 
@@ -163,7 +163,7 @@ def global_batch() -> dict[str, torch.Tensor]:
 STEP_SCRIPT = """
 import sys
 import torch
-from mdistiller.engine import distributed
+from mdistiller import distributed
 from mdistiller.engine.trainer import Trainer
 from test_distributed import build_kd, global_batch, step_cfg
 

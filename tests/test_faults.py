@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mdistiller.cli import run_cli
 from mdistiller.distillers import Distiller, distiller_dict, register_distiller
 from mdistiller.distillers._base import cross_entropy
-from mdistiller.engine.cli import run_cli
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 
 from conftest import REPO, run_overrides
 
@@ -70,9 +70,7 @@ def _clean_plan():
 
 @pytest.fixture(scope="module")
 def train_tool():
-    spec = importlib.util.spec_from_file_location("train_tool_faults", REPO / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mdistiller.cli.train")
     return module
 
 
@@ -144,7 +142,7 @@ def test_sigint_stops_after_the_step_exits_130_and_resumes_exactly(tmp_path, cif
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, cifar100_tiny_root, train_tool, monkeypatch):
-    import mdistiller.engine.checkpoint as checkpoint
+    import mdistiller.files as checkpoint
 
     real_save, real_mkstemp = torch.save, checkpoint.tempfile.mkstemp
     temp_names: dict[int, str] = {}  # fd -> temporary file name: which checkpoint a torch.save writes

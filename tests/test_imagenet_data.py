@@ -14,7 +14,7 @@ from PIL import Image
 from mdistiller.dataset import IMAGENET_VIEWS, TRAIN_VIEWS, get_dataset, get_test_set, num_classes_of
 from mdistiller.dataset.imagenet import RangeRandAugment, imagenet_test_transform
 from mdistiller.engine.cfg import default_cfg
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
 

@@ -32,7 +32,7 @@ from mdistiller.dataset.jpeg_decode import (
     read_encoded,
     transform_batch,
 )
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 
 from conftest import run_tool
 

@@ -26,9 +26,7 @@ REFERENCE_MLKD = REPO / "tests/data/reference_configs/logit-standardization-KD/c
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("mdistiller_tools_train", REPO / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mdistiller.cli.train")
     return module
 
 

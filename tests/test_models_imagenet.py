@@ -13,7 +13,7 @@ from torch import nn
 from mdistiller.distillers import get_distiller_class
 from mdistiller.engine.build import build_model, model_builder, teacher_checkpoint_path
 from mdistiller.engine.cfg import default_cfg, load_cfg, validate_cfg
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 from mdistiller.models import imagenet_model_dict
 
 REPO = Path(__file__).resolve().parents[1]

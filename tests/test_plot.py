@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mdistiller.engine.cli import run_cli
-from mdistiller.engine.errors import MdistillerError
-from mdistiller.engine.plots import logit_statistics, require_matplotlib
+from mdistiller.analysis.plots import logit_statistics, require_matplotlib
+from mdistiller.cli import run_cli
+from mdistiller.errors import MdistillerError
 
-from conftest import REPO, save_teacher
+from conftest import save_teacher
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
@@ -27,9 +27,7 @@ def _assert_png(path: Path) -> None:
 
 
 def _plot_tool():
-    spec = importlib.util.spec_from_file_location("plot_tool", REPO / "tools" / "plot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mdistiller.cli.plot")
     return module
 
 

@@ -13,8 +13,8 @@ from test_speed import batch_of, make_cfg, make_trainer
 
 from mdistiller.dataset.mixing import build_batch_mixer, hard_labels
 from mdistiller.engine.cfg import validate_cfg
-from mdistiller.engine.errors import MdistillerError
 from mdistiller.engine.trainer import learning_rate
+from mdistiller.errors import MdistillerError
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 needs_timm = pytest.mark.skipif(not HAS_TIMM, reason='timm is the optional [vit] extra: pip install -e ".[vit]"')

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mdistiller.engine.errors import MdistillerError
-from mdistiller.engine.report import parse_log_name, read_worklog, report, to_csv, to_markdown
+from mdistiller.analysis.report import parse_log_name, read_worklog, report, to_csv, to_markdown
+from mdistiller.errors import MdistillerError
 
 from conftest import REPO, run_overrides, run_tool
 
@@ -138,9 +138,7 @@ def test_read_worklog_keeps_the_last_copy_of_an_epoch(tmp_path):
 
 
 def test_seeds_sweep_runs_each_seed_and_the_report_aggregates_them(tmp_path, cifar100_tiny_root):
-    spec = importlib.util.spec_from_file_location("train_tool_seeds", REPO / "tools" / "train.py")
-    train_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tool)
+    train_tool = importlib.import_module("mdistiller.cli.train")
     args = ["--cfg", VANILLA, *run_overrides(tmp_path, cifar100_tiny_root), "SOLVER.BATCH_SIZE", "32"]
     runs = train_tool.main(["--seeds", "0,1", *args])
     names = [Path(r["run_dir"]).name for r in runs]

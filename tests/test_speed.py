@@ -21,8 +21,8 @@ from mdistiller.distillers.registry import get_distiller_class
 from mdistiller.distillers.vkd import vkd_feature_loss
 from mdistiller.engine import accel
 from mdistiller.engine.cfg import CFG, load_cfg, validate_cfg
-from mdistiller.engine.errors import MdistillerError
 from mdistiller.engine.trainer import Trainer, learning_rate
+from mdistiller.errors import MdistillerError
 from mdistiller.models import cifar_model_dict
 
 REPO = Path(__file__).resolve().parents[1]

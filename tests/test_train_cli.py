@@ -101,9 +101,7 @@ def test_eval_reports_the_runs_accuracy(vanilla_run, cifar100_root):
 
 
 def _load_train_tool():
-    spec = importlib.util.spec_from_file_location("train_tool_resume", REPO / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mdistiller.cli.train")
     return module
 
 

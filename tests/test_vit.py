@@ -13,9 +13,9 @@ from torch import nn
 
 from mdistiller.distillers import Distiller
 from mdistiller.engine.build import build_distiller, build_model
-from mdistiller.engine.cfg import default_cfg, load_cfg
-from mdistiller.engine.errors import MdistillerError
-from mdistiller.engine.optim import build_optimizer
+from mdistiller.engine.cfg import OPTIMIZERS, default_cfg, load_cfg, validate_cfg
+from mdistiller.engine.optim import OPTIMIZER_BUILDERS, build_optimizer
+from mdistiller.errors import MdistillerError
 
 REPO = Path(__file__).resolve().parents[1]
 needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None,
@@ -135,7 +135,8 @@ def test_sgd_is_the_trainers_optimizer_and_other_types_are_refused():
     assert len(group["params"]) == len(distiller.get_learnable_parameters())
     cfg.SOLVER.TYPE = "LAMB"
     with pytest.raises(MdistillerError, match="SOLVER.TYPE 'LAMB' is not supported; use one of SGD, AdamW"):
-        build_optimizer(cfg, distiller)
+        validate_cfg(cfg)
+    assert set(OPTIMIZER_BUILDERS) == set(OPTIMIZERS)  # every allowed name has a builder
 
 
 @needs_timm
@@ -146,7 +147,7 @@ def test_the_deit_config_trains_an_epoch_with_its_recipe(tmp_path):
 
     from mdistiller.dataset import get_dataset
     from mdistiller.engine.trainer import Trainer
-    from mdistiller.engine.utils import set_seed
+    from mdistiller.rng import set_seed
 
     root = write_imagenet(str(tmp_path / "data"), n_train=4, n_val=2)
     set_seed(0)  # python's and numpy's RNGs too: timm's RandAugment and Mixup draw from them

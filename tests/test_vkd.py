@@ -13,7 +13,7 @@ from mdistiller.distillers.logit_stand import standardize_logits
 from mdistiller.distillers.vkd import VKD_FEATURES, orthogonal_projection, register_vkd_feature, vkd_feature_loss
 from mdistiller.engine.build import apply_logit_stand_flags
 from mdistiller.engine.cfg import default_cfg
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 from mdistiller.models import cifar_model_dict
 
 

@@ -29,7 +29,7 @@ from mdistiller.distillers.ot import (
 )
 from mdistiller.distillers.wkd import build_projector, final_linear
 from mdistiller.engine.cfg import default_cfg
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 from mdistiller.models import cifar_model_dict
 
 P3 = torch.tensor([[0.5, 0.3, 0.2]])
@@ -370,7 +370,7 @@ def test_linear_cka_distance_properties():
 def test_logit_stand_flag_is_refused_with_the_reason():
     from mdistiller.distillers import get_distiller_class
     from mdistiller.engine.cfg import default_cfg
-    from mdistiller.engine.errors import MdistillerError
+    from mdistiller.errors import MdistillerError
 
     with pytest.raises(MdistillerError, match="--logit-stand is not defined for WKD"):
         get_distiller_class("WKD").apply_logit_stand_flags(default_cfg(), 2.0, 9.0)

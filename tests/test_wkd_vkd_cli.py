@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
+from mdistiller.cli import run_cli
 from mdistiller.engine.build import build_model
 from mdistiller.engine.cfg import load_cfg, validate_cfg
-from mdistiller.engine.cli import run_cli
-from mdistiller.engine.errors import MdistillerError
+from mdistiller.errors import MdistillerError
 
 from conftest import run_overrides
 
@@ -35,9 +35,7 @@ def run_tool(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("wkd_cost_matrix_tool", REPO / "tools" / "wkd_cost_matrix.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mdistiller.cli.wkd_cost_matrix")
     return module
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 from torchvision import transforms
 
-from ..engine import distributed
-from ..engine.errors import MdistillerError
+from .. import distributed
+from ..errors import MdistillerError
 from .cifar import CIFAR_FORMATS, ensure_cifar, read_cifar_split
 
 ViewBuilder = Callable[[tuple, tuple], Callable]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 
 
 @dataclass(frozen=True)

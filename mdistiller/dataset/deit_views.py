@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 from . import register_view
 
 DEIT_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..engine.distributed import shard_bounds
+from ..distributed import shard_bounds
 
 PAD = 4
 SIZE = 32

@@ -27,7 +27,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 from . import CLASS_COUNTERS, DATASET_BUILDERS, IMAGENET_VIEWS, TEST_SET_BUILDERS, register_view
 from .augment import CUTOUT_FILL, cutout
 from .jpeg_decode import collate_encoded, decode_batch, draw_crop, read_encoded

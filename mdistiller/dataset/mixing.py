@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 
 VIT_EXTRA = 'pip install -e ".[vit]"'
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 from .logit_stand import standardize_logits
 from .precision import fp32_loss
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 from ._base import Distiller, cross_entropy
 from .dkd import dkd_loss
 from .kd import kd_loss

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 from ._base import Distiller, cross_entropy
 from .kd import kd_loss
 from .precision import fp32_loss

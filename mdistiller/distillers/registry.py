@@ -6,7 +6,7 @@ import difflib
 import warnings
 from typing import Callable, TypeVar
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 
 distiller_dict: dict = {}
 # Names used by published configs for a method we register under another name: old -> (new, why).

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 from ._base import Distiller, cross_entropy, probe_input_size
 from .kd import kd_loss
 from .precision import fp32_loss

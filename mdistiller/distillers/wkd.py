@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
+from ..files import DEFAULT_DATA_ROOT, resolve_project_path
 from ._base import Distiller, cross_entropy, probe_input_size
 from .ot import (
     cosine_decay_weight,
@@ -128,11 +129,9 @@ def build_projector(kind: str, s_shape: tuple, t_shape: tuple, resize: str = "re
 
 def load_cost_matrix(path: str, cfg) -> torch.Tensor:
     """The C x C tensor saved by tools/wkd_cost_matrix.py; a missing file says how to make it."""
-    from ..engine.build import resolve_checkpoint_path
-
     if not path:
         raise MdistillerError("WKD.COST_MATRIX cka needs WKD.COST_MATRIX_PATH (made by tools/wkd_cost_matrix.py)")
-    resolved = resolve_checkpoint_path(path)
+    resolved = resolve_project_path(path)
     try:
         cost = torch.load(resolved, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -149,13 +148,11 @@ def load_cost_matrix(path: str, cfg) -> torch.Tensor:
 
 def cost_matrix_command(cfg, out: str) -> str:
     """The tools/wkd_cost_matrix.py command line that writes `out` for this config's teacher and data."""
-    from ..engine.cfg import CFG
-
     parts = ["python tools/wkd_cost_matrix.py", "-o", out, "DATASET.TYPE", cfg.DATASET.TYPE,
              "DISTILLER.TEACHER", cfg.DISTILLER.TEACHER]
     if cfg.DISTILLER.TEACHER_CKPT:
         parts += ["DISTILLER.TEACHER_CKPT", cfg.DISTILLER.TEACHER_CKPT]
-    if cfg.DATASET.ROOT != CFG.DATASET.ROOT:
+    if cfg.DATASET.ROOT != DEFAULT_DATA_ROOT:
         parts += ["DATASET.ROOT", cfg.DATASET.ROOT]
     return " ".join(str(p) for p in parts)
 

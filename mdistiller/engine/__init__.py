@@ -1,3 +1,1 @@
-from .errors import MdistillerError
-
-__all__ = ["MdistillerError"]
+"""The training runtime: configuration, building, the trainer and its collaborators."""

@@ -18,7 +18,6 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 AMP_DTYPE = torch.bfloat16
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from pathlib import Path
 
 from torch import nn
 
 from ..distillers import get_distiller_class
+from ..errors import MdistillerError
+from ..files import resolve_project_path
 from ..models import cifar_model_dict, imagenet_model_dict
 from ..models.imagenet import IMAGENET_ALIASES, IMAGENET_TEACHER_DIR, find_imagenet_teacher, teacher_file_candidates
 from .checkpoint import load_model_weights
-from .errors import MdistillerError
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def is_imagenet(dataset_type: str | None) -> bool:
@@ -65,18 +63,10 @@ def build_model(name: str, num_classes: int, dataset_type: str | None = None, im
     return builder(num_classes=num_classes)
 
 
-def resolve_checkpoint_path(path: str) -> str:
-    """A relative path is looked up in the working directory, then in the project root (the zoo's layout)."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    in_project = PROJECT_ROOT / path
-    return str(in_project) if in_project.exists() else path
-
-
 def teacher_checkpoint_path(cfg) -> str:
     """DISTILLER.TEACHER_CKPT when set, else the zoo's published path for DISTILLER.TEACHER."""
     if cfg.DISTILLER.TEACHER_CKPT:
-        return resolve_checkpoint_path(cfg.DISTILLER.TEACHER_CKPT)
+        return resolve_project_path(cfg.DISTILLER.TEACHER_CKPT)
     if is_imagenet(cfg.DATASET.TYPE):
         return imagenet_teacher_path(zoo_name(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE))
     model_builder(cfg.DISTILLER.TEACHER)
@@ -86,7 +76,7 @@ def teacher_checkpoint_path(cfg) -> str:
             f"the zoo has no published checkpoint for teacher {cfg.DISTILLER.TEACHER}: train one with "
             f"configs/cifar100/vanilla/{cfg.DISTILLER.TEACHER}.yaml and pass DISTILLER.TEACHER_CKPT <its student_best>"
         )
-    path = resolve_checkpoint_path(zoo_path)
+    path = resolve_project_path(zoo_path)
     if not os.path.isfile(path):
         raise MdistillerError(
             f"teacher checkpoint not found: {zoo_path}. Unpack cifar_teachers.tar into download_ckpts/ "
@@ -102,7 +92,7 @@ def imagenet_teacher_path(name: str) -> str:
         raise MdistillerError(
             f"the ImageNet zoo has no teacher file for {name}: pass DISTILLER.TEACHER_CKPT <a trained {name}'s weights>"
         )
-    found = find_imagenet_teacher(name, resolve_checkpoint_path)
+    found = find_imagenet_teacher(name, resolve_project_path)
     if found is None:
         published = [os.path.basename(p) for p in teacher_file_candidates(name)[1:]]
         also = f" (or the published {' / '.join(published)} there)" if published else ""
@@ -129,7 +119,7 @@ def pretrained_checkpoint_path(name: str, dataset_type: str | None = None) -> st
     zoo_path = cifar_model_dict[name][1]
     if zoo_path is None:
         raise MdistillerError(f"the zoo has no published checkpoint for {name}; pass a checkpoint file with -c")
-    return resolve_checkpoint_path(zoo_path)
+    return resolve_project_path(zoo_path)
 
 
 def load_zoo_model(name: str, ckpt: str, num_classes: int, dataset_type: str | None = None, image_size: int = 224,

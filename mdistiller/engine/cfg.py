@@ -16,7 +16,14 @@ from typing import Any, Iterable
 import yaml
 from yacs.config import CfgNode as CN
 
-from .errors import MdistillerError
+from ..errors import MdistillerError
+from ..files import DEFAULT_DATA_ROOT, atomic_write_text
+
+# Allowed values of the keys that take one of a few names.
+OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.TYPE
+LR_SCHEDULES = ("step", "cosine")  # SOLVER.LR_SCHEDULE
+NAN_POLICIES = ("stop", "skip")  # SOLVER.NAN_POLICY
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # SOLVER.COMPILE
 
 CFG = CN()
 
@@ -34,7 +41,7 @@ CFG.EXPERIMENT.DETERMINISTIC = False  # ours: deterministic algorithms, cudnn.de
 # Dataset
 CFG.DATASET = CN()
 CFG.DATASET.TYPE = "cifar100"
-CFG.DATASET.ROOT = os.environ.get("MDISTILLER_DATA", "./data")
+CFG.DATASET.ROOT = DEFAULT_DATA_ROOT
 CFG.DATASET.DOWNLOAD = False
 CFG.DATASET.NUM_WORKERS = 2
 CFG.DATASET.NUM_CLASSES = 0  # 0: taken from the data set; otherwise must agree with it
@@ -372,20 +379,24 @@ def validate_cfg(cfg: CN) -> None:
         raise MdistillerError(f"LOG.SAVE_CHECKPOINT_FREQ must be positive, got {cfg.LOG.SAVE_CHECKPOINT_FREQ}")
     if cfg.SOLVER.LR_WARMUP_EPOCHS < 0:
         raise MdistillerError(f"SOLVER.LR_WARMUP_EPOCHS must be >= 0, got {cfg.SOLVER.LR_WARMUP_EPOCHS}")
-    from .accel import COMPILE_MODES
-    from .trainer import LR_SCHEDULES
-
     if cfg.SOLVER.LR_SCHEDULE not in LR_SCHEDULES:
         raise MdistillerError(f"SOLVER.LR_SCHEDULE {cfg.SOLVER.LR_SCHEDULE!r} is not supported; use one of "
                               f"{', '.join(LR_SCHEDULES)}")
-    from .optim import OPTIMIZERS
-
     if cfg.SOLVER.COMPILE not in COMPILE_MODES:
         modes = ", ".join(repr(m) for m in COMPILE_MODES)
         raise MdistillerError(f"SOLVER.COMPILE {cfg.SOLVER.COMPILE!r} is not a torch.compile mode; use one of {modes}")
 
     if cfg.SOLVER.TYPE not in OPTIMIZERS:
         raise MdistillerError(f"SOLVER.TYPE {cfg.SOLVER.TYPE!r} is not supported; use one of {', '.join(OPTIMIZERS)}")
+    if cfg.SOLVER.NAN_POLICY not in NAN_POLICIES:
+        raise MdistillerError(
+            f"SOLVER.NAN_POLICY must be one of {', '.join(NAN_POLICIES)}, got {cfg.SOLVER.NAN_POLICY!r}"
+        )
+    stages = list(cfg.SOLVER.LR_DECAY_STAGES)
+    if any(not isinstance(s, (int, float)) or isinstance(s, bool) or s <= 0 for s in stages) or any(
+        b <= a for a, b in zip(stages, stages[1:])
+    ):
+        raise MdistillerError(f"SOLVER.LR_DECAY_STAGES must be strictly increasing positive epochs, got {stages}")
 
 
 def data_cfg(dataset_type: str, data_root: str | None = None, image_size: int | None = None) -> CN:
@@ -427,6 +438,4 @@ def cfg_text(cfg: CN) -> str:
 
 def dump_cfg(cfg: CN, path: str) -> None:
     """Write the fully merged config as YAML (what the run actually used)."""
-    from .checkpoint import atomic_write_text
-
     atomic_write_text(path, cfg_text(cfg))

@@ -8,80 +8,24 @@ architecture's name under "arch" for better errors; readers that only look at "m
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .errors import MdistillerError
-
-
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash or a full disk leaves either the previous file or the new one, never a truncated mix.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+from ..errors import MdistillerError
+from ..files import atomic_write
+from ..models import cifar_model_dict, imagenet_model_dict
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str) -> None:
     """Atomically `torch.save` obj to path."""
     try:
-        _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+        atomic_write(path, lambda f: torch.save(obj, f), "wb")
     except OSError as exc:
         raise MdistillerError(
             f"could not write checkpoint {path}: {exc.strerror or exc}; the previous file there is intact"
         ) from None
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Atomically write a text file; an OSError (full disk, read-only folder) becomes a one-line MdistillerError."""
-    try:
-        _atomic_write(path, lambda f: f.write(text), "w")
-    except OSError as exc:
-        raise MdistillerError(f"could not write {path}: {exc.strerror or exc}; the previous file there is intact") \
-            from None
-
-
-def remove_stale_temp_files(folder: str) -> list[str]:
-    """Delete the temporary files an atomic write killed mid-way (SIGKILL, power loss) left in folder."""
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        if name.startswith(".") and name.endswith(".tmp"):  # mkstemp(prefix=".<name>.", suffix=".tmp")
-            try:
-                os.unlink(os.path.join(folder, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
 
 
 def load_checkpoint(path: str, what: str = "checkpoint") -> dict:
@@ -113,8 +57,6 @@ def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def guess_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int) -> str | None:
     """Name the zoo model (CIFAR, then ImageNet) whose state-dict keys and shapes match exactly (built on the meta
     device: no memory). timm models are tried only when timm is installed."""
-    from ..models import cifar_model_dict, imagenet_model_dict
-
     signature = {k: tuple(v.shape) for k, v in state_dict.items()}
     classes = {tuple(v.shape)[0] for k, v in state_dict.items()
                if k.endswith(("fc.weight", "classifier.weight", "head.weight")) and v.dim() == 2}

@@ -9,17 +9,16 @@
   none, as in the DeiT and VkD code.
 
 Both take the distiller's `get_learnable_parameters()` (student plus the method's extra modules, never the teacher).
-The learning rate is set per epoch by the trainer on every param group.
+The learning rate follows SOLVER.LR_SCHEDULE (`learning_rate`), set by the trainer on every param group.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
-
-from .errors import MdistillerError
-
-OPTIMIZERS = ("SGD", "AdamW")
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -46,19 +45,53 @@ def weight_decay_groups(distiller: nn.Module, weight_decay: float) -> list[dict]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _sgd(cfg, distiller: nn.Module) -> torch.optim.Optimizer:
+    solver = cfg.SOLVER
+    return torch.optim.SGD(
+        distiller.get_learnable_parameters(), lr=solver.LR, momentum=solver.MOMENTUM, weight_decay=solver.WEIGHT_DECAY
+    )
+
+
+def _adamw(cfg, distiller: nn.Module) -> torch.optim.Optimizer:
+    solver, adamw = cfg.SOLVER, cfg.SOLVER.ADAMW
+    if adamw.NO_WEIGHT_DECAY_1D:
+        params = weight_decay_groups(distiller, solver.WEIGHT_DECAY)
+    else:
+        params = [{"params": distiller.get_learnable_parameters(), "weight_decay": solver.WEIGHT_DECAY}]
+    return torch.optim.AdamW(params, lr=solver.LR, betas=tuple(adamw.BETAS), eps=adamw.EPS)
+
+
+# SOLVER.TYPE -> builder; the names are cfg.OPTIMIZERS, which validate_cfg checks
+OPTIMIZER_BUILDERS = {"SGD": _sgd, "AdamW": _adamw}
+
+
 def build_optimizer(cfg, distiller: nn.Module) -> torch.optim.Optimizer:
     """The optimizer of SOLVER.TYPE over `distiller.get_learnable_parameters()`, at SOLVER.LR."""
+    return OPTIMIZER_BUILDERS[cfg.SOLVER.TYPE](cfg, distiller)
+
+
+def learning_rate(cfg, epoch: int, epoch_fraction: float = 1.0) -> float:
+    """The LR after `epoch_fraction` of (1-based) `epoch`, by SOLVER.LR_SCHEDULE:
+
+    - "step" (mdistiller's): LR x LR_DECAY_RATE after each of LR_DECAY_STAGES the epoch is strictly past;
+    - "cosine" (DeiT's): `LR_MIN + (LR - LR_MIN) (1 + cos(pi t / EPOCHS)) / 2`, t = epochs done, set every step.
+
+    With SOLVER.LR_WARMUP_EPOCHS W > 0 the LR is also scaled by `min(1, t / W)`: a per-step linear ramp (Goyal et
+    al., 2017), t = `epoch - 1 + epoch_fraction`.
+    """
     solver = cfg.SOLVER
-    if solver.TYPE == "SGD":
-        return torch.optim.SGD(
-            distiller.get_learnable_parameters(), lr=solver.LR, momentum=solver.MOMENTUM,
-            weight_decay=solver.WEIGHT_DECAY,
-        )
-    if solver.TYPE == "AdamW":
-        adamw = solver.ADAMW
-        if adamw.NO_WEIGHT_DECAY_1D:
-            params = weight_decay_groups(distiller, solver.WEIGHT_DECAY)
-        else:
-            params = [{"params": distiller.get_learnable_parameters(), "weight_decay": solver.WEIGHT_DECAY}]
-        return torch.optim.AdamW(params, lr=solver.LR, betas=tuple(adamw.BETAS), eps=adamw.EPS)
-    raise MdistillerError(f"SOLVER.TYPE {solver.TYPE!r} is not supported; use one of {', '.join(OPTIMIZERS)}")
+    done = epoch - 1 + epoch_fraction
+    if solver.LR_SCHEDULE == "cosine":
+        progress = min(max(done / solver.EPOCHS, 0.0), 1.0)
+        lr = solver.LR_MIN + (solver.LR - solver.LR_MIN) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        steps = int(np.sum(epoch > np.asarray(solver.LR_DECAY_STAGES)))
+        lr = solver.LR * solver.LR_DECAY_RATE**steps
+    if solver.LR_WARMUP_EPOCHS > 0:
+        lr *= min(1.0, done / solver.LR_WARMUP_EPOCHS)
+    return lr
+
+
+def lr_changes_within(cfg, epoch: int) -> bool:
+    """Whether the LR of `epoch` is set step by step (cosine schedule, or an epoch of the warm-up)."""
+    return cfg.SOLVER.LR_SCHEDULE == "cosine" or epoch - 1 < cfg.SOLVER.LR_WARMUP_EPOCHS

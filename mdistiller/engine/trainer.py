@@ -27,22 +27,23 @@ import threading
 import time
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 from tensorboardX import SummaryWriter
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .. import distributed
 from ..dataset.mixing import build_batch_mixer, hard_labels
-from . import accel, distributed
+from ..errors import MdistillerError
+from ..files import atomic_write_text, remove_stale_temp_files
+from ..rng import get_rng_state, set_rng_state, set_seed
+from . import accel
 from .cfg import cfg_to_dict
-from .checkpoint import atomic_write_text, load_checkpoint, remove_stale_temp_files, save_checkpoint
-from .errors import MdistillerError
-from .optim import build_optimizer
-from .utils import get_rng_state, set_rng_state, set_seed, topk_correct
+from .checkpoint import load_checkpoint, save_checkpoint
+from .metrics import topk_correct
+from .optim import build_optimizer, learning_rate, lr_changes_within
 
-NAN_POLICIES = ("stop", "skip")
 PROGRESS_EVERY = 20  # steps between progress-bar updates (a host sync each)
 
 
@@ -66,36 +67,6 @@ class TrainingInterrupted(Exception):
         self.epoch, self.step, self.steps, self.checkpoint, self.mid_epoch = epoch, step, steps, checkpoint, mid_epoch
         where = f"epoch {epoch}, step {step}/{steps or '?'}" if mid_epoch else f"the end of epoch {epoch}"
         super().__init__(f"interrupted by {self.signal_name} at {where}; {checkpoint} holds that state")
-
-
-LR_SCHEDULES = ("step", "cosine")
-
-
-def learning_rate(cfg, epoch: int, epoch_fraction: float = 1.0) -> float:
-    """The LR after `epoch_fraction` of (1-based) `epoch`, by SOLVER.LR_SCHEDULE:
-
-    - "step" (mdistiller's): LR x LR_DECAY_RATE after each of LR_DECAY_STAGES the epoch is strictly past;
-    - "cosine" (DeiT's): `LR_MIN + (LR - LR_MIN) (1 + cos(pi t / EPOCHS)) / 2`, t = epochs done, set every step.
-
-    With SOLVER.LR_WARMUP_EPOCHS W > 0 the LR is also scaled by `min(1, t / W)`: a per-step linear ramp (Goyal et
-    al., 2017), t = `epoch - 1 + epoch_fraction`.
-    """
-    solver = cfg.SOLVER
-    done = epoch - 1 + epoch_fraction
-    if solver.LR_SCHEDULE == "cosine":
-        progress = min(max(done / solver.EPOCHS, 0.0), 1.0)
-        lr = solver.LR_MIN + (solver.LR - solver.LR_MIN) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        steps = int(np.sum(epoch > np.asarray(solver.LR_DECAY_STAGES)))
-        lr = solver.LR * solver.LR_DECAY_RATE**steps
-    if solver.LR_WARMUP_EPOCHS > 0:
-        lr *= min(1.0, done / solver.LR_WARMUP_EPOCHS)
-    return lr
-
-
-def lr_changes_within(cfg, epoch: int) -> bool:
-    """Whether the LR of `epoch` is set step by step (cosine schedule, or an epoch of the warm-up)."""
-    return cfg.SOLVER.LR_SCHEDULE == "cosine" or epoch - 1 < cfg.SOLVER.LR_WARMUP_EPOCHS
 
 
 def check_distributed(cfg, device: torch.device, world: int) -> None:
@@ -308,10 +279,6 @@ class Trainer:
                 f"(its losses index the target class): set the DATASET.MIXUP values to 0"
             )
         self.nan_policy = cfg.SOLVER.NAN_POLICY
-        if self.nan_policy not in NAN_POLICIES:
-            raise MdistillerError(
-                f"SOLVER.NAN_POLICY must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}"
-            )
         self.best_acc = -1.0
         self.last_acc = -1.0
         self.start_epoch = 1

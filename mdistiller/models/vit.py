@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..engine.errors import MdistillerError
+from ..errors import MdistillerError
 
 TIMM_NAMES = {  # zoo name -> timm model name
     "deit_tiny": "deit_tiny_patch16_224",

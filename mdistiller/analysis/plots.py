@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import MdistillerError
+from ..errors import MdistillerError
 from .report import read_worklog
 
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by the trainer and the tools: seeding, RNG state, determinism, accuracy."""
+"""Seeding, RNG states for exact resume, and deterministic mode: foundation code every layer may use."""
 
 from __future__ import annotations
 
@@ -56,11 +56,3 @@ def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
-
-
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
-    """Number of samples whose target is among the top-k predictions, per k (device tensors, no host sync)."""
-    maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hits = pred.eq(target.view(-1, 1))
-    return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks]

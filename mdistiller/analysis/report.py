@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .errors import MdistillerError
+from ..errors import MdistillerError
 from .published import PAIRS, Published, published_top1
 
 # Methods in the order of the papers' tables; others follow alphabetically.

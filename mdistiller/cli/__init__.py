@@ -1,15 +1,18 @@
-"""What every command-line tool shares: user errors become one line on stderr and a non-zero exit."""
+"""The command-line tools (tools/*.py and the mdistiller-* console scripts are thin entry points into these modules).
+
+What every tool shares: user errors become one line on stderr and a non-zero exit.
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
+from ..errors import MdistillerError
+
 
 def run_cli(main: Callable[[], object]) -> None:
     """Call main(); an MdistillerError prints `error: <message>` and exits 2, Ctrl-C exits 130."""
-    from .errors import MdistillerError
-
     try:
         main()
     except MdistillerError as exc:

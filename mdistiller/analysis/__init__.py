@@ -1,0 +1,1 @@
+"""Results analysis: result-log tables, published numbers, plots (used by the command-line tools only)."""

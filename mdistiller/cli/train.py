@@ -1,0 +1,107 @@
+"""Train a teacher (DISTILLER.TYPE NONE) or distil a student, as a config describes.
+
+    python tools/train.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml [--resume] [--seeds 0,1,2]
+        [--logit-stand [--base-temp 2] [--kd-weight 9]] [KEY VALUE ...]
+
+SIGTERM or Ctrl-C stops after the current step, saves `latest` there, prints the command that continues the run and
+exits with 143 (SIGTERM) or 130 (SIGINT).
+
+Multi-GPU: `torchrun --nproc_per_node N tools/train.py --cfg ...` (no extra flag) trains with DistributedDataParallel;
+SOLVER.BATCH_SIZE is then the global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from .. import distributed
+from ..engine.build import apply_logit_stand_flags
+from ..engine.cfg import load_cfg, validate_cfg
+from ..engine.run import train_run, train_sweep
+from ..engine.trainer import TrainingInterrupted
+from ..errors import MdistillerError
+from . import run_cli
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` -> [0, 1, 2]."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MdistillerError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds:
+        raise MdistillerError("--seeds needs at least one seed, e.g. 0,1,2")
+    return seeds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser("train.py", description="training for knowledge distillation")
+    parser.add_argument("--cfg", type=str, default="", help="YAML config file")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its `latest` checkpoint")
+    parser.add_argument("--seeds", type=str, default=None,
+                        help="comma-separated seeds: one run per seed, one after the other (`,seed:<n>` in the name)")
+    parser.add_argument("--logit-stand", action="store_true", help="logit standardisation (z-score) on the logits")
+    parser.add_argument("--base-temp", type=float, default=2.0, help="temperature with --logit-stand")
+    parser.add_argument("--kd-weight", type=float, default=9.0, help="distillation weight with --logit-stand")
+    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    return parser.parse_args(argv)
+
+
+def build_cfg(args: argparse.Namespace):
+    """Defaults <- --cfg <- KEY VALUE overrides <- LS flags; validated and frozen."""
+    cfg = load_cfg(args.cfg, args.opts or [])
+    if args.logit_stand:
+        apply_logit_stand_flags(cfg, args.base_temp, args.kd_weight)
+    validate_cfg(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this one (`--resume` first: after the KEY VALUE pairs it would be one)."""
+    args = [a for a in argv if a != "--resume"]
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "tools/train.py"
+    if distributed.world_size() == 1:
+        return shlex.join(["python", script, "--resume", *args])
+    local = os.environ.get("LOCAL_WORLD_SIZE", str(distributed.world_size()))
+    if int(local) == distributed.world_size():
+        return shlex.join(["torchrun", "--nproc_per_node", local, script, "--resume", *args])
+    return "torchrun <the same launch flags on every node> " + shlex.join([script, "--resume", *args])
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _train(argv)
+    except MdistillerError as exc:
+        if distributed.reported_here(exc):
+            raise
+        raise SystemExit(2) from None  # under torchrun rank 0 prints what every rank found alike
+
+
+def _train(argv: list[str]) -> dict | list[dict]:
+    with distributed.raised_on_every_rank():
+        args = parse_args(argv)
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+        cfg = build_cfg(args)
+    with distributed.process_group():  # a no-op without torchrun's environment
+        try:
+            if seeds is not None:
+                return train_sweep(cfg, args.opts or [], seeds, resume=args.resume)
+            return train_run(cfg, args.opts or [], resume=args.resume)
+        except TrainingInterrupted as exc:
+            if distributed.is_main_process():
+                print(f"{exc}; continue with: {resume_command(argv)}", file=sys.stderr, flush=True)
+            raise SystemExit(exc.exit_code) from None
+
+
+def entry_point() -> None:
+    """The console script: main() with one-line errors."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    entry_point()
