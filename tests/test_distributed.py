@@ -21,7 +21,7 @@ from mdistiller.dataset import ShardedBatchSampler, eval_loader
 from mdistiller.dataset.device_cifar import DeviceCifarLoader
 from mdistiller.distributed import rank_seed, shard_bounds
 from mdistiller.engine.cfg import default_cfg
-from mdistiller.engine.trainer import check_distributed
+from mdistiller.engine.placement import check_distributed
 from mdistiller.errors import MdistillerError
 
 from conftest import REPO, run_overrides

@@ -111,7 +111,8 @@ def test_nan_skip_skips_the_updates_counts_them_and_finishes(tmp_path, cifar100_
     worklog = (run_dir / "worklog.txt").read_text()
     assert "nan_skipped_steps: 2.0000" in worklog and "nan_skipped_steps: 0.0000" in worklog
     assert worklog.index("nan_skipped_steps: 2.0000") < worklog.index("epoch: 2")
-    assert "epoch 1: skipped 2 step(s) with a non-finite loss (loss_aux)" in capsys.readouterr().out
+    assert "warning: epoch 1: skipped 2 step(s) with a non-finite loss (loss_aux)" in capsys.readouterr().err
+    assert "WARNING epoch 1: skipped 2 step(s)" in (run_dir / "log.txt").read_text()  # the run's own log too
     weights = torch.load(run_dir / "student_latest", weights_only=False)["model"]
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
@@ -184,31 +185,8 @@ def test_unwritable_log_prefix_fails_before_training(tmp_path, cifar100_tiny_roo
     assert info.value.code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot write to the run folder (LOG.PREFIX)")
-    assert str(blocker / "output") in lines[0] and "Not a directory" in lines[0]
+    assert str(blocker / "output") in lines[0] and f"{blocker} is a file, not a folder" in lines[0]
     assert "training images" not in out, "stopped before the data was loaded"
-
-
-def test_unwritable_results_dir_fails_before_training(tmp_path, cifar100_tiny_root, train_tool):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    with pytest.raises(MdistillerError, match="cannot write to LOG.RESULTS_DIR .*a_file/logs: Not a directory"):
-        train_tool.main(_args(tmp_path, cifar100_tiny_root, "LOG.RESULTS_DIR", str(blocker / "logs")))
-    assert not (_run_dir(tmp_path) / "worklog.txt").exists()
-
-
-def test_batch_larger_than_the_training_set_fails_before_training(tmp_path, cifar100_tiny_root, train_tool):
-    args = ["--cfg", VANILLA, *run_overrides(tmp_path, cifar100_tiny_root), "SOLVER.BATCH_SIZE", "512"]
-    with pytest.raises(MdistillerError, match=r"SOLVER.BATCH_SIZE 512 is larger than the training set \(64 images"):
-        train_tool.main(args)
-    assert not list((tmp_path / "output").glob("*/*/config.yaml")), "stopped before the run was set up"
-
-
-@pytest.mark.parametrize("stages", ["[180, 150, 210]", "[150, 150]", "[0, 10]"])
-def test_lr_decay_stages_must_increase(tmp_path, cifar100_tiny_root, train_tool, stages):
-    args = ["--cfg", VANILLA, *run_overrides(tmp_path, cifar100_tiny_root), "SOLVER.LR_DECAY_STAGES", stages]
-    with pytest.raises(MdistillerError, match="SOLVER.LR_DECAY_STAGES must be strictly increasing positive epochs"):
-        train_tool.main(args)
-    assert not (tmp_path / "output").exists()
 
 
 def test_teacher_with_another_class_count_is_named(tmp_path, cifar100_tiny_root, teacher_ckpt, train_tool):

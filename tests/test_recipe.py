@@ -13,7 +13,8 @@ from test_speed import batch_of, make_cfg, make_trainer
 
 from mdistiller.dataset.mixing import build_batch_mixer, hard_labels
 from mdistiller.engine.cfg import validate_cfg
-from mdistiller.engine.trainer import learning_rate
+from mdistiller.engine.optim import learning_rate
+from mdistiller.engine.validate import check_recipe
 from mdistiller.errors import MdistillerError
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
@@ -89,8 +90,10 @@ def test_mixup_trains_a_soft_label_method_and_refuses_an_index_based_one(tmp_pat
     assert all(torch.isfinite(term) for term in losses.values())
     metrics = trainer.train_epoch(1)
     assert 0.0 <= metrics["train_acc"] <= 100.0
+    cfg = _mix_cfg()
+    cfg.DISTILLER.TYPE = "DKD"
     with pytest.raises(MdistillerError, match="DATASET.MIXUP gives soft labels, which DKD cannot train on"):
-        make_trainer(tmp_path / "dkd", _mix_cfg(), "DKD")
+        check_recipe(cfg)  # the run's validation, before anything is built
 
 
 def test_mixup_without_timm_names_the_install_command(monkeypatch):

@@ -64,7 +64,7 @@ def test_vanilla_run_lowers_the_training_loss(vanilla_run):
 
 def test_lr_schedule_is_mdistillers():
     from mdistiller.engine.cfg import default_cfg
-    from mdistiller.engine.trainer import learning_rate
+    from mdistiller.engine.optim import learning_rate
 
     cfg = default_cfg()
     lrs = [learning_rate(cfg, e) for e in (1, 150, 151, 180, 181, 211, 240)]

@@ -34,16 +34,17 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..dataset import get_dataset, uses_device_resident_data
+from ..dataset import get_dataset, shutdown_workers, uses_device_resident_data
 from ..dataset.cifar import CIFAR_FORMATS
 from ..dataset.cifar_files import write_cifar
 from ..dataset.imagenet import DECODE_ON_CPU_ENV, ImageNetJpegFolder
 from ..distillers import get_distiller_class
 from ..engine import accel
 from ..engine.build import build_model, is_imagenet
-from ..engine.cfg import load_cfg, validate_cfg
-from ..engine.run import check_fits_data, check_writable, default_device
+from ..engine.cfg import load_cfg
+from ..engine.run import check_fits_data, default_device
 from ..engine.trainer import Trainer
+from ..engine.validate import check_recipe, check_writable
 from ..errors import MdistillerError
 from ..rng import set_seed
 from . import run_cli
@@ -132,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- configs ----
 def _load(path: str, opts: list[str]):
     cfg = load_cfg(path, opts)
-    validate_cfg(cfg)
+    check_recipe(cfg)
     cfg.freeze()
     return cfg
 
@@ -219,9 +220,7 @@ class CifarData:
 
         def close() -> None:
             batches.close()
-            iterator = getattr(train_loader, "_iterator", None)  # persistent workers outlive the epoch's iterator
-            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-                iterator._shutdown_workers()
+            shutdown_workers(train_loader)
 
         return batches, self.epoch_images or num_train, num_classes, close
 
@@ -344,9 +343,7 @@ def time_loader_row(row: Row, cfg, data: JpegFolderData, device: torch.device, s
         seconds = time.perf_counter() - started
     finally:
         batches.close()
-        iterator = getattr(train_loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        shutdown_workers(train_loader)
     where = f"decode on {device}" if on_device else "PIL decode"
     what = row.what + (" [CPU: the same path with device cpu]" if on_device and device.type != "cuda" else "")
     return {"name": row.name, "what": what, "batch": cfg.SOLVER.BATCH_SIZE, "workers": cfg.DATASET.NUM_WORKERS,
@@ -358,9 +355,14 @@ def time_loader_row(row: Row, cfg, data: JpegFolderData, device: torch.device, s
 def format_loader_table(rows: list[dict]) -> str:
     """The loader rows' plain-text table, with each row's images/s over the first one's."""
     head = ["loader row", "batch", "workers", "batches/s", "images/s", f"vs {rows[0]['name']}"]
-    lines = [head] + [[r["name"], str(r["batch"]), str(r["workers"]), f"{r['batches_per_s']:.2f}",
-                       f"{r['images_per_s']:,.1f}", f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}"]
-                      for r in rows]
+    return text_table(head, [[r["name"], str(r["batch"]), str(r["workers"]), f"{r['batches_per_s']:.2f}",
+                              f"{r['images_per_s']:,.1f}", f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}"]
+                             for r in rows])
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
+    lines = [head, *rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
                      for line in lines)
@@ -401,11 +403,16 @@ class RowRun:
         run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_run_"))
         self.trainer = Trainer(run_dir, build_random_distiller(cfg, num_classes), None, None, cfg, device)
         self.trainer.distiller.train()
+        # the state training keeps for an epoch: same statistics, non-finite watch, per-step LR and host reads
+        self.epoch = self.trainer.epoch_state(1, max(self.epoch_images // cfg.SOLVER.BATCH_SIZE, 1))
+        self.steps = 0
 
     def step(self) -> int:
-        """Next batch, one Trainer.train_step; the reference row also reads the loss on the host, as mdistiller."""
+        """Next batch, one Trainer.train_step (the very step train_epoch runs); the reference row also reads the loss on
+        the host every step, as mdistiller's meters do."""
         batch = next(self.batches)
-        _, losses = self.trainer.train_step(batch, epoch=1)
+        self.steps += 1
+        _, losses = self.trainer.train_step(batch, 1, self.steps, self.epoch)
         if self.row.sync_every_step:
             sum(term.mean() for term in losses.values()).item()
         return len(batch["target"])
@@ -481,13 +488,15 @@ def profile_row(row: Row, cfg, data, device: torch.device, warmup: int, folder: 
                 t0 = time.perf_counter()
                 batch = next(run.batches)
                 t1 = time.perf_counter()
-                _, losses = run.trainer.train_step(batch, epoch=1)
+                run.steps += 1
+                _, losses = run.trainer.train_step(batch, 1, run.steps, run.epoch)
                 if row.sync_every_step:
                     sum(term.mean() for term in losses.values()).item()
                 data_s += t1 - t0
                 step_s += time.perf_counter() - t1
             synchronize(device)
             wall = time.perf_counter() - started
+    os.makedirs(folder, exist_ok=True)
     trace = os.path.join(folder, f"{row.name}.trace.json")
     prof.export_chrome_trace(trace)
     averages = prof.key_averages()
@@ -528,11 +537,7 @@ def _cells(r: dict) -> list[str]:
 
 def format_table(rows: list[dict], base: str) -> str:
     """The plain-text table."""
-    head = ["row", "batch", "images/s", "s/epoch", "peak GPU mem", f"vs {base}"]
-    lines = [head] + [_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                     for line in lines)
+    return text_table(["row", "batch", "images/s", "s/epoch", "peak GPU mem", f"vs {base}"], [_cells(r) for r in rows])
 
 
 def format_markdown(rows: list[dict], base: str) -> str:
@@ -633,6 +638,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _write_json(path: str, payload: dict) -> None:
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
     except OSError as exc:

@@ -12,8 +12,8 @@ import argparse
 from ..dataset import eval_loader, get_test_set, num_classes_of
 from ..engine.build import load_zoo_model
 from ..engine.cfg import data_cfg
+from ..engine.evaluate import evaluate
 from ..engine.run import default_device
-from ..engine.trainer import evaluate
 from ..errors import MdistillerError
 from . import run_cli
 

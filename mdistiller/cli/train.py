@@ -13,15 +13,16 @@ SOLVER.BATCH_SIZE is then the global batch.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import shlex
 import sys
 
 from .. import distributed
 from ..engine.build import apply_logit_stand_flags
-from ..engine.cfg import load_cfg, validate_cfg
+from ..engine.cfg import load_cfg
+from ..engine.guards import TrainingInterrupted
 from ..engine.run import train_run, train_sweep
-from ..engine.trainer import TrainingInterrupted
 from ..errors import MdistillerError
 from . import run_cli
 
@@ -37,8 +38,14 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser("train.py", description="training for knowledge distillation")
+FLAG_TAKES_VALUE = {"--cfg": True, "--resume": False, "--seeds": True, "--logit-stand": False, "--base-temp": True,
+                    "--kd-weight": True}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "train.py", description="training for knowledge distillation; flags may come before or after the KEY VALUE "
+                                "overrides", allow_abbrev=False)
     parser.add_argument("--cfg", type=str, default="", help="YAML config file")
     parser.add_argument("--resume", action="store_true", help="continue the run from its `latest` checkpoint")
     parser.add_argument("--seeds", type=str, default=None,
@@ -46,22 +53,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logit-stand", action="store_true", help="logit standardisation (z-score) on the logits")
     parser.add_argument("--base-temp", type=float, default=2.0, help="temperature with --logit-stand")
     parser.add_argument("--kd-weight", type=float, default=9.0, help="distillation weight with --logit-stand")
-    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE overrides")
-    return parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. SOLVER.EPOCHS 10")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, wherever they stand (`--resume` after the overrides is what one types after a stopped run), and
+    the KEY VALUE overrides in their order (as `opts`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags: list[str] = []
+    opts: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name in FLAG_TAKES_VALUE or name in ("-h", "--help"):
+            takes_value = FLAG_TAKES_VALUE.get(name, False) and "=" not in arg
+            flags += argv[i:i + 1 + takes_value]
+            i += 1 + takes_value
+        elif arg.startswith("--") and len(opts) % 2 == 0:  # a flag where a KEY should stand
+            close = difflib.get_close_matches(name, list(FLAG_TAKES_VALUE), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise MdistillerError(f"unknown flag {name}{hint}; train.py takes {', '.join(FLAG_TAKES_VALUE)} and "
+                                  f"KEY VALUE overrides")
+        else:  # KEY or VALUE (a value may look like a flag: "-1", "-1e-3")
+            opts.append(arg)
+            i += 1
+    args = _parser().parse_args(flags)
+    args.opts = opts
+    return args
 
 
 def build_cfg(args: argparse.Namespace):
-    """Defaults <- --cfg <- KEY VALUE overrides <- LS flags; validated and frozen."""
+    """Defaults <- --cfg <- KEY VALUE overrides <- LS flags; frozen. (The run validates it, with everything else, before
+    any side effect: engine/validate.py.)"""
     cfg = load_cfg(args.cfg, args.opts or [])
     if args.logit_stand:
         apply_logit_stand_flags(cfg, args.base_temp, args.kd_weight)
-    validate_cfg(cfg)
     cfg.freeze()
     return cfg
 
 
 def resume_command(argv: list[str]) -> str:
-    """The command line that continues this one (`--resume` first: after the KEY VALUE pairs it would be one)."""
+    """The command line that continues this one."""
     args = [a for a in argv if a != "--resume"]
     script = sys.argv[0] if sys.argv[0].endswith("train.py") else "tools/train.py"
     if distributed.world_size() == 1:

@@ -21,7 +21,7 @@ from torchvision import transforms
 
 from .. import distributed
 from ..errors import MdistillerError
-from .cifar import CIFAR_FORMATS, ensure_cifar, read_cifar_split
+from .cifar import CIFAR_FORMATS, check_cifar_present, ensure_cifar, read_cifar_split
 
 ViewBuilder = Callable[[tuple, tuple], Callable]
 
@@ -250,6 +250,15 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
     return train_loader, val_loader, len(train_set), num_classes
 
 
+def shutdown_workers(loader) -> None:
+    """Stop the worker processes of a DataLoader's current iterator (persistent workers outlive an epoch's iterator;
+    a new iterator then starts fresh ones)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def eval_loader(test_set: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A sequential loader over the test set, or over rank's contiguous share of it when world_size > 1."""
     loader_class = getattr(test_set, "loader_class", DataLoader)
@@ -259,6 +268,14 @@ def eval_loader(test_set: Dataset, batch_size: int, workers: int, rank: int = 0,
     return loader_class(
         test_set, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=torch.cuda.is_available()
     )
+
+
+def check_data(cfg) -> None:
+    """That the data of DATASET.TYPE is there (or will be downloaded), without reading it: a missing folder, an
+    unknown type or a class count that contradicts DATASET.NUM_CLASSES is a one-line error before any side effect."""
+    num_classes_of(cfg)
+    if cfg.DATASET.TYPE in CIFAR_FORMATS:
+        check_cifar_present(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD)
 
 
 def get_test_set(cfg) -> Dataset:

@@ -71,18 +71,23 @@ def _download(fmt: CifarFormat, root: str) -> None:
         ) from None
 
 
-def ensure_cifar(dataset_type: str, root: str, download: bool) -> str:
-    """Return the data folder of `dataset_type` under root, downloading it through torchvision if asked."""
+def check_cifar_present(dataset_type: str, root: str, download: bool) -> str:
+    """The data folder of `dataset_type` under root; a missing one is an error unless it may be downloaded."""
     fmt = CIFAR_FORMATS[dataset_type]
     folder = os.path.join(root, fmt.folder)
-    if os.path.isdir(folder):
-        return folder
-    if not download:
+    if not os.path.isdir(folder) and not download:
         raise MdistillerError(
             f"{fmt.name} not found: no folder {folder}. Put torchvision's {fmt.folder} folder under DATASET.ROOT "
             f"(or the MDISTILLER_DATA environment variable), or set DATASET.DOWNLOAD True"
         )
-    _download(fmt, root)
+    return folder
+
+
+def ensure_cifar(dataset_type: str, root: str, download: bool) -> str:
+    """Return the data folder of `dataset_type` under root, downloading it through torchvision if asked."""
+    folder = check_cifar_present(dataset_type, root, download)
+    if not os.path.isdir(folder):
+        _download(CIFAR_FORMATS[dataset_type], root)
     return folder
 
 

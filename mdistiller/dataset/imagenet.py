@@ -25,15 +25,16 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
-from tqdm import tqdm
 
 from ..errors import MdistillerError
+from ..log import get_logger
 from . import CLASS_COUNTERS, DATASET_BUILDERS, IMAGENET_VIEWS, TEST_SET_BUILDERS, register_view
 from .augment import CUTOUT_FILL, cutout
 from .jpeg_decode import collate_encoded, decode_batch, draw_crop, read_encoded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+log = get_logger(__name__)
 LAYOUT = "<DATASET.ROOT>/imagenet/{train,val}/<wnid>/*.JPEG"
 # Per-item bookkeeping of skipped files; ImageFolderLoader takes these keys out of every batch.
 SKIPPED_COUNT = "_skipped_images"
@@ -240,8 +241,8 @@ class ImageFolderLoader(DataLoader):
         if skipped:
             self.skipped_images += skipped
             split = os.path.basename(os.path.normpath(getattr(self.dataset, "root", ""))) or "data"
-            tqdm.write(
-                f"[mdistiller] DATASET.SKIP_BAD_IMAGES: skipped {skipped} unreadable image(s) in this pass over "
+            log.warning(
+                f"DATASET.SKIP_BAD_IMAGES: skipped {skipped} unreadable image(s) in this pass over "
                 f"{split} ({len(self.skipped_files)} distinct file(s) so far, e.g. {self.skipped_files[0]})"
             )
 
@@ -326,8 +327,8 @@ class JpegDecodeLoader(ImageFolderLoader):
         self.skipped_images += 1
         if path not in self.skipped_files:
             self.skipped_files.append(path)
-        tqdm.write(f"[mdistiller] DATASET.SKIP_BAD_IMAGES: dropped unreadable image {path} from its batch "
-                   f"(no decoder read it: {type(exc).__name__})")
+        log.warning(f"DATASET.SKIP_BAD_IMAGES: dropped unreadable image {path} from its batch "
+                    f"(no decoder read it: {type(exc).__name__})")
 
 
 class ImageNetJpegFolder(ImageNetFolder):
@@ -380,10 +381,10 @@ def build_imagenet_datasets(cfg, train_views: Mapping[str, str],
     folder = split_folder(cfg.DATASET.ROOT, "train")
     blocker = gpu_decode_blocker(cfg, train_views, device) if cfg.DATASET.GPU_DECODE else None
     if blocker:
-        tqdm.write(f"[mdistiller] DATASET.GPU_DECODE: decoding with PIL in the workers instead: {blocker}")
+        log.info(f"DATASET.GPU_DECODE: decoding with PIL in the workers instead: {blocker}")
     if cfg.DATASET.GPU_DECODE and not blocker:
         train_set = ImageNetJpegFolder(folder, image_size_of(cfg), device, cfg.DATASET.SKIP_BAD_IMAGES)
-        tqdm.write(f"[mdistiller] DATASET.GPU_DECODE: training JPEGs decoded on {train_set.device}, batched")
+        log.info(f"DATASET.GPU_DECODE: training JPEGs decoded on {train_set.device}, batched")
     else:
         train_set = ImageNetFolder(folder, views, cfg.DATASET.SKIP_BAD_IMAGES)
     return train_set, build_imagenet_test_set(cfg), len(classes)

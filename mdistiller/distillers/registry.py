@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import warnings
 from typing import Callable, TypeVar
 
 from ..errors import MdistillerError
+from ..log import get_logger
 
+log = get_logger(__name__)
 distiller_dict: dict = {}
 # Names used by published configs for a method we register under another name: old -> (new, why).
 _ALIASES: dict[str, tuple[str, str]] = {}
@@ -33,7 +34,7 @@ def get_distiller_class(name: str):
     """The class registered as `name`, resolving published aliases with a warning."""
     if name in _ALIASES and name not in distiller_dict:
         new, why = _ALIASES[name]
-        warnings.warn(f"DISTILLER.TYPE {name} is read as {new}: {why}", stacklevel=2)
+        log.warning(f"DISTILLER.TYPE {name} is read as {new}: {why}")
         name = new
     if name not in distiller_dict:
         close = difflib.get_close_matches(name, list(distiller_dict), n=1, cutoff=0.5)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 
 from torch import nn
 
 from ..distillers import get_distiller_class
 from ..errors import MdistillerError
 from ..files import resolve_project_path
+from ..log import get_logger
 from ..models import cifar_model_dict, imagenet_model_dict
 from ..models.imagenet import IMAGENET_ALIASES, IMAGENET_TEACHER_DIR, find_imagenet_teacher, teacher_file_candidates
 from .checkpoint import load_model_weights
@@ -21,6 +21,7 @@ def is_imagenet(dataset_type: str | None) -> bool:
     return dataset_type == "imagenet"
 
 
+log = get_logger(__name__)
 _WARNED_ALIASES: set[str] = set()
 
 
@@ -31,7 +32,7 @@ def zoo_name(name: str, dataset_type: str | None = None) -> str:
         new, why = IMAGENET_ALIASES[name]
         if name not in _WARNED_ALIASES:
             _WARNED_ALIASES.add(name)
-            print(f"warning: model {name} is read as {new} on ImageNet: {why}", file=sys.stderr, flush=True)
+            log.warning(f"model {name} is read as {new} on ImageNet: {why}")
         return new
     return name
 

@@ -24,6 +24,10 @@ OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.TYPE
 LR_SCHEDULES = ("step", "cosine")  # SOLVER.LR_SCHEDULE
 NAN_POLICIES = ("stop", "skip")  # SOLVER.NAN_POLICY
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # SOLVER.COMPILE
+# SOLVER.TRAINER: the names of upstream's trainer classes. Ours is one trainer; a distiller declares which of these
+# names describe how it trains (Distiller.upstream_trainers), and "dot" / "crd_dot" select DOT's update rule
+# (see engine/validate.py).
+TRAINERS = ("base", "ours", "aug", "crd", "dot", "crd_dot")
 
 CFG = CN()
 

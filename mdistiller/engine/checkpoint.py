@@ -48,10 +48,15 @@ def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
-    state_dict = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return strip_module_prefix({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict without the `module.` prefix DataParallel/DistributedDataParallel put on every key (when all
+    keys carry it; otherwise unchanged)."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
 
 
 def guess_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int) -> str | None:

@@ -14,7 +14,9 @@ The learning rate follows SOLVER.LR_SCHEDULE (`learning_rate`), set by the train
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -95,3 +97,20 @@ def learning_rate(cfg, epoch: int, epoch_fraction: float = 1.0) -> float:
 def lr_changes_within(cfg, epoch: int) -> bool:
     """Whether the LR of `epoch` is set step by step (cosine schedule, or an epoch of the warm-up)."""
     return cfg.SOLVER.LR_SCHEDULE == "cosine" or epoch - 1 < cfg.SOLVER.LR_WARMUP_EPOCHS
+
+
+def summed_loss_update(optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor]) -> None:
+    """The usual update: backward of the sum of the loss terms' batch means, then one optimizer step (no host sync)."""
+    loss = sum(term.mean() for term in losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def update_rule(optimizer: torch.optim.Optimizer) -> Callable[[dict[str, torch.Tensor]], None]:
+    """How a step turns loss terms into an update: a property of the optimizer. An optimizer that needs its own rule
+    (DOT's two backward passes) defines `update(losses)`; every other one gets `summed_loss_update`."""
+    own = getattr(optimizer, "update", None)
+    if callable(own):
+        return own
+    return functools.partial(summed_loss_update, optimizer)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from typing import Sequence
 
 import torch
@@ -19,11 +18,15 @@ from .. import distributed
 from ..dataset import get_dataset
 from ..distillers import get_distiller_class
 from ..errors import MdistillerError
+from ..log import get_logger, run_log
 from ..rng import deterministic_mode, set_seed
 from . import accel
 from .build import build_distiller, teacher_home
 from .cfg import cfg_text, dump_cfg
-from .trainer import Trainer, check_distributed
+from .trainer import Trainer
+from .validate import validate_run
+
+log = get_logger(__name__)
 
 # Overrides that change where or how verbosely a run works, not what it computes: kept out of the run name.
 _KEYS_NOT_IN_NAME = ("DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "LOG.", "DISTILLER.TEACHER_CKPT",
@@ -107,16 +110,6 @@ def append_result(cfg, run_dir: str, result: dict[str, float]) -> str:
     return path
 
 
-def check_writable(folder: str, what: str) -> None:
-    """Create folder and write a probe file in it, so an unwritable output fails before training, not after."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder) as f:
-            f.write(b"probe")
-    except OSError as exc:
-        raise MdistillerError(f"cannot write to {what} {folder}: {exc.strerror or exc}") from None
-
-
 def check_fits_data(cfg, num_train: int) -> None:
     """A batch larger than the training set is a config mistake (often DATASET.ROOT pointing at the wrong data)."""
     if cfg.SOLVER.BATCH_SIZE > num_train:
@@ -137,25 +130,17 @@ def default_device() -> torch.device:
 
 
 def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name: bool = False) -> dict:
-    """Train the run that cfg (frozen, validated) describes; returns best/last top-1 and the run directory.
+    """Train the run that cfg (frozen) describes; returns best/last top-1 and the run directory.
 
-    Everything that can be checked without training is checked first: the recipe, the output folders, the data
-    size and the teacher. SIGTERM/SIGINT during training raise trainer.TrainingInterrupted after saving `latest`.
+    First everything that can be checked without training (engine/validate.py), then the data and the distiller are
+    built (a damaged file or a checkpoint of another architecture fails there), and only then is the run folder
+    created: a refused run leaves nothing behind. SIGTERM/SIGINT during training raise guards.TrainingInterrupted
+    after saving `latest`.
     """
     run_dir = run_dir_of(cfg, opts, seed_in_name)
     device = default_device()
-
-    def check_outputs() -> None:
-        if not resume and os.path.exists(os.path.join(run_dir, "latest")):
-            raise MdistillerError(
-                f"{run_dir} already holds a run: pass --resume to continue it, or set EXPERIMENT.NAME for a new one"
-            )
-        check_writable(run_dir, "the run folder (LOG.PREFIX)")
-        check_writable(cfg.LOG.RESULTS_DIR, "LOG.RESULTS_DIR")
-
     with distributed.raised_on_every_rank():
-        check_distributed(cfg, device, distributed.world_size())
-        distributed.on_main_then_share(check_outputs)  # the other ranks wait here until the run folder exists
+        distributed.on_main_then_share(lambda: validate_run(cfg, run_dir, resume, device))
     set_seed(cfg.EXPERIMENT.SEED)
     with deterministic_mode(cfg.EXPERIMENT.DETERMINISTIC, device):
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
@@ -167,34 +152,38 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
         if distributed.rank() > 0:  # built identically on every rank; from here on each rank draws its own numbers
             set_seed(distributed.rank_seed(cfg.EXPERIMENT.SEED, distributed.rank()))
         if distributed.is_main_process():
-            dump_cfg(cfg, os.path.join(run_dir, "config.yaml"))
-        trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device)
-        trainer.log(
-            f"run {run_dir}: {cfg.DISTILLER.TYPE} {cfg.DISTILLER.STUDENT}"
-            + (f" <- {cfg.DISTILLER.TEACHER}" if distiller_class.requires_teacher else "")
-            + f", {num_train} training images, {num_classes} classes, seed {cfg.EXPERIMENT.SEED}, device {device}"
-            + (f" x {distributed.world_size()} processes (global batch {cfg.SOLVER.BATCH_SIZE})"
-               if distributed.world_size() > 1 else "") + ", "
-            f"extra parameters {distiller.get_extra_parameters()}, {accel.describe(cfg)}"
-            + (", deterministic algorithms" if cfg.EXPERIMENT.DETERMINISTIC else "")
-        )
-        try:
-            result = trainer.train(resume=resume)
-        except RuntimeError as exc:  # an op without a deterministic kernel, under EXPERIMENT.DETERMINISTIC
-            if not (cfg.EXPERIMENT.DETERMINISTIC and "deterministic" in str(exc)):
-                raise
-            raise MdistillerError(
-                f"EXPERIMENT.DETERMINISTIC: {str(exc).splitlines()[0]} (set EXPERIMENT.DETERMINISTIC False to run it)"
-            ) from None
-    result_file = append_result(cfg, run_dir, result) if distributed.is_main_process() else ""
-    trainer.log(f"best top-1 {result['best_acc']:.2f}, last {result['last_acc']:.2f}; result appended to {result_file}")
-    if not distiller_class.requires_teacher:
-        weights = os.path.join(run_dir, "student_best")
-        zoo = teacher_home(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
-        trainer.log(
-            f"teacher weights: {weights}. To distil from it, pass DISTILLER.TEACHER_CKPT {weights} "
-            f"or copy it to {zoo}"
-        )
+            os.makedirs(run_dir, exist_ok=True)
+        distributed.barrier()  # the other ranks wait until the run folder exists
+        with run_log(run_dir):
+            if distributed.is_main_process():
+                dump_cfg(cfg, os.path.join(run_dir, "config.yaml"))
+            trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device)
+            log.info(
+                f"run {run_dir}: {cfg.DISTILLER.TYPE} {cfg.DISTILLER.STUDENT}"
+                + (f" <- {cfg.DISTILLER.TEACHER}" if distiller_class.requires_teacher else "")
+                + f", {num_train} training images, {num_classes} classes, seed {cfg.EXPERIMENT.SEED}, device {device}"
+                + (f" x {distributed.world_size()} processes (global batch {cfg.SOLVER.BATCH_SIZE})"
+                   if distributed.world_size() > 1 else "") + ", "
+                f"extra parameters {distiller.get_extra_parameters()}, {accel.describe(cfg)}"
+                + (", deterministic algorithms" if cfg.EXPERIMENT.DETERMINISTIC else "")
+            )
+            try:
+                result = trainer.train(resume=resume)
+            except RuntimeError as exc:  # an op without a deterministic kernel, under EXPERIMENT.DETERMINISTIC
+                if not (cfg.EXPERIMENT.DETERMINISTIC and "deterministic" in str(exc)):
+                    raise
+                raise MdistillerError(
+                    f"EXPERIMENT.DETERMINISTIC: {str(exc).splitlines()[0]} (set EXPERIMENT.DETERMINISTIC False to run "
+                    f"it)"
+                ) from None
+            result_file = append_result(cfg, run_dir, result) if distributed.is_main_process() else ""
+            log.info(f"best top-1 {result['best_acc']:.2f}, last {result['last_acc']:.2f}; result appended to "
+                     f"{result_file}")
+            if not distiller_class.requires_teacher:
+                weights = os.path.join(run_dir, "student_best")
+                zoo = teacher_home(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
+                log.info(f"teacher weights: {weights}. To distil from it, pass DISTILLER.TEACHER_CKPT {weights} "
+                         f"or copy it to {zoo}")
     sys.stdout.flush()
     return {**result, "run_dir": run_dir}
 

@@ -9,6 +9,24 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..errors import MdistillerError
+
+
+def classifier(model: nn.Module) -> nn.Linear:
+    """The last nn.Linear of a model (its classifier), whatever its attribute name (fc, linear, classifier, head)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise MdistillerError(f"{type(model).__name__} has no nn.Linear classifier")
+    return linears[-1]
+
+
+def num_classes_of_model(model: nn.Module) -> int:
+    """The class count of a model: its classifier's outputs (-1 when it has no nn.Linear)."""
+    try:
+        return classifier(model).out_features
+    except MdistillerError:
+        return -1
+
 
 class ZooModel(nn.Module):
     """A zoo model: `forward -> (logits, feats)`; `stage_channels` lists the channels of `feats[1:]`."""

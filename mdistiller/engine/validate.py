@@ -1,0 +1,108 @@
+"""One validation pass before any side effect: everything that can be known without training is checked here, before
+the run folder, the logs or the data are touched, so a refused run leaves nothing behind.
+
+Checked: the config's values (cfg.validate_cfg), the distiller and its SOLVER.TRAINER name, the model names, what the
+distiller cannot train on (Mixup's soft labels), the data's presence, the teacher file, a global batch the processes
+cannot split, the run folder's state (an existing run without --resume, --resume without a run) and whether the output
+folders can be written. What needs the files read (a damaged data file, a teacher checkpoint of another architecture)
+is found while the run is built, still before its folder exists.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from .. import distributed
+from ..dataset import check_data
+from ..dataset.mixing import mixing_enabled
+from ..distillers import get_distiller_class
+from ..errors import MdistillerError
+from .build import model_builder, teacher_checkpoint_path
+from .cfg import TRAINERS, validate_cfg
+from .placement import check_distributed
+
+# SOLVER.TRAINER values that choose the DOT optimizer's update rule; the rest of the name is upstream's trainer class
+DOT_TRAINERS = {"dot": "base", "crd_dot": "crd"}
+DOT_AVAILABLE = False  # the DOT optimizer (SOLVER.TRAINER dot) lands with its own issue
+
+
+def check_trainer(cfg, distiller_class) -> None:
+    """SOLVER.TRAINER must name how this distiller trains: "base" always, the LS repo's "ours"/"aug" for MLKD, "crd"
+    for CRD (each a distiller declares in `upstream_trainers`), or "dot"/"crd_dot" = the same with DOT's update."""
+    name = cfg.SOLVER.TRAINER
+    if name not in TRAINERS:
+        raise MdistillerError(f"SOLVER.TRAINER {name!r} is not one of upstream's trainers: {', '.join(TRAINERS)}")
+    if name in DOT_TRAINERS and not DOT_AVAILABLE:
+        raise MdistillerError(
+            f"SOLVER.TRAINER {name} (upstream's distillation-oriented optimizer, DOT) is not implemented yet: it would "
+            f"silently train without DOT, so it is refused; use SOLVER.TRAINER base"
+        )
+    base = DOT_TRAINERS.get(name, name)
+    accepted = getattr(distiller_class, "upstream_trainers", ("base",))
+    if base not in accepted:
+        raise MdistillerError(
+            f"SOLVER.TRAINER {name} is upstream's trainer for another method; DISTILLER.TYPE {cfg.DISTILLER.TYPE} "
+            f"trains with {' or '.join(accepted)}"
+        )
+
+
+def check_recipe(cfg):
+    """The config's values, the distiller, its trainer name and models, and what it cannot train on; returns the
+    distiller class."""
+    validate_cfg(cfg)
+    distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
+    check_trainer(cfg, distiller_class)
+    model_builder(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
+    if distiller_class.requires_teacher:
+        model_builder(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE)
+    if mixing_enabled(cfg) and not getattr(distiller_class, "accepts_soft_targets", False):
+        raise MdistillerError(
+            f"DATASET.MIXUP gives soft labels, which {distiller_class.__name__} cannot train on "
+            f"(its losses index the target class): set the DATASET.MIXUP values to 0"
+        )
+    return distiller_class
+
+
+def check_writable(folder: str, what: str) -> None:
+    """That `folder` can be created and written, without creating it: its nearest existing ancestor must be a
+    writable folder (probed with a temporary file that is removed at once)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise MdistillerError(f"cannot write to {what} {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise MdistillerError(f"cannot write to {what} {folder}: {exc.strerror or exc}") from None
+
+
+def check_outputs(cfg, run_dir: str, resume: bool) -> None:
+    """The run folder's state against --resume, and that the run folder and LOG.RESULTS_DIR can be written."""
+    latest = os.path.join(run_dir, "latest")
+    has_run = os.path.exists(latest)
+    if resume and not has_run:
+        raise MdistillerError(f"resume checkpoint not found: {latest} (no run to continue there; leave out --resume)")
+    if has_run and not resume:
+        raise MdistillerError(
+            f"{run_dir} already holds a run: pass --resume to continue it, or set EXPERIMENT.NAME for a new one"
+        )
+    check_writable(run_dir, "the run folder (LOG.PREFIX)")
+    check_writable(cfg.LOG.RESULTS_DIR, "LOG.RESULTS_DIR")
+
+
+def validate_run(cfg, run_dir: str, resume: bool, device: torch.device) -> None:
+    """Every check that needs no training and writes nothing (see the module docstring)."""
+    distiller_class = check_recipe(cfg)
+    check_distributed(cfg, device, distributed.world_size())
+    check_data(cfg)
+    if distiller_class.requires_teacher:
+        teacher_checkpoint_path(cfg)
+    check_outputs(cfg, run_dir, resume)

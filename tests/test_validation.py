@@ -1,0 +1,113 @@
+"""Validation before any side effect: every refused run of the README's "Errors before training" list gives its one
+line and leaves LOG.PREFIX and LOG.RESULTS_DIR untouched (no run folder, no log, no config.yaml)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mdistiller.cli import train as train_tool
+from mdistiller.engine.validate import check_writable
+from mdistiller.errors import MdistillerError
+
+from conftest import REPO, run_overrides
+
+VANILLA = str(REPO / "configs/cifar100/vanilla/resnet8.yaml")
+KD = str(REPO / "configs/cifar100/kd/resnet56_resnet20.yaml")
+
+
+def _damaged_copy(tmp: Path, data_root: str) -> str:
+    root = tmp / "damaged"
+    shutil.copytree(data_root, root)
+    train = root / "cifar-100-python" / "train"
+    train.write_bytes(train.read_bytes()[:100])
+    return str(root)
+
+
+def _cases(tmp: Path, data_root: str, teacher_ckpt) -> dict[str, tuple[list[str], str]]:
+    base = run_overrides(tmp, data_root)
+    blocker = tmp / "a_file"
+    blocker.write_text("not a folder")  # fails for root too, unlike chmod
+    return {
+        "missing config": (["--cfg", str(tmp / "nope.yaml")], "config file not found"),
+        "unknown key": (["--cfg", VANILLA, *base, "SOLVER.EPOHCS", "1"], "did you mean SOLVER.EPOCHS"),
+        "unknown model": (["--cfg", VANILLA, *base, "DISTILLER.STUDENT", "resnet9"], "unknown model 'resnet9'"),
+        "unknown distiller": (["--cfg", VANILLA, *base, "DISTILLER.TYPE", "NOSUCHKD"], "unknown distiller"),
+        "missing data": (["--cfg", VANILLA, *base, "DATASET.ROOT", str(tmp / "void"), "DATASET.DOWNLOAD", "False"],
+                         "CIFAR-100 not found"),
+        "damaged data": (["--cfg", VANILLA, *base, "DATASET.ROOT", _damaged_copy(tmp, data_root)],
+                         "is truncated or corrupt"),
+        "missing teacher": (["--cfg", KD, *base, "DISTILLER.TEACHER_CKPT", str(tmp / "t.pth")],
+                            "teacher checkpoint not found"),
+        "teacher of another architecture": (["--cfg", KD, *base, "DISTILLER.TEACHER_CKPT", teacher_ckpt("resnet8")],
+                                            "holds weights of resnet8, not resnet56"),
+        "teacher of another class count": (
+            ["--cfg", KD, *base, "DISTILLER.TEACHER_CKPT", teacher_ckpt("resnet56", num_classes=10)],
+            "holds weights of resnet56 with 10 classes"),
+        "zero epochs": (["--cfg", VANILLA, *base, "SOLVER.EPOCHS", "0"], "SOLVER.EPOCHS must be positive"),
+        "negative batch": (["--cfg", VANILLA, *base, "SOLVER.BATCH_SIZE", "-4"], "SOLVER.BATCH_SIZE must be positive"),
+        "batch larger than the data": (["--cfg", VANILLA, *base, "SOLVER.BATCH_SIZE", "512"],
+                                       "larger than the training set"),
+        "decay stages": (["--cfg", VANILLA, *base, "SOLVER.LR_DECAY_STAGES", "[180, 150]"],
+                         "strictly increasing positive epochs"),
+        "nan policy": (["--cfg", VANILLA, *base, "SOLVER.NAN_POLICY", "ignore"], "SOLVER.NAN_POLICY must be one of"),
+        "unwritable LOG.PREFIX": (["--cfg", VANILLA, *base, "LOG.PREFIX", str(blocker / "output")],
+                                  "cannot write to the run folder (LOG.PREFIX)"),
+        "unwritable LOG.RESULTS_DIR": (["--cfg", VANILLA, *base, "LOG.RESULTS_DIR", str(blocker / "logs")],
+                                       "cannot write to LOG.RESULTS_DIR"),
+        "DOT trainer": (["--cfg", KD, *base, "SOLVER.TRAINER", "dot"], "SOLVER.TRAINER dot"),
+        "another method's trainer": (["--cfg", KD, *base, "SOLVER.TRAINER", "ours"],
+                                     "SOLVER.TRAINER ours is upstream's trainer for another method"),
+        "resume without a run": (["--cfg", VANILLA, *base, "--resume"], "resume checkpoint not found"),
+        "odd overrides": (["--cfg", VANILLA, *base, "SOLVER.EPOCHS"], "KEY VALUE pairs"),
+        "unknown flag": (["--cfg", VANILLA, *base, "--resum"], "unknown flag --resum (did you mean --resume?)"),
+    }
+
+
+CASES = ["missing config", "unknown key", "unknown model", "unknown distiller", "missing data", "damaged data",
+         "missing teacher", "teacher of another architecture", "teacher of another class count", "zero epochs",
+         "negative batch", "batch larger than the data", "decay stages", "nan policy", "unwritable LOG.PREFIX",
+         "unwritable LOG.RESULTS_DIR", "DOT trainer", "another method's trainer", "resume without a run",
+         "odd overrides", "unknown flag"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_refused_run_leaves_no_debris(tmp_path, cifar100_tiny_root, teacher_ckpt, case):
+    args, message = _cases(tmp_path, cifar100_tiny_root, teacher_ckpt)[case]
+    with pytest.raises(MdistillerError) as info:
+        train_tool.main(args)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    for folder in (tmp_path / "output", tmp_path / "logs"):
+        assert not folder.exists() or not any(folder.iterdir()), f"{case}: {folder} holds {list(folder.rglob('*'))}"
+
+
+def test_an_existing_run_without_resume_is_refused_and_left_as_it_was(tmp_path, cifar100_tiny_root):
+    args = ["--cfg", VANILLA, *run_overrides(tmp_path, cifar100_tiny_root), "SOLVER.BATCH_SIZE", "32"]
+    run_dir = Path(train_tool.main(args)["run_dir"])
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    with pytest.raises(MdistillerError, match="already holds a run: pass --resume"):
+        train_tool.main(args)
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_flags_may_follow_the_overrides(tmp_path, cifar100_tiny_root):
+    """`--resume` typed after the KEY VALUE pairs (as after a stopped run) works like `--resume` before them."""
+    overrides = [*run_overrides(tmp_path, cifar100_tiny_root), "SOLVER.BATCH_SIZE", "32"]
+    first = train_tool.main(["--cfg", VANILLA, *overrides])
+    again = train_tool.main(["--cfg", VANILLA, *overrides, "--resume"])  # the finished run: nothing left to do
+    assert again["run_dir"] == first["run_dir"] and again["best_acc"] == first["best_acc"]
+    args = train_tool.parse_args([*overrides, "--logit-stand", "--cfg", VANILLA, "--base-temp", "3", "WKD.HINT_LAYER",
+                                  "-1", "--kd-weight=6", "--seeds", "0,1"])
+    assert (args.cfg, args.logit_stand, args.base_temp, args.kd_weight, args.seeds) == (VANILLA, True, 3.0, 6.0, "0,1")
+    assert args.opts == [*overrides, "WKD.HINT_LAYER", "-1"]
+
+
+def test_writability_is_checked_without_creating_anything(tmp_path):
+    target = tmp_path / "a" / "b" / "c"
+    check_writable(str(target), "the run folder")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MdistillerError, match="is a file, not a folder"):
+        check_writable(str(tmp_path / "file" / "x"), "the run folder")
