@@ -40,7 +40,7 @@ except ImportError:  # not POSIX: downloads still work, concurrent ones are not 
     fcntl = None
 
 OFFLINE_ENV = "MDISTILLER_OFFLINE"
-TIMEOUT_S = 30.0  # per socket operation (connect, each read) and for the host-name lookup
+TIMEOUT_S = 20.0  # per socket operation (connect, each read) and for the host-name lookup
 CHUNK = 1 << 20
 USER_AGENT = "mdistiller (python urllib)"
 NETWORK_SCHEMES = ("http", "https", "ftp")
@@ -113,7 +113,7 @@ def _resolve_host(url: str, timeout: float) -> None:
     thread.start()
     thread.join(timeout)
     if not outcome:
-        raise OSError(f"no answer for {parsed.hostname} within {timeout:.0f} s")
+        raise OSError(f"no answer for {parsed.hostname} within {timeout:g} s")
     if outcome[0] is not None:
         raise outcome[0]
 
@@ -158,7 +158,7 @@ def fetch(url: str, dest: str, what: str, timeout: float = TIMEOUT_S, progress: 
     Errors are one-line MdistillerErrors that start with "downloading <what> from <url> failed"; the partial file is
     kept so that the next call resumes it.
     """
-    if offline():
+    if offline() and local_path(url) is None:
         raise MdistillerError(f"downloading {what} from {url} failed ({OFFLINE_ENV} is set: no network downloads)")
     part = dest + ".part"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -178,11 +178,11 @@ def fetch(url: str, dest: str, what: str, timeout: float = TIMEOUT_S, progress: 
                     f"not enough disk space for {what} in {os.path.dirname(os.path.abspath(dest))}: "
                     f"{megabytes(total - done)} needed"
                 )
-            if is_local_main():
-                verb = f"resuming at {megabytes(start)} of" if resumed else "downloading"
-                print(f"{verb} {what} ({megabytes(total)}) from {url}", file=sys.stderr, flush=True)
+            # One process downloads at a time (file_lock), so this line and the bar come from one process only.
+            verb = f"resuming at {megabytes(start)} of" if resumed else "downloading"
+            print(f"{verb} {what} ({megabytes(total)}) from {url}", file=sys.stderr, flush=True)
             bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
-                       file=sys.stderr, disable=None if progress and is_local_main() else True)
+                       file=sys.stderr, disable=None if progress else True)  # None: a bar on a terminal only
             with bar, open(part, "ab" if resumed else "wb") as out:
                 while True:
                     chunk = response.read(CHUNK)

@@ -226,6 +226,17 @@ def test_http_errors_are_one_line(http_files, tmp_path):
         download.fetch(http_files.url("missing"), str(tmp_path / "x"), "x")
 
 
+def test_a_silent_server_or_name_lookup_times_out_in_one_line(http_files, tmp_path, monkeypatch):
+    http_files.files["blob"], http_files.delay = b"x", 1.0
+    with pytest.raises(MdistillerError, match=r"^downloading blob from \S+ failed \(timed out\)$"):
+        download.fetch(http_files.url("blob"), str(tmp_path / "blob"), "blob", timeout=0.2)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args: time.sleep(2))
+    start = time.monotonic()
+    with pytest.raises(MdistillerError, match=r"failed \(no answer for example.org within 0.2 s\)$"):
+        download.fetch("https://example.org/x", str(tmp_path / "x"), "x", timeout=0.2)
+    assert time.monotonic() - start < 1.5
+
+
 # ---- tools/download_ckpts.py ----
 
 def test_teachers_from_a_local_path_and_a_file_url(teachers_tar, teacher_files, tmp_path, capsys):
