@@ -162,21 +162,25 @@ def _ensure_in_child(root: str) -> None:
 
 
 def test_two_processes_starting_together_download_once(serve_cifar, tmp_path, capfd):
-    serve_cifar.delay = 0.5  # the second process arrives while the first is downloading
+    """The test holds the lock until both processes wait on it, then lets them race: one downloads, one reads."""
     root = str(tmp_path / "data")
     context = multiprocessing.get_context("fork")  # the children inherit the patched URL and MD5
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12 warns about forking with threads
-        children = [context.Process(target=_ensure_in_child, args=(root,)) for _ in range(2)]
-        for child in children:
-            child.start()
+    err = ""
+    with download.file_lock(os.path.join(root, ".cifar-100-python.lock")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12 warns about forking with threads
+            children = [context.Process(target=_ensure_in_child, args=(root,)) for _ in range(2)]
+            for child in children:
+                child.start()
+        deadline = time.monotonic() + 30
+        while err.count("waiting for another process to download CIFAR-100") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capfd.readouterr().err
     for child in children:
         child.join(30)
-    assert [child.exitcode for child in children] == [0, 0]
-    assert len(serve_cifar.requests) == 1
-    err = capfd.readouterr().err
-    assert err.count("downloading CIFAR-100") == 1
-    assert err.count("waiting for another process to download CIFAR-100") == 1
+    err += capfd.readouterr().err
+    assert [child.exitcode for child in children] == [0, 0], err
+    assert len(serve_cifar.requests) == 1 and err.count("downloading CIFAR-100") == 1
     assert sorted(os.listdir(Path(root) / "cifar-100-python")) == ["meta", "test", "train"]
 
 
