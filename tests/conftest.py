@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MDISTILLER_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(2)
+
+# No test may reach the network (CI has none, and a blackholed route would hang): DATASET.DOWNLOAD is on by default,
+# so a test pointing DATASET.ROOT at a folder without CIFAR would otherwise try to download it. MDISTILLER_OFFLINE
+# makes mdistiller.download refuse at once, in this process and in every tool a test starts (they inherit the
+# environment); the download tests remove it and serve their files from 127.0.0.1 (the http_files fixture).
+os.environ["MDISTILLER_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +97,64 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+    """GET of the server's in-memory files, with `Range: bytes=N-` answered 206 (or ignored, if asked)."""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        server = self.server
+        server.requests.append((self.path, self.headers.get("Range")))
+        time.sleep(server.delay)
+        data = server.files.get(self.path.lstrip("/"))
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if match and not server.ignore_range:
+            start = int(match.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if server.cut_after is not None:  # a dropped connection: part of the body, then close
+            body, server.cut_after = body[:server.cut_after], None
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_files():
+    """A file server on 127.0.0.1 in a thread: set `.files[name] = bytes`, fetch `.url(name)`; `.requests` records
+    (path, Range header); `.cut_after = n` drops the next response after n bytes; `.delay` waits before answering;
+    `.ignore_range` answers every request with the whole file. MDISTILLER_OFFLINE is lifted for the test."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
+    server.daemon_threads = True
+    server.files, server.requests = {}, []
+    server.cut_after, server.delay, server.ignore_range = None, 0.0, False
+    server.url = lambda name: f"http://127.0.0.1:{server.server_address[1]}/{name}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    offline = os.environ.pop("MDISTILLER_OFFLINE", None)
+    try:
+        yield server
+    finally:
+        if offline is not None:
+            os.environ["MDISTILLER_OFFLINE"] = offline
+        server.shutdown()
+        server.server_close()
 
 
 def pytest_collection_modifyitems(config, items):

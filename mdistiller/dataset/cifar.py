@@ -1,18 +1,27 @@
 """CIFAR-10/100 from torchvision's on-disk pickle formats, validated by structure rather than checksums.
 
-torchvision's own CIFAR classes verify the MD5 sums of the official archives and so reject any re-packed copy
+torchvision's own CIFAR classes verify the MD5 sums of the extracted files and so reject any re-packed copy
 (including the small files the tests write); this reader parses the same format and checks shapes, label range and
 counts instead, with errors that say what is wrong and where.
+
+A missing folder is downloaded (DATASET.DOWNLOAD, on by default as upstream): the official archive at the URL
+torchvision's dataset class names, checked against torchvision's MD5, fetched with mdistiller.download (resumable,
+time-limited, one process at a time) and extracted next to its final place, then renamed into it.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+import torchvision
+from torchvision.datasets.utils import calculate_md5
 
+from .. import download
 from ..errors import MdistillerError
 
 
@@ -57,37 +66,77 @@ CIFAR_FORMATS = {
 }
 
 
-def _download(fmt: CifarFormat, root: str) -> None:
-    import torchvision
-
+def _torchvision_archive(fmt: CifarFormat) -> tuple[str, str, str]:
+    """(URL, file name, MD5) of the official archive, as torchvision's dataset class declares them."""
     dataset_class = getattr(torchvision.datasets, fmt.torchvision_class)
+    return dataset_class.url, dataset_class.filename, dataset_class.tgz_md5
+
+
+def _where_to_put_it(fmt: CifarFormat) -> str:
+    return f"Put torchvision's {fmt.folder} folder under DATASET.ROOT (or the MDISTILLER_DATA environment variable)"
+
+
+def _download_and_extract(fmt: CifarFormat, root: str, folder: str) -> None:
+    """Fetch (or reuse) the official archive in root, check its MD5, extract it next to `folder`, rename it there."""
+    url, filename, md5 = _torchvision_archive(fmt)
+    archive = os.path.join(root, filename)
+    downloaded = not os.path.isfile(archive)
+    if downloaded:
+        try:
+            download.fetch(url, archive, fmt.name)
+        except MdistillerError as exc:
+            raise MdistillerError(f"{fmt.name} not found: no folder {folder}, and {exc}. {_where_to_put_it(fmt)}, "
+                                  f"or its archive {filename}") from None
+    actual = calculate_md5(archive)
+    if actual != md5:
+        if downloaded:  # damaged on the way (or the mirror changed): do not keep it for the next run
+            os.remove(archive)
+            raise MdistillerError(f"the {fmt.name} archive downloaded from {url} has MD5 {actual}, not {md5}: "
+                                  f"deleted it; run again to download it afresh")
+        raise MdistillerError(f"{fmt.name} archive {archive} is damaged (MD5 {actual}, expected {md5}): delete it "
+                              f"to download it again, or replace it")
+    staging = tempfile.mkdtemp(prefix=f".{fmt.folder}.", suffix=".extracting", dir=root)
     try:
-        for train in (True, False):
-            dataset_class(root, train=train, download=True)
-    except Exception as exc:  # network errors come in many types
-        raise MdistillerError(
-            f"downloading {fmt.name} into {root} failed ({type(exc).__name__}: {str(exc)[:100]}); "
-            f"put torchvision's {fmt.folder} folder under DATASET.ROOT by hand"
-        ) from None
+        download.extract_tar(archive, staging, f"{fmt.name} archive")
+        extracted = os.path.join(staging, fmt.folder)
+        if not os.path.isdir(extracted):
+            raise MdistillerError(f"{fmt.name} archive {archive} holds no {fmt.folder} folder")
+        os.replace(extracted, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_cifar_present(dataset_type: str, root: str, download: bool) -> str:
+def check_cifar_present(dataset_type: str, root: str, download_missing: bool) -> str:
     """The data folder of `dataset_type` under root; a missing one is an error unless it may be downloaded."""
     fmt = CIFAR_FORMATS[dataset_type]
     folder = os.path.join(root, fmt.folder)
-    if not os.path.isdir(folder) and not download:
+    if not os.path.isdir(folder) and not download_missing:
         raise MdistillerError(
-            f"{fmt.name} not found: no folder {folder}. Put torchvision's {fmt.folder} folder under DATASET.ROOT "
-            f"(or the MDISTILLER_DATA environment variable), or set DATASET.DOWNLOAD True"
+            f"{fmt.name} not found: no folder {folder}. {_where_to_put_it(fmt)}, or set DATASET.DOWNLOAD True"
         )
     return folder
 
 
-def ensure_cifar(dataset_type: str, root: str, download: bool) -> str:
-    """Return the data folder of `dataset_type` under root, downloading it through torchvision if asked."""
-    folder = check_cifar_present(dataset_type, root, download)
-    if not os.path.isdir(folder):
-        _download(CIFAR_FORMATS[dataset_type], root)
+def ensure_cifar(dataset_type: str, root: str, download_missing: bool) -> str:
+    """Return the data folder of `dataset_type` under root; a missing folder is downloaded (torchvision's URL and
+    MD5) when `download_missing`, by one process at a time (a file lock in root), the others waiting for it.
+
+    A folder already present is never touched: damaged files in it are reported by name when read.
+    """
+    fmt = CIFAR_FORMATS[dataset_type]
+    folder = check_cifar_present(dataset_type, root, download_missing)
+    if os.path.isdir(folder):
+        return folder
+    try:
+        os.makedirs(root, exist_ok=True)
+        lock = download.file_lock(os.path.join(root, f".{fmt.folder}.lock"),
+                                  waiting=f"waiting for another process to download {fmt.name} into {root}")
+        with lock:
+            if not os.path.isdir(folder):  # another process may have finished it while this one waited
+                _download_and_extract(fmt, root, folder)
+    except OSError as exc:  # a read-only or full DATASET.ROOT
+        raise MdistillerError(f"{fmt.name} not found: no folder {folder}, and it cannot be written there "
+                              f"({exc.strerror or exc}). {_where_to_put_it(fmt)}") from None
     return folder
 
 

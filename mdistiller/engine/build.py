@@ -15,6 +15,9 @@ from ..models import cifar_model_dict, imagenet_model_dict
 from ..models.imagenet import IMAGENET_ALIASES, IMAGENET_TEACHER_DIR, find_imagenet_teacher, teacher_file_candidates
 from .checkpoint import load_model_weights
 
+# What a missing published CIFAR teacher's error tells the user to run (cli/download_ckpts.py).
+DOWNLOAD_TEACHERS_HINT = "Fetch the published CIFAR-100 teachers with: python tools/download_ckpts.py"
+
 
 def is_imagenet(dataset_type: str | None) -> bool:
     """Whether a DATASET.TYPE takes the ImageNet zoo (every other type takes the CIFAR zoo)."""
@@ -80,8 +83,8 @@ def teacher_checkpoint_path(cfg) -> str:
     path = resolve_project_path(zoo_path)
     if not os.path.isfile(path):
         raise MdistillerError(
-            f"teacher checkpoint not found: {zoo_path}. Unpack cifar_teachers.tar into download_ckpts/ "
-            f"(see download_ckpts/README.md), or pass DISTILLER.TEACHER_CKPT <path>"
+            f"teacher checkpoint not found: {zoo_path}. {DOWNLOAD_TEACHERS_HINT} "
+            f"(mdistiller-download-ckpts; see download_ckpts/README.md), or pass DISTILLER.TEACHER_CKPT <path>"
         )
     return path
 
@@ -120,7 +123,10 @@ def pretrained_checkpoint_path(name: str, dataset_type: str | None = None) -> st
     zoo_path = cifar_model_dict[name][1]
     if zoo_path is None:
         raise MdistillerError(f"the zoo has no published checkpoint for {name}; pass a checkpoint file with -c")
-    return resolve_project_path(zoo_path)
+    path = resolve_project_path(zoo_path)
+    if not os.path.isfile(path):
+        raise MdistillerError(f"published checkpoint not found: {zoo_path}. {DOWNLOAD_TEACHERS_HINT}")
+    return path
 
 
 def load_zoo_model(name: str, ckpt: str, num_classes: int, dataset_type: str | None = None, image_size: int = 224,
