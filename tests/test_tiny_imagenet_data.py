@@ -200,6 +200,22 @@ def test_same_seed_same_batches_and_torchrun_ranks_split_each_global_batch(tiny_
     assert torch.cat(vals).tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
 
 
+def test_restoring_the_sampler_generator_and_torch_rng_replays_an_epochs_augmented_batches(tiny_root):
+    """What resume restores (the loader's generator, torch's RNG) fixes the order and every rotation and flip."""
+    loader = get_dataset(tiny_cfg(tiny_root), seed=5)[0]
+    torch.manual_seed(11)
+    states = loader.generator.get_state(), torch.get_rng_state()
+    first = [(b["index"], b["image"]) for b in loader]
+    next(iter(loader))  # move both on
+    loader.generator.set_state(states[0])
+    torch.set_rng_state(states[1])
+    again = [(b["index"], b["image"]) for b in loader]
+    assert all(torch.equal(i, j) and torch.equal(x, y) for (i, x), (j, y) in zip(first, again))
+    assert len(first) == 3
+    unrestored = [b["image"] for b in loader]  # the next epoch: another order and other augmentations
+    assert not any(torch.equal(x, y) for (_, x), y in zip(first, unrestored))
+
+
 def test_a_view_without_a_tiny_imagenet_version_is_named(tiny_root):
     with pytest.raises(MdistillerError, match="training view 'strong' has no Tiny-ImageNet version"):
         get_dataset(tiny_cfg(tiny_root), {"image": "standard", "image_strong": "strong"})
