@@ -284,3 +284,7 @@ def test_an_image_that_is_not_64_pixels_is_named(own_root):
     index = [p for p, _ in train_set.samples].index(path)
     with pytest.raises(MdistillerError, match=r"unreadable image .*_1\.JPEG \(ValueError: 32x48 pixels, Tiny-ImageNet"):
         train_set[index]
+    cfg = tiny_cfg(own_root)
+    cfg.DATASET.SKIP_BAD_IMAGES = True
+    loader = get_dataset(cfg)[0]
+    assert sum(len(b["target"]) for b in loader) == 8 and loader.skipped_files == [path]
