@@ -3,6 +3,7 @@
     python tools/eval.py -m resnet8x4 -c output/.../student_best [-d cifar100] [-bs 64]
     python tools/eval.py -m resnet32x4 -c pretrain          # the zoo's published teacher
     python tools/eval.py -m ResNet34 -c pretrain -d imagenet  # download_ckpts/imagenet_teachers/ (torchvision's)
+    python tools/eval.py -m MobileNetV2 -c output/.../student_best -d tiny_imagenet  # the Tiny-ImageNet zoo
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser("eval.py", description="evaluate a model checkpoint")
     parser.add_argument("-m", "--model", type=str, required=True, help="zoo model name, e.g. resnet8x4")
     parser.add_argument("-c", "--ckpt", type=str, default="pretrain", help="checkpoint file, or 'pretrain'")
-    parser.add_argument("-d", "--dataset", type=str, default="cifar100", help="cifar100 | cifar10 | imagenet")
+    parser.add_argument("-d", "--dataset", type=str, default="cifar100",
+                        help="cifar100 | cifar10 | imagenet | tiny_imagenet")
     parser.add_argument("--image-size", type=int, default=224, help="ImageNet: the center crop (DATASET.IMAGE_SIZE)")
     parser.add_argument("-bs", "--batch-size", type=int, default=64)
     parser.add_argument("--data-root", type=str, default=None, help="default: $MDISTILLER_DATA or ./data")

@@ -1,7 +1,8 @@
 """Data sets and loaders. A distiller names the training views it needs; this module builds them.
 
 `TRAIN_VIEWS` maps a view name to a function `(mean, std) -> transform` for the 32x32 CIFAR sets; `IMAGENET_VIEWS`
-maps the same names to `(mean, std, image_size) -> transform` for ImageNet (registered by imagenet.py). A distiller
+maps the same names to `(mean, std, image_size) -> transform` for ImageNet (registered by imagenet.py) and
+`TINY_IMAGENET_VIEWS` to `(mean, std) -> transform` for Tiny-ImageNet's 64x64 images (tiny_imagenet.py). A distiller
 declares `train_views = {"image": "standard"}` (the default) or e.g. `{"image_weak": "standard", "image_strong":
 "strong"}`, each data set builds its own version of the named views, and every training batch is a dict holding one
 tensor per batch key plus "target" and "index".
@@ -44,12 +45,17 @@ def test_transform(mean: tuple, std: tuple) -> Callable:
 TRAIN_VIEWS: dict[str, ViewBuilder] = {"standard": standard_train_transform}
 # ImageNet-sized views by the same names: `(mean, std, image_size) -> transform` (filled by imagenet.py).
 IMAGENET_VIEWS: dict[str, Callable[[tuple, tuple, int], Callable]] = {}
-VIEW_REGISTRIES: dict[str, dict[str, Callable]] = {"cifar": TRAIN_VIEWS, "imagenet": IMAGENET_VIEWS}
+# Tiny-ImageNet views by the same names: `(mean, std) -> transform` (filled by tiny_imagenet.py).
+TINY_IMAGENET_VIEWS: dict[str, ViewBuilder] = {}
+VIEW_REGISTRIES: dict[str, dict[str, Callable]] = {
+    "cifar": TRAIN_VIEWS, "imagenet": IMAGENET_VIEWS, "tiny_imagenet": TINY_IMAGENET_VIEWS,
+}
 
 
 def register_view(name: str, family: str = "cifar") -> Callable[[ViewBuilder], ViewBuilder]:
-    """Decorator: make a training view available to distillers by name, for the CIFAR sets (builders `(mean, std)`)
-    or, with family "imagenet", for ImageNet (builders `(mean, std, image_size)`)."""
+    """Decorator: make a training view available to distillers by name, for the CIFAR sets (builders `(mean, std)`),
+    with family "imagenet" for ImageNet (builders `(mean, std, image_size)`), with family "tiny_imagenet" for
+    Tiny-ImageNet (builders `(mean, std)`)."""
     registry = VIEW_REGISTRIES[family]
 
     def wrap(builder: ViewBuilder) -> ViewBuilder:
@@ -289,3 +295,4 @@ def get_test_set(cfg) -> Dataset:
 
 from . import imagenet  # noqa: E402, F401, I001  (registers DATASET.TYPE imagenet and its views; needs the tables)
 from . import deit_views  # noqa: E402, F401  (registers the ImageNet "deit" view; needs register_view)
+from . import tiny_imagenet  # noqa: E402, F401  (registers DATASET.TYPE tiny_imagenet; needs imagenet's folder)

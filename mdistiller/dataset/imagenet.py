@@ -58,6 +58,15 @@ def _few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
+def class_difference(first: str, first_classes: list[str], second: str, second_classes: list[str]) -> str:
+    """'N only in <first> (a, b, ...); M only in <second> (...)' for two class lists that differ."""
+    only_first = sorted(set(first_classes) - set(second_classes))
+    only_second = sorted(set(second_classes) - set(first_classes))
+    parts = [f"{len(only_first)} only in {first} ({_few(only_first)})" if only_first else "",
+             f"{len(only_second)} only in {second} ({_few(only_second)})" if only_second else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def check_layout(root: str) -> list[str]:
     """The class names of an ImageNet folder, after checking that train and val exist and hold the same classes."""
     classes = {}
@@ -74,13 +83,9 @@ def check_layout(root: str) -> list[str]:
             hint = " (the images lie directly in it: sort them into one folder per class)" if loose else ""
             raise MdistillerError(f"no class folders in {folder}{hint}. Expected layout {LAYOUT}")
     if classes["train"] != classes["val"]:
-        only_train = sorted(set(classes["train"]) - set(classes["val"]))
-        only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        parts = [f"{len(only_train)} only in train ({_few(only_train)})" if only_train else "",
-                 f"{len(only_val)} only in val ({_few(only_val)})" if only_val else ""]
         raise MdistillerError(
             f"ImageNet train and val class folders differ under {os.path.join(root, 'imagenet')}: "
-            + "; ".join(p for p in parts if p)
+            + class_difference("train", classes["train"], "val", classes["val"])
         )
     return classes["train"]
 
@@ -253,12 +258,13 @@ class ImageNetFolder(ImageFolder):
     readable one of the split and counted."""
 
     loader_class = ImageFolderLoader
+    dataset_name = "ImageNet"  # in error messages (Tiny-ImageNet's folders subclass this one)
 
     def __init__(self, folder: str, views: Mapping[str, Callable], skip_bad_images: bool = False):
         try:
             super().__init__(folder, loader=_load_rgb)
         except FileNotFoundError as exc:  # a class folder without any image file
-            raise MdistillerError(f"ImageNet folder {folder}: {exc}") from None
+            raise MdistillerError(f"{self.dataset_name} folder {folder}: {exc}") from None
         self.views = dict(views)
         self.skip_bad_images = bool(skip_bad_images)
 

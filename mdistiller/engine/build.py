@@ -11,7 +11,7 @@ from ..distillers import get_distiller_class
 from ..errors import MdistillerError
 from ..files import resolve_project_path
 from ..log import get_logger
-from ..models import cifar_model_dict, imagenet_model_dict
+from ..models import cifar_model_dict, imagenet_model_dict, tiny_imagenet_model_dict
 from ..models.imagenet import IMAGENET_ALIASES, IMAGENET_TEACHER_DIR, find_imagenet_teacher, teacher_file_candidates
 from .checkpoint import load_model_weights
 
@@ -20,11 +20,21 @@ DOWNLOAD_TEACHERS_HINT = "Fetch the published CIFAR-100 teachers with: python to
 
 
 def is_imagenet(dataset_type: str | None) -> bool:
-    """Whether a DATASET.TYPE takes the ImageNet zoo (every other type takes the CIFAR zoo)."""
+    """Whether a DATASET.TYPE takes the ImageNet zoo (tiny_imagenet takes its own, every other type the CIFAR zoo)."""
     return dataset_type == "imagenet"
 
 
 log = get_logger(__name__)
+
+
+def small_image_zoo(dataset_type: str | None) -> tuple[dict, str, str]:
+    """The zoo of a DATASET.TYPE other than imagenet (builders `builder(num_classes=...)`), its name in messages and
+    the folder of its vanilla (teacher-training) configs."""
+    if dataset_type == "tiny_imagenet":
+        return tiny_imagenet_model_dict, "Tiny-ImageNet", "configs/tiny_imagenet/vanilla"
+    return cifar_model_dict, "CIFAR", "configs/cifar100/vanilla"
+
+
 _WARNED_ALIASES: set[str] = set()
 
 
@@ -50,13 +60,14 @@ def model_builder(name: str, dataset_type: str | None = None):
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise MdistillerError(f"unknown model {name!r}{hint}; ImageNet models: {', '.join(imagenet_model_dict)}")
         return imagenet_model_dict[name][0]
-    if name not in cifar_model_dict and dataset_type is None and name in imagenet_model_dict:
+    zoo, label, _ = small_image_zoo(dataset_type)
+    if name not in zoo and dataset_type is None and name in imagenet_model_dict:
         return imagenet_model_dict[name][0]
-    if name not in cifar_model_dict:
-        close = difflib.get_close_matches(name, list(cifar_model_dict), n=1, cutoff=0.5)
+    if name not in zoo:
+        close = difflib.get_close_matches(name, list(zoo), n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise MdistillerError(f"unknown model {name!r}{hint}; CIFAR models: {', '.join(cifar_model_dict)}")
-    return cifar_model_dict[name][0]
+        raise MdistillerError(f"unknown model {name!r}{hint}; {label} models: {', '.join(zoo)}")
+    return zoo[name][0]
 
 
 def build_model(name: str, num_classes: int, dataset_type: str | None = None, image_size: int = 224) -> nn.Module:
@@ -73,15 +84,22 @@ def teacher_checkpoint_path(cfg) -> str:
         return resolve_project_path(cfg.DISTILLER.TEACHER_CKPT)
     if is_imagenet(cfg.DATASET.TYPE):
         return imagenet_teacher_path(zoo_name(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE))
-    model_builder(cfg.DISTILLER.TEACHER)
-    zoo_path = cifar_model_dict[cfg.DISTILLER.TEACHER][1]
+    name = cfg.DISTILLER.TEACHER
+    model_builder(name, cfg.DATASET.TYPE)
+    zoo, _, vanilla = small_image_zoo(cfg.DATASET.TYPE)
+    zoo_path = zoo[name][1]
     if zoo_path is None:
         raise MdistillerError(
-            f"the zoo has no published checkpoint for teacher {cfg.DISTILLER.TEACHER}: train one with "
-            f"configs/cifar100/vanilla/{cfg.DISTILLER.TEACHER}.yaml and pass DISTILLER.TEACHER_CKPT <its student_best>"
+            f"the zoo has no published checkpoint for teacher {name}: train one with {vanilla}/{name}.yaml (or a "
+            f"vanilla config with DISTILLER.STUDENT {name}) and pass DISTILLER.TEACHER_CKPT <its student_best>"
         )
     path = resolve_project_path(zoo_path)
     if not os.path.isfile(path):
+        if cfg.DATASET.TYPE == "tiny_imagenet":
+            raise MdistillerError(
+                f"teacher checkpoint not found: {zoo_path}. Train it with {vanilla}/{name}.yaml and copy its "
+                f"student_best there (see docs/tiny_imagenet.md), or pass DISTILLER.TEACHER_CKPT <path>"
+            )
         raise MdistillerError(
             f"teacher checkpoint not found: {zoo_path}. {DOWNLOAD_TEACHERS_HINT} "
             f"(mdistiller-download-ckpts; see download_ckpts/README.md), or pass DISTILLER.TEACHER_CKPT <path>"
@@ -111,7 +129,9 @@ def teacher_home(name: str, dataset_type: str | None = None) -> str:
     """Where the zoo looks for `name`'s teacher weights: mdistiller's CIFAR layout or the ImageNet teacher folder."""
     if is_imagenet(dataset_type):
         return f"{IMAGENET_TEACHER_DIR}/{zoo_name(name, dataset_type)}.pth"
-    published = cifar_model_dict.get(name, (None, None))[1]
+    published = small_image_zoo(dataset_type)[0].get(name, (None, None))[1]
+    if dataset_type == "tiny_imagenet":
+        return published or f"download_ckpts/tiny_imagenet_teachers/{name}_vanilla/student_best"
     return published or f"download_ckpts/cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth"
 
 
@@ -120,12 +140,13 @@ def pretrained_checkpoint_path(name: str, dataset_type: str | None = None) -> st
     if is_imagenet(dataset_type):
         return imagenet_teacher_path(zoo_name(name, dataset_type))
     model_builder(name, dataset_type)
-    zoo_path = cifar_model_dict[name][1]
+    zoo_path = small_image_zoo(dataset_type)[0][name][1]
     if zoo_path is None:
         raise MdistillerError(f"the zoo has no published checkpoint for {name}; pass a checkpoint file with -c")
     path = resolve_project_path(zoo_path)
     if not os.path.isfile(path):
-        raise MdistillerError(f"published checkpoint not found: {zoo_path}. {DOWNLOAD_TEACHERS_HINT}")
+        hint = DOWNLOAD_TEACHERS_HINT if dataset_type != "tiny_imagenet" else "See docs/tiny_imagenet.md"
+        raise MdistillerError(f"published checkpoint not found: {zoo_path}. {hint}")
     return path
 
 

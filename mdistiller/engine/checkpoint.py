@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ..files import atomic_write
-from ..models import cifar_model_dict, imagenet_model_dict
+from ..models import cifar_model_dict, imagenet_model_dict, tiny_imagenet_model_dict
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str) -> None:
@@ -60,12 +60,13 @@ def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def guess_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int) -> str | None:
-    """Name the zoo model (CIFAR, then ImageNet) whose state-dict keys and shapes match exactly (built on the meta
-    device: no memory). timm models are tried only when timm is installed."""
+    """Name the zoo model (CIFAR, then ImageNet, then Tiny-ImageNet) whose state-dict keys and shapes match exactly
+    (built on the meta device: no memory). timm models are tried only when timm is installed."""
     signature = {k: tuple(v.shape) for k, v in state_dict.items()}
     classes = {tuple(v.shape)[0] for k, v in state_dict.items()
                if k.endswith(("fc.weight", "classifier.weight", "head.weight")) and v.dim() == 2}
-    zoos = [("", cifar_model_dict), (" (ImageNet zoo)", imagenet_model_dict)]
+    zoos = [("", cifar_model_dict), (" (ImageNet zoo)", imagenet_model_dict),
+            (" (Tiny-ImageNet zoo)", tiny_imagenet_model_dict)]
     for zoo_label, zoo in zoos:
         for name, (builder, _) in zoo.items():
             for n in sorted({num_classes, *classes}):

@@ -97,10 +97,15 @@ class DownBlock(nn.Module):
 
 
 class ShuffleNetV2(ZooModel):
-    """ShuffleNet V2 for 32x32 inputs; ``net_size`` selects a row of :data:`configs`."""
+    """ShuffleNet V2 for 32x32 inputs; ``net_size`` selects a row of :data:`configs`.
 
-    def __init__(self, net_size: float, num_classes: int = 100) -> None:
+    The head pools with a fixed 4x4 window (the 4x4 map of a 32 px input), as mdistiller does; ``global_pool`` pools
+    the whole map instead, for other input sizes (the Tiny-ImageNet zoo: 8x8 maps at 64 px). Same parameters.
+    """
+
+    def __init__(self, net_size: float, num_classes: int = 100, global_pool: bool = False) -> None:
         super().__init__()
+        self.global_pool = global_pool
         out_channels = configs[net_size]["out_channels"]
         num_blocks = configs[net_size]["num_blocks"]
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
@@ -132,7 +137,7 @@ class ShuffleNetV2(ZooModel):
         f0 = F.relu(self.bn1(self.conv1(x)))
         outs, preacts = run_stages(f0, (self.layer1, self.layer2, self.layer3))
         out = F.relu(self.bn2(self.conv2(outs[-1])))
-        pooled = F.avg_pool2d(out, 4).flatten(1)
+        pooled = (F.adaptive_avg_pool2d(out, 1) if self.global_pool else F.avg_pool2d(out, 4)).flatten(1)
         feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": pooled}
         return self.linear(pooled), feats
 
