@@ -213,8 +213,10 @@ class CifarData:
 
     def open(self, cfg, device: torch.device) -> tuple[Iterator[dict], int, int, Callable[[], None]]:
         """(endless iterator of full training batches, epoch size, class count, close) for one row."""
-        views = get_distiller_class(cfg.DISTILLER.TYPE).train_views
-        train_loader, _, num_train, num_classes = get_dataset(cfg, views, seed=cfg.EXPERIMENT.SEED, device=device)
+        distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
+        train_loader, _, num_train, num_classes = get_dataset(cfg, distiller_class.train_views,
+                                                              seed=cfg.EXPERIMENT.SEED, device=device,
+                                                              needs=distiller_class.batch_needs(cfg))
         check_fits_data(cfg, num_train)
         batches = _full_batches(train_loader, cfg.SOLVER.BATCH_SIZE)
 

@@ -214,9 +214,25 @@ def with_augment(train_views: Mapping[str, str], cfg) -> dict[str, str]:
     return {key: chosen if chosen and name == "standard" else name for key, name in train_views.items()}
 
 
+# What a distiller may ask the training batches to carry besides its views, "target" and "index" (its
+# `batch_needs(cfg)`, a dict need -> parameters); every data path serves each need or refuses it in one line.
+BATCH_NEEDS: tuple[str, ...] = ()
+
+
+def check_batch_needs(needs: Mapping[str, object]) -> None:
+    """A need no data path knows is a one-line error (a distiller asking for something the data cannot give)."""
+    unknown = sorted(set(needs) - set(BATCH_NEEDS))
+    if unknown:
+        raise MdistillerError(f"the data path cannot serve {', '.join(unknown)} (known batch needs: "
+                              f"{', '.join(BATCH_NEEDS) or 'none'})")
+
+
 def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0, device=None,
-                rank: int | None = None, world_size: int | None = None):
+                rank: int | None = None, world_size: int | None = None, needs: Mapping[str, object] | None = None):
     """(train_loader, val_loader, num_train, num_classes) for cfg.DATASET, mdistiller's signature.
+
+    `needs` (a distiller's `batch_needs(cfg)`): what the training batches must carry besides the views, "target" and
+    "index" (see BATCH_NEEDS).
 
     On CUDA with DATASET.DEVICE_RESIDENT, CIFAR lives on the GPU and is augmented there (see device_cifar.py).
     Under torchrun (rank and world_size default to the process group's) SOLVER.BATCH_SIZE is the global batch: the
@@ -225,6 +241,8 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
     """
     rank = distributed.rank() if rank is None else rank
     world_size = distributed.world_size() if world_size is None else world_size
+    needs = dict(needs or {})
+    check_batch_needs(needs)
     if cfg.DATASET.TYPE not in DATASET_BUILDERS:
         known = ", ".join(sorted(DATASET_BUILDERS))
         raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {known}")

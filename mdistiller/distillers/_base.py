@@ -6,7 +6,10 @@ What a method needs from the trainer it declares here instead of the trainer bra
 - `get_learnable_parameters()`: student parameters plus any extra modules (projectors, temperatures);
 - `epoch_metrics()`: scalars to log once per epoch (e.g. a learned temperature);
 - `apply_logit_stand_flags(cfg, base_temp, kd_weight)`: how `--logit-stand` maps onto the method's keys;
-- `accepts_soft_targets`: whether its losses train on the soft labels of DATASET.MIXUP.
+- `accepts_soft_targets`: whether its losses train on the soft labels of DATASET.MIXUP;
+- `batch_needs(cfg)`: what the training batches must carry besides the views, "target" and "index" (e.g. CRD's
+  negative indices), served by the data path (mdistiller.dataset.BATCH_NEEDS);
+- `upstream_trainers`: the names of upstream's trainer classes (SOLVER.TRAINER) that describe how it trains.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Distiller(nn.Module):
     train_views: Mapping[str, str] = {"image": "standard"}
     supports_logit_stand: bool = False
     accepts_soft_targets: bool = False  # whether "target" may be (B, C) soft labels (DATASET.MIXUP)
+    upstream_trainers: tuple[str, ...] = ("base",)  # SOLVER.TRAINER names this method trains with
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
         super().__init__()
@@ -45,6 +49,11 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.eval()
         return self
+
+    @classmethod
+    def batch_needs(cls, cfg) -> dict[str, object]:
+        """What the training batches must carry besides the views, "target" and "index": need -> parameters."""
+        return {}
 
     def get_learnable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: every parameter outside the teacher."""

@@ -128,6 +128,7 @@ class MLKD(Distiller):
 
     supports_logit_stand = True
     train_views = {"image_weak": "standard", "image_strong": "strong"}
+    upstream_trainers = ("base", "ours", "aug")  # the LS repo names its two-view trainer "ours" (and "aug")
 
     def __init__(self, student, teacher, cfg):
         super().__init__(student, teacher, cfg)
