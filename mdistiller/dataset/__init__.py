@@ -66,6 +66,7 @@ def register_view(name: str, family: str = "cifar") -> Callable[[ViewBuilder], V
 
 
 from . import augment  # noqa: E402, F401  (registers the "strong" view; needs register_view above)
+from .teacher_views import recorded_standard_transform, view_refusal  # noqa: E402
 
 
 class ImageArrayDataset(Dataset):
@@ -81,29 +82,38 @@ class ImageArrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image = Image.fromarray(self.images[index])
-        item = {key: transform(image) for key, transform in self.views.items()}
+        item = {}
+        for key, transform in self.views.items():
+            view = transform(image)
+            if isinstance(view, tuple):  # a view that also says how it was drawn: (tensor, {"view_id": ...})
+                view, drawn = view
+                item.update(drawn)
+            item[key] = view
         item["target"] = self.labels[index]
         item["index"] = index
         return item
 
 
-def _build_views(view_names: Mapping[str, str], mean: tuple, std: tuple) -> dict[str, Callable]:
+def _build_views(view_names: Mapping[str, str], mean: tuple, std: tuple,
+                 record_key: str | None = None) -> dict[str, Callable]:
     views = {}
     for key, name in view_names.items():
         if name not in TRAIN_VIEWS:
             raise MdistillerError(f"unknown training view {name!r}; known: {', '.join(sorted(TRAIN_VIEWS))}")
-        views[key] = TRAIN_VIEWS[name](mean, std)
+        views[key] = recorded_standard_transform(mean, std) if key == record_key else TRAIN_VIEWS[name](mean, std)
     return views
 
 
-def build_cifar_datasets(cfg, train_views: Mapping[str, str], device=None) -> tuple[Dataset, Dataset, int]:
+def build_cifar_datasets(cfg, train_views: Mapping[str, str], device=None,
+                         record_views: str | None = None) -> tuple[Dataset, Dataset, int]:
     """Train and test datasets of DATASET.TYPE (cifar100 / cifar10) and the class count (`device`: unused, the
-    builders' common signature)."""
+    builders' common signature). `record_views`: the batch key whose view ids the items also carry ("view_id")."""
     fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
     folder = ensure_cifar(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD)
     train_images, train_labels = read_cifar_split(cfg.DATASET.TYPE, folder, train=True)
     test_images, test_labels = read_cifar_split(cfg.DATASET.TYPE, folder, train=False)
-    train_set = ImageArrayDataset(train_images, train_labels, _build_views(train_views, fmt.mean, fmt.std))
+    train_set = ImageArrayDataset(train_images, train_labels,
+                                  _build_views(train_views, fmt.mean, fmt.std, record_views))
     test_set = ImageArrayDataset(test_images, test_labels, {"image": test_transform(fmt.mean, fmt.std)})
     return train_set, test_set, fmt.num_classes
 
@@ -186,12 +196,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 def _device_resident_loaders(cfg, train_set: ImageArrayDataset, test_set: ImageArrayDataset, device, seed: int,
-                             rank: int, world_size: int):
+                             rank: int, world_size: int, record_views: bool = False):
     from .device_cifar import DeviceCifarLoader
 
     fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
     train = DeviceCifarLoader(train_set.images, train_set.labels.numpy(), cfg.SOLVER.BATCH_SIZE, fmt.mean, fmt.std,
-                              device, train=True, seed=seed, rank=rank, world_size=world_size)
+                              device, train=True, seed=seed, rank=rank, world_size=world_size,
+                              record_views=record_views)
     test = DeviceCifarLoader(test_set.images, test_set.labels.numpy(), cfg.DATASET.TEST.BATCH_SIZE, fmt.mean,
                              fmt.std, device, train=False, seed=seed, rank=rank, world_size=world_size)
     return train, test
@@ -216,7 +227,24 @@ def with_augment(train_views: Mapping[str, str], cfg) -> dict[str, str]:
 
 # What a distiller may ask the training batches to carry besides its views, "target" and "index" (its
 # `batch_needs(cfg)`, a dict need -> parameters); every data path serves each need or refuses it in one line.
-BATCH_NEEDS: tuple[str, ...] = ()
+# "view_id" (parameter: the batch key of the standard view): which of CIFAR's 162 enumerable views each image is
+# (dataset/teacher_views.py), for the teacher-output cache; CIFAR serves it on both paths, the other sets refuse it.
+BATCH_NEEDS: tuple[str, ...] = ("view_id",)
+
+
+def _view_id_key(cfg, needs: Mapping[str, object], train_views: Mapping[str, str]) -> str | None:
+    """The batch key whose view ids the batches carry (need "view_id"), None without the need; a view or data set
+    whose views cannot be enumerated is refused in one line."""
+    if "view_id" not in needs:
+        return None
+    key = needs["view_id"]
+    if key not in train_views:
+        raise MdistillerError(f"view ids asked for batch key {key!r}, which is not a training view of this run "
+                              f"({', '.join(train_views)})")
+    reason = view_refusal(cfg.DATASET.TYPE, train_views[key])
+    if reason:
+        raise MdistillerError(f"the data path cannot give view ids for {key}: {reason}")
+    return key
 
 
 def check_batch_needs(needs: Mapping[str, object]) -> None:
@@ -246,11 +274,14 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
     if cfg.DATASET.TYPE not in DATASET_BUILDERS:
         known = ", ".join(sorted(DATASET_BUILDERS))
         raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {known}")
-    num_classes = num_classes_of(cfg)
     train_views = with_augment(train_views or {"image": "standard"}, cfg)
-    train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views, device=device)
+    record_key = _view_id_key(cfg, needs, train_views)
+    num_classes = num_classes_of(cfg)
+    recording = {"record_views": record_key} if record_key else {}  # only the CIFAR builder takes it
+    train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views, device=device, **recording)
     if uses_device_resident_data(cfg, train_views, device):
-        train_loader, val_loader = _device_resident_loaders(cfg, train_set, test_set, device, seed, rank, world_size)
+        train_loader, val_loader = _device_resident_loaders(cfg, train_set, test_set, device, seed, rank, world_size,
+                                                            record_views=record_key is not None)
         return train_loader, val_loader, len(train_set), num_classes
     workers = cfg.DATASET.NUM_WORKERS
     pin = torch.cuda.is_available()

@@ -5,6 +5,9 @@ The standard view is reproduced exactly in distribution: RandomCrop(32, padding 
 normalisation. Random numbers come from one seeded `torch.Generator` on the data's device, whose state the trainer
 saves for resume exactly like the DataLoader's sampler generator.
 
+With `record_views`, each training batch also carries "view_id": which of the 162 enumerable views (9 x 9 crop
+offsets x 2 flips, `encode_views`) each image is, for the teacher-output cache (engine/teacher_cache.py).
+
 Under torchrun (world_size > 1) every rank holds the whole set and the same generator: each draws the one-process
 run's permutation and, per global batch, the augmentation numbers of the whole global batch, then keeps its own
 contiguous slice. The ranks thus train on exactly the one-process run's augmented global batches, each image with
@@ -22,6 +25,23 @@ from ..distributed import shard_bounds
 
 PAD = 4
 SIZE = 32
+OFFSETS = 2 * PAD + 1  # crop offsets per axis: 0..8
+VIEWS_PER_IMAGE = OFFSETS * OFFSETS * 2  # 162: every training view of the standard recipe
+VIEW_ORDER = (f"view = ({OFFSETS} * dy + dx) * 2 + flip, with (dy, dx) the crop's top-left corner in the image "
+              f"zero-padded by {PAD} (0..{2 * PAD}) and flip 1 when the crop is mirrored; "
+              f"table row = index * {VIEWS_PER_IMAGE} + view")
+
+
+def encode_views(offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """View ids (B,) int64 of crops at `offsets` (B, 2: row, column) mirrored where `flips` (see VIEW_ORDER)."""
+    return (offsets[:, 0].long() * OFFSETS + offsets[:, 1].long()) * 2 + flips.long()
+
+
+def decode_views(view_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets (B, 2), flips (B,) bool) of view ids: the inverse of encode_views."""
+    view_ids = view_ids.long()
+    position, flips = view_ids // 2, (view_ids % 2).bool()
+    return torch.stack([position // OFFSETS, position % OFFSETS], dim=1), flips
 
 
 def random_crop_flip(
@@ -67,11 +87,12 @@ class DeviceCifarLoader:
     Same contract as the DataLoader path: shuffled without replacement each epoch (train), `ceil(N / batch)` batches,
     the last one partial, and a `generator` attribute holding the random state. With world_size > 1, `batch_size`
     is the global batch and rank gets its slice of each (a last batch smaller than world_size is dropped), or, for
-    the test set, its contiguous share of the samples.
+    the test set, its contiguous share of the samples. `record_views`: training batches also carry "view_id".
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean: tuple, std: tuple,
-                 device: torch.device, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 device: torch.device, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 record_views: bool = False):
         self.device = torch.device(device)
         self.images = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(self.device)  # uint8 NCHW
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
@@ -79,6 +100,7 @@ class DeviceCifarLoader:
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.train = train
+        self.record_views = record_views
         self.rank, self.world_size = rank, world_size
         self.shard = (0, len(self.labels)) if train else shard_bounds(len(self.labels), rank, world_size)
         self.generator = torch.Generator(device=self.device)
@@ -113,7 +135,10 @@ class DeviceCifarLoader:
                     continue
                 lo, hi = shard_bounds(len(index), self.rank, self.world_size)
                 index, offsets, flips = index[lo:hi], offsets[lo:hi], flips[lo:hi]
-            yield self._batch(index, crop_flip(self.images[index], offsets, flips))
+            batch = self._batch(index, crop_flip(self.images[index], offsets, flips))
+            if self.record_views:
+                batch["view_id"] = encode_views(offsets, flips)
+            yield batch
 
     def _batch(self, index: torch.Tensor, images: torch.Tensor) -> dict:
         return {"image": normalize_uint8(images, self.mean, self.std), "target": self.labels[index], "index": index}

@@ -9,7 +9,11 @@ What a method needs from the trainer it declares here instead of the trainer bra
 - `accepts_soft_targets`: whether its losses train on the soft labels of DATASET.MIXUP;
 - `batch_needs(cfg)`: what the training batches must carry besides the views, "target" and "index" (e.g. CRD's
   negative indices), served by the data path (mdistiller.dataset.BATCH_NEEDS);
-- `upstream_trainers`: the names of upstream's trainer classes (SOLVER.TRAINER) that describe how it trains.
+- `upstream_trainers`: the names of upstream's trainer classes (SOLVER.TRAINER) that describe how it trains;
+- `teacher_outputs(cfg)`: what it reads from the teacher on each training view: `LOGITS` alone lets the teacher-output
+  cache (DISTILLER.TEACHER_CACHE) serve it; `FEATURES` or `TRAIN_MODE` (a teacher whose BN statistics move) refuse
+  the cache. The default declares features, so a method that says nothing is never served stale logits. A method
+  the cache can serve reads the teacher through `teacher_logits(image, batch.get("teacher_logits"))`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from torch import nn
 from ..errors import MdistillerError
 from .logit_stand import standardize_logits
 from .precision import fp32_loss
+
+# What a method reads from the teacher on a training view (its `teacher_outputs(cfg)`).
+LOGITS = "logits"
+FEATURES = "features"
+TRAIN_MODE = "train_mode"  # the teacher runs in train mode: its outputs change as its BN statistics move
 
 
 class Distiller(nn.Module):
@@ -54,6 +63,14 @@ class Distiller(nn.Module):
     def batch_needs(cls, cfg) -> dict[str, object]:
         """What the training batches must carry besides the views, "target" and "index": need -> parameters."""
         return {}
+
+    @classmethod
+    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
+        """What the method reads from the teacher, per training-view batch key (LOGITS, FEATURES, TRAIN_MODE); the
+        default, logits and features on every view, keeps the teacher-output cache off for undeclared methods."""
+        if not cls.requires_teacher:
+            return {}
+        return {key: frozenset({LOGITS, FEATURES}) for key in cls.train_views}
 
     def get_learnable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: every parameter outside the teacher."""
@@ -91,6 +108,13 @@ class Distiller(nn.Module):
         with torch.inference_mode():
             outputs = self.teacher(image)
         return _clone_tensors(outputs)
+
+    def teacher_logits(self, image: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's logits on `image`: `cached` when the batch carries them (the teacher-output cache's, looked
+        up by the trainer as "teacher_logits"), else a live `teacher_forward`."""
+        if cached is not None:
+            return cached
+        return self.teacher_forward(image)[0]
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         """(student logits, {loss name: scalar tensor}); the trainer sums the losses."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy
+from ._base import LOGITS, Distiller, cross_entropy
 from .dkd import dkd_loss
 from .kd import kd_loss
 from .precision import fp32_loss
@@ -150,6 +150,10 @@ class CTKD(Distiller):
             cfg.DKD.ALPHA = float(cfg.DKD.ALPHA * kd_weight)
             cfg.DKD.BETA = float(cfg.DKD.BETA * kd_weight)
 
+    @classmethod
+    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
+        return {"image": frozenset({LOGITS})}
+
     def temperature(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, lambda_: float) -> torch.Tensor:
         """The temperature for this batch: 0-d (global) or (B,) (instance)."""
         if self.instance:
@@ -175,7 +179,7 @@ class CTKD(Distiller):
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, *, epoch: int, **batch):
         logits_student, _ = self.student(image)
-        logits_teacher, _ = self.teacher_forward(image)
+        logits_teacher = self.teacher_logits(image, batch.get("teacher_logits"))
         self._lambda = ctkd_lambda(epoch, self.cosine_epochs, self.lambda_max)
         temperature = self.temperature(logits_teacher, logits_student, self._lambda)
         if self.instance:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller, cross_entropy
+from ._base import LOGITS, Distiller, cross_entropy
 from .precision import fp32_loss
 from .registry import register_distiller
 
@@ -88,9 +88,13 @@ class DKD(Distiller):
         cfg.DKD.BETA = float(cfg.DKD.BETA * kd_weight)
         cfg.DKD.T = float(base_temp)
 
+    @classmethod
+    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
+        return {"image": frozenset({LOGITS})}
+
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, *, epoch: int, **batch):
         logits_student, _ = self.student(image)
-        logits_teacher, _ = self.teacher_forward(image)
+        logits_teacher = self.teacher_logits(image, batch.get("teacher_logits"))
         student_kd, teacher_kd = self.distill_logits(logits_student, logits_teacher)
         losses = {
             "loss_ce": self.ce_weight * cross_entropy(logits_student, target),

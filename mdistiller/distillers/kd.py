@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller, cross_entropy
+from ._base import LOGITS, Distiller, cross_entropy
 from .precision import fp32_loss
 from .registry import register_distiller
 
@@ -37,9 +37,13 @@ class KD(Distiller):
         cfg.KD.TEMPERATURE = float(base_temp)
         cfg.KD.LOSS.KD_WEIGHT = float(kd_weight)
 
+    @classmethod
+    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
+        return {"image": frozenset({LOGITS})}
+
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         logits_student, _ = self.student(image)
-        logits_teacher, _ = self.teacher_forward(image)
+        logits_teacher = self.teacher_logits(image, batch.get("teacher_logits"))
         student_kd, teacher_kd = self.distill_logits(logits_student, logits_teacher)
         losses = {
             "loss_ce": self.ce_weight * cross_entropy(logits_student, target),

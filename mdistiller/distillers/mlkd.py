@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy
+from ._base import LOGITS, Distiller, cross_entropy
 from .kd import kd_loss
 from .precision import fp32_loss
 from .registry import register_distiller
@@ -141,6 +141,11 @@ class MLKD(Distiller):
     def apply_logit_stand_flags(cls, cfg, base_temp: float, kd_weight: float) -> None:
         cfg.KD.TEMPERATURE = float(base_temp)
         cfg.KD.LOSS.KD_WEIGHT = float(kd_weight)
+
+    @classmethod
+    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
+        """The teacher's logits on both views (the strong one is not enumerable: the cache refuses MLKD)."""
+        return {"image_weak": frozenset({LOGITS}), "image_strong": frozenset({LOGITS})}
 
     def forward_train(
         self,

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ..files import DEFAULT_DATA_ROOT, resolve_project_path
-from ._base import Distiller, cross_entropy, probe_input_size
+from ._base import FEATURES, LOGITS, Distiller, cross_entropy, probe_input_size
 from .ot import (
     cosine_decay_weight,
     fc_cost_matrix,
@@ -168,6 +168,14 @@ class WKD(Distiller):
             "which the logit-standardisation paper does not cover; tune WKD.TEMPERATURE instead"
         )
 
+    @classmethod
+    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
+        """WKD-L reads the teacher's logits, WKD-F its features."""
+        uses = {LOGITS} if cfg.WKD.LOSS.WKD_LOGIT_WEIGHT > 0 else set()
+        if cfg.WKD.LOSS.WKD_FEAT_WEIGHT > 0:
+            uses.add(FEATURES)
+        return {"image": frozenset(uses)}
+
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
         super().__init__(student, teacher, cfg)
         wkd = cfg.WKD
@@ -242,7 +250,10 @@ class WKD(Distiller):
                       **batch) -> tuple[torch.Tensor, dict]:
         self._epoch = epoch
         logits_student, feats_student = self.student(image)
-        logits_teacher, feats_teacher = self.teacher_forward(image)
+        if self.use_feat:
+            logits_teacher, feats_teacher = self.teacher_forward(image)
+        else:  # WKD-L alone: the logits may come from the teacher-output cache
+            logits_teacher = self.teacher_logits(image, batch.get("teacher_logits"))
         w_logit, w_feat = self.current_weights(epoch)
         losses = {"loss_ce": self.ce_weight * cross_entropy(logits_student, target)}
         if self.use_logit:

@@ -23,6 +23,7 @@ from ..files import DEFAULT_DATA_ROOT, atomic_write_text
 OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.TYPE
 LR_SCHEDULES = ("step", "cosine")  # SOLVER.LR_SCHEDULE
 NAN_POLICIES = ("stop", "skip")  # SOLVER.NAN_POLICY
+TEACHER_CACHE_DTYPES = ("fp32", "fp16")  # DISTILLER.TEACHER_CACHE_DTYPE
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # SOLVER.COMPILE
 # SOLVER.TRAINER: the names of upstream's trainer classes. Ours is one trainer; a distiller declares which of these
 # names describe how it trains (Distiller.upstream_trainers), and "dot" / "crd_dot" select DOT's update rule
@@ -71,6 +72,10 @@ CFG.DISTILLER.TYPE = "NONE"  # vanilla training
 CFG.DISTILLER.TEACHER = "ResNet50"
 CFG.DISTILLER.STUDENT = "resnet32"
 CFG.DISTILLER.TEACHER_CKPT = ""  # overrides the zoo's teacher path when non-empty
+# ours: the teacher's logits read from a table of every CIFAR training view instead of running the teacher
+# ("" off | a cache folder | "auto": this teacher's and data's cache, built first if missing); docs/teacher_cache.md
+CFG.DISTILLER.TEACHER_CACHE = ""
+CFG.DISTILLER.TEACHER_CACHE_DTYPE = "fp32"  # ours: the cache's storage, "fp32" | "fp16"
 
 # Solver
 CFG.SOLVER = CN()
@@ -390,6 +395,11 @@ def validate_cfg(cfg: CN) -> None:
         modes = ", ".join(repr(m) for m in COMPILE_MODES)
         raise MdistillerError(f"SOLVER.COMPILE {cfg.SOLVER.COMPILE!r} is not a torch.compile mode; use one of {modes}")
 
+    dtype = cfg.DISTILLER.TEACHER_CACHE_DTYPE
+    if dtype not in TEACHER_CACHE_DTYPES:
+        why = " (bf16 keeps 7 mantissa bits to fp16's 10: 8x coarser at the same size)" if dtype == "bf16" else ""
+        raise MdistillerError(f"DISTILLER.TEACHER_CACHE_DTYPE {dtype!r} is not a cache storage{why}; use one of "
+                              f"{', '.join(TEACHER_CACHE_DTYPES)}")
     if cfg.SOLVER.TYPE not in OPTIMIZERS:
         raise MdistillerError(f"SOLVER.TYPE {cfg.SOLVER.TYPE!r} is not supported; use one of {', '.join(OPTIMIZERS)}")
     if cfg.SOLVER.NAN_POLICY not in NAN_POLICIES:

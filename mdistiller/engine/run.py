@@ -23,6 +23,7 @@ from ..rng import deterministic_mode, set_seed
 from . import accel
 from .build import build_distiller, teacher_home
 from .cfg import cfg_text, dump_cfg
+from .teacher_cache import cache_batch_needs, prepare_teacher_cache
 from .trainer import Trainer
 from .validate import validate_run
 
@@ -30,7 +31,7 @@ log = get_logger(__name__)
 
 # Overrides that change where or how verbosely a run works, not what it computes: kept out of the run name.
 _KEYS_NOT_IN_NAME = ("DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "LOG.", "DISTILLER.TEACHER_CKPT",
-                     "EXPERIMENT.DETERMINISTIC", "DISTRIBUTED.FIND_UNUSED_PARAMETERS")
+                     "EXPERIMENT.DETERMINISTIC", "DISTRIBUTED.FIND_UNUSED_PARAMETERS", "DISTILLER.TEACHER_CACHE")
 
 
 def _fmt(value: float) -> str:
@@ -83,6 +84,9 @@ def config_hash(cfg) -> str:
     recipe.EXPERIMENT.DETERMINISTIC = False  # same computation, only reproducible to the bit
     recipe.DATASET.ROOT = recipe.DATASET.NUM_WORKERS = recipe.LOG.PREFIX = recipe.LOG.RESULTS_DIR = None
     recipe.DISTILLER.TEACHER_CKPT = ""
+    if not recipe.DISTILLER.TEACHER_CACHE:  # without a cache its storage dtype means nothing
+        recipe.DISTILLER.TEACHER_CACHE_DTYPE = "fp32"
+    recipe.DISTILLER.TEACHER_CACHE = "on" if recipe.DISTILLER.TEACHER_CACHE else ""  # where it is: not the recipe
     recipe.SOLVER.CHANNELS_LAST, recipe.SOLVER.COMPILE = False, ""  # layout and compilation: same maths
     return hashlib.sha1(cfg_text(recipe).encode()).hexdigest()[:10]
 
@@ -146,10 +150,11 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
         train_loader, val_loader, num_train, num_classes = get_dataset(
             cfg, distiller_class.train_views, seed=cfg.EXPERIMENT.SEED, device=device,
-            needs=distiller_class.batch_needs(cfg),
+            needs={**distiller_class.batch_needs(cfg), **cache_batch_needs(cfg)},
         )
         check_fits_data(cfg, num_train)
         distiller = build_distiller(cfg, num_classes)
+        teacher_cache = prepare_teacher_cache(cfg, distiller, train_loader, device)  # None when off
         if distributed.rank() > 0:  # built identically on every rank; from here on each rank draws its own numbers
             set_seed(distributed.rank_seed(cfg.EXPERIMENT.SEED, distributed.rank()))
         if distributed.is_main_process():
@@ -158,7 +163,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
         with run_log(run_dir):
             if distributed.is_main_process():
                 dump_cfg(cfg, os.path.join(run_dir, "config.yaml"))
-            trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device)
+            trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device, teacher_cache=teacher_cache)
             log.info(
                 f"run {run_dir}: {cfg.DISTILLER.TYPE} {cfg.DISTILLER.STUDENT}"
                 + (f" <- {cfg.DISTILLER.TEACHER}" if distiller_class.requires_teacher else "")
@@ -168,6 +173,8 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
                 f"extra parameters {distiller.get_extra_parameters()}, {accel.describe(cfg)}"
                 + (", deterministic algorithms" if cfg.EXPERIMENT.DETERMINISTIC else "")
             )
+            if teacher_cache is not None:
+                log.info(teacher_cache.describe())
             try:
                 result = trainer.train(resume=resume)
             except RuntimeError as exc:  # an op without a deterministic kernel, under EXPERIMENT.DETERMINISTIC

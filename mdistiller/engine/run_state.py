@@ -56,7 +56,7 @@ class RunState:
         state = load_checkpoint(latest, "resume checkpoint")
         if "optimizer" not in state or "epoch" not in state:
             raise MdistillerError(f"{latest} is not a trainer checkpoint (no optimizer/epoch)")
-        self.distiller.load_state_dict(strip_module_prefix(state["model"]))  # mdistiller wrapped DataParallel
+        self.distiller.load_state_dict(self._with_own_teacher(strip_module_prefix(state["model"])))
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = state["epoch"] + 1
         self.best_acc = state["best_acc"]
@@ -82,6 +82,13 @@ class RunState:
         if saved_world != self.world:
             where += f" (saved by {saved_world} process(es), now {self.world}: the continuation is not bitwise exact)"
         log.info(f"resumed from {latest} at {where} (best top-1 {self.best_acc:.2f})")
+
+    def _with_own_teacher(self, saved: dict) -> dict:
+        """The saved weights (mdistiller wrapped DataParallel: prefixes stripped) with the teacher's taken from the
+        distiller as built: the teacher is frozen and loaded from its checkpoint at every build, and a run served by
+        the teacher-output cache holds none, so `latest` may or may not carry it (resume works across the two)."""
+        own = {k: v for k, v in self.distiller.state_dict().items() if k.startswith("teacher.")}
+        return {**{k: v for k, v in saved.items() if not k.startswith("teacher.")}, **own}
 
     def take_partial(self, epoch: int) -> dict | None:
         """The mid-epoch position to replay in `epoch` (once), or None."""

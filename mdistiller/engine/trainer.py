@@ -5,7 +5,8 @@ distiller reports in `epoch_metrics()` is logged.
 
 Collaborators, one job each: `placement` (device, DDP, compile), `optim` (optimizer, LR schedule, update rule),
 `epoch` (the epoch's device-side statistics), `guards` (non-finite losses, signals), `run_state` (resume, RNG,
-checkpoint files), `worklog` (worklog.txt, TensorBoard, wandb), `evaluate`.
+checkpoint files), `worklog` (worklog.txt, TensorBoard, wandb), `evaluate`, and the optional `teacher_cache` table
+(DISTILLER.TEACHER_CACHE: the teacher logits a batch carries).
 
 The order of the writes at the end of an epoch is what makes resume exact after a kill at any moment: the worklog
 block first, then the student files, `epoch_<n>` and `best`, and `latest` last. A kill before `latest` is written
@@ -61,8 +62,10 @@ def _duration(seconds: float) -> str:
 class Trainer:
     """Trains `distiller` for cfg.SOLVER.EPOCHS epochs, writing everything under run_dir."""
 
-    def __init__(self, run_dir: str, distiller: nn.Module, train_loader, val_loader, cfg, device: torch.device):
+    def __init__(self, run_dir: str, distiller: nn.Module, train_loader, val_loader, cfg, device: torch.device,
+                 teacher_cache=None):
         self.run_dir, self.cfg, self.device = run_dir, cfg, device
+        self.teacher_cache = teacher_cache  # a TeacherLogitTable (engine/teacher_cache.py) or None
         self.world = distributed.world_size()
         self.is_main = distributed.is_main_process()
         placement = place(distiller, cfg, device)
@@ -85,7 +88,10 @@ class Trainer:
             group["lr"] = lr
 
     def prepare_batch(self, batch: dict) -> dict:
-        """A loaded training batch on the device, in the run's memory format, mixed under DATASET.MIXUP."""
+        """A loaded training batch on the device, in the run's memory format, with the cached teacher logits under
+        DISTILLER.TEACHER_CACHE (looked up where the loader made the batch: no host sync), mixed under DATASET.MIXUP."""
+        if self.teacher_cache is not None:
+            batch = self.teacher_cache.attach(batch)
         batch = accel.batch_to_device(batch, self.device, self.memory_format)
         return self.mix_batch(batch) if self.mix_batch is not None else batch
 

@@ -2,7 +2,8 @@
 the run folder, the logs or the data are touched, so a refused run leaves nothing behind.
 
 Checked: the config's values (cfg.validate_cfg), the distiller and its SOLVER.TRAINER name, the model names, what the
-distiller cannot train on (Mixup's soft labels), the data's presence, the teacher file, a global batch the processes
+distiller cannot train on (Mixup's soft labels), whether the teacher-output cache can serve it, the data's presence,
+the teacher file, the named teacher cache (or auto's folder), a global batch the processes
 cannot split, the run folder's state (an existing run without --resume, --resume without a run) and whether the output
 folders can be written. What needs the files read (a damaged data file, a teacher checkpoint of another architecture)
 is found while the run is built, still before its folder exists.
@@ -23,6 +24,8 @@ from ..errors import MdistillerError
 from .build import model_builder, teacher_checkpoint_path
 from .cfg import TRAINERS, validate_cfg
 from .placement import check_distributed
+from .teacher_cache import cache_refusal, check_cache_files
+from .teacher_cache_identity import AUTO, auto_root
 
 # SOLVER.TRAINER values that choose the DOT optimizer's update rule; the rest of the name is upstream's trainer class
 DOT_TRAINERS = {"dot": "base", "crd_dot": "crd"}
@@ -63,6 +66,9 @@ def check_recipe(cfg):
             f"DATASET.MIXUP gives soft labels, which {distiller_class.__name__} cannot train on "
             f"(its losses index the target class): set the DATASET.MIXUP values to 0"
         )
+    refusal = cache_refusal(cfg, distiller_class)
+    if refusal:
+        raise MdistillerError(refusal)
     return distiller_class
 
 
@@ -105,4 +111,13 @@ def validate_run(cfg, run_dir: str, resume: bool, device: torch.device) -> None:
     check_data(cfg)
     if distiller_class.requires_teacher:
         teacher_checkpoint_path(cfg)
+    check_teacher_cache(cfg, device)
     check_outputs(cfg, run_dir, resume)
+
+
+def check_teacher_cache(cfg, device: torch.device) -> None:
+    """DISTILLER.TEACHER_CACHE: a named cache is there and fits the config; auto's folder can be written."""
+    if cfg.DISTILLER.TEACHER_CACHE == AUTO:
+        check_writable(auto_root(cfg), "the teacher cache folder (DATASET.ROOT/teacher_cache)")
+    else:
+        check_cache_files(cfg, device)
