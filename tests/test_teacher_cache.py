@@ -205,6 +205,26 @@ def test_fp16_rows_are_the_live_logits_rounded(tmp_path, data_root, teacher_file
     assert not torch.equal(half, exact)
 
 
+def test_fp16_storage_moves_logit_losses_by_less_than_its_rounding():
+    """Teacher logits of a trained CIFAR-100 teacher's range (up to ~23): fp16's rounding (2^-11 relative) moves the
+    KD and DKD losses and their gradients by well under 1e-3 relative (docs/teacher_cache.md has the measurement)."""
+    from mdistiller.distillers.dkd import dkd_loss
+    from mdistiller.distillers.kd import kd_loss
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 100, (64,), generator=generator)
+    confidence = torch.rand(64, 1, generator=generator) * 12 + 8
+    teacher = torch.randn(64, 100, generator=generator) * 3 + F.one_hot(target, 100) * confidence
+    student = (torch.randn(64, 100, generator=generator) * 2 + F.one_hot(target, 100) * 6).requires_grad_()
+    rounded = teacher.half().float()
+    assert 0 < (rounded - teacher).abs().max() <= teacher.abs().max() * 2.0**-11
+    for loss in (lambda t: kd_loss(student, t, 4.0), lambda t: dkd_loss(student, t, target, 1.0, 8.0, 4.0)):
+        exact, approx = loss(teacher), loss(rounded)
+        (grad_exact,), (grad_approx,) = torch.autograd.grad(exact, student), torch.autograd.grad(approx, student)
+        assert 0 < abs(exact - approx) / exact < 1e-3
+        assert (grad_exact - grad_approx).norm() / grad_exact.norm() < 1e-3
+
+
 def test_a_real_zoo_teacher_row_by_row(tmp_path, data_root, one_thread):
     """resnet8 on one image: its 162 views built in one batch equal their live forwards in batches of 18."""
     images, labels = _train_images(data_root)
@@ -228,15 +248,15 @@ METHODS = {
 }
 
 
-def _one_epoch(cfg, tmp_path) -> tuple[list[dict], dict, object]:
+def _one_epoch(cfg, tmp_path, device=CPU) -> tuple[list[dict], dict, object]:
     """Per-step losses and the final student weights of one epoch, run as run.py assembles a run."""
     set_seed(0)
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     needs = {"view_id": "image"} if cfg.DISTILLER.TEACHER_CACHE else {}
-    loader, _, _, classes = get_dataset(cfg, distiller_class.train_views, seed=0, device=CPU, needs=needs)
+    loader, _, _, classes = get_dataset(cfg, distiller_class.train_views, seed=0, device=device, needs=needs)
     distiller = build_distiller(cfg, classes)
-    table = prepare_teacher_cache(cfg, distiller, loader, CPU)
-    trainer = Trainer(str(tmp_path), distiller, loader, None, cfg, CPU, teacher_cache=table)
+    table = prepare_teacher_cache(cfg, distiller, loader, device)
+    trainer = Trainer(str(tmp_path), distiller, loader, None, cfg, device, teacher_cache=table)
     trainer.distiller.train()
     state = trainer.epoch_state(1, len(loader))
     losses = []
@@ -268,6 +288,24 @@ def test_training_with_the_cache_equals_training_with_the_live_teacher(method, f
             assert abs(live[key] - cached[key]) <= 1e-5, (key, live[key], cached[key])
     for key, value in live_weights.items():
         torch.testing.assert_close(cached_weights[key], value, rtol=0, atol=1e-6)
+
+
+def test_resume_crosses_between_cached_and_live_runs(fp32_cache, data_root, teacher_file, tmp_path, one_thread):
+    """`latest` of a cached run holds no teacher; of a live run it does: each resumes as the other."""
+    _, _, live = _one_epoch(_cfg(data_root, teacher_file), tmp_path / "live")
+    _, _, cached = _one_epoch(_cfg(data_root, teacher_file, fp32_cache), tmp_path / "cached")
+    assert any(k.startswith("teacher.") for k in live.state.trainer_state(1)["model"])
+    assert not any(k.startswith("teacher.") for k in cached.state.trainer_state(1)["model"])
+    for source, target in ((live, cached), (cached, live)):
+        source.state.save(source.state.trainer_state(1), "latest")
+        target.run_dir = target.state.run_dir = source.run_dir
+        teacher_before = {k: v.clone() for k, v in target.distiller.state_dict().items() if k.startswith("teacher.")}
+        target.state.resume()
+        assert target.state.start_epoch == 2
+        for key, value in source.distiller.student.state_dict().items():
+            assert torch.equal(target.distiller.student.state_dict()[key], value)
+        after = {k: v for k, v in target.distiller.state_dict().items() if k.startswith("teacher.")}
+        assert after.keys() == teacher_before.keys() and all(torch.equal(after[k], teacher_before[k]) for k in after)
 
 
 def test_train_cli_auto_builds_the_cache_once_then_reuses_it(tmp_path, data_root, teacher_file, capsys, one_thread):
@@ -468,3 +506,90 @@ def test_cifar_transforms_are_torchvisions():
     composed = standard_train_transform(FMT.mean, FMT.std).transforms
     assert isinstance(composed[0], transforms.RandomCrop) and composed[0].padding == 4 and composed[0].fill == 0
     assert isinstance(composed[1], transforms.RandomHorizontalFlip) and composed[1].p == 0.5
+
+
+@pytest.mark.slow
+def test_bench_rows_time_the_cached_step_and_the_build(monkeypatch, one_thread, capsys):
+    from mdistiller.cli import bench
+
+    monkeypatch.setitem(bench.CACHE_BUILD_IMAGES, "cpu", 1)
+    rows = bench.main(["--device", "cpu", "--data", "synthetic", "--synthetic-size", "32", "--steps", "1",
+                       "--warmup", "1", "--rows", "ours,teacher_cache", "--opts", "DISTILLER.TEACHER", "cachenet",
+                       "DISTILLER.STUDENT", "cachenet", "SOLVER.BATCH_SIZE", "8", "DATASET.NUM_WORKERS", "0"])
+    cached = rows[1]
+    assert cached["name"] == "teacher_cache" and cached["images_per_s"] > 0
+    assert cached["cache_build_views"] == VIEWS_PER_IMAGE and cached["cache_build_views_per_s"] > 0
+    assert cached["cache_verify_max_abs_diff"] <= 1e-5 and cached["data"].endswith("cached teacher logits")
+    assert "cache build" in capsys.readouterr().out
+
+
+# ---- CUDA (skipped without a GPU; `pytest -m cuda`) ----
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions and matmuls in full fp32 (TF32 is cuDNN's default): differences down to rounding."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.cuda
+def test_cuda_cached_rows_equal_the_live_teacher_on_gpu_resident_views(tmp_path, data_root, teacher_file, no_tf32):
+    from mdistiller.engine.teacher_cache import TeacherLogitTable
+
+    cfg = _cfg(data_root, teacher_file, str(tmp_path / "cuda"))
+    path = ensure_teacher_cache(cfg, CUDA, progress=False, verify_samples=256)
+    identity = read_identity(path)
+    assert identity["tf32"] is False and identity["device"] != "cpu" and identity["verify"]["passed"]
+    table = TeacherLogitTable(path, identity, CUDA)
+    assert table.where == "on the GPU" and table.table.is_cuda
+    images, labels = _train_images(data_root)
+    loader = DeviceCifarLoader(images, labels, 8, FMT.mean, FMT.std, CUDA, train=True, seed=0, record_views=True)
+    teacher = build_teacher(cfg, 100).to(CUDA).eval()
+    for batch in loader:
+        cached = table.attach(batch)["teacher_logits"]
+        assert cached.is_cuda and cached.dtype == torch.float32
+        with torch.no_grad():
+            live = teacher(batch["image"])[0]
+        torch.testing.assert_close(cached, live, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_cached_step_places_no_teacher_and_equals_the_live_step(tmp_path, data_root, teacher_file, no_tf32):
+    path = ensure_teacher_cache(_cfg(data_root, teacher_file, str(tmp_path / "cache")), CUDA, progress=False)
+    live_losses, live_weights, _ = _one_epoch(_cfg(data_root, teacher_file), tmp_path / "live", CUDA)
+    cached_losses, cached_weights, trainer = _one_epoch(_cfg(data_root, teacher_file, path), tmp_path / "cached",
+                                                        CUDA)
+    assert trainer.distiller.teacher is None
+    assert not any(name.startswith("teacher.") for name, _ in trainer.distiller.named_parameters())
+    assert trainer.teacher_cache.where == "on the GPU"
+    for live, cached in zip(live_losses, cached_losses):
+        for key in live:
+            assert abs(live[key] - cached[key]) <= 1e-4, (key, live[key], cached[key])
+    for key, value in live_weights.items():
+        torch.testing.assert_close(cached_weights[key], value, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_amp_cache_is_built_under_bf16_and_refused_by_an_fp32_run(tmp_path, data_root, teacher_file):
+    path = ensure_teacher_cache(_cfg(data_root, teacher_file, str(tmp_path / "amp"), SOLVER__AMP=True), CUDA,
+                                progress=False, verify_samples=256)
+    identity = read_identity(path)
+    assert identity["amp"] is True and identity["verify"]["passed"]
+    with pytest.raises(MdistillerError, match="another SOLVER.AMP"):
+        validate_run(_cfg(data_root, teacher_file, path), str(tmp_path / "run"), False, CUDA)
+
+
+@pytest.mark.cuda
+def test_cuda_bench_cache_row_reports_the_build_speed(monkeypatch):
+    from mdistiller.cli import bench
+
+    monkeypatch.setitem(bench.CACHE_BUILD_IMAGES, "cuda", 64)
+    rows = bench.main(["--device", "cuda", "--tiny", "--data", "synthetic", "--synthetic-size", "512", "--steps",
+                       "10", "--warmup", "2", "--rows", "ours,teacher_cache"])
+    cached = rows[1]
+    assert cached["cache_build_views"] == 64 * VIEWS_PER_IMAGE and cached["cache_build_views_per_s"] > 0
+    assert cached["data"] == "GPU-resident (augmented on the GPU), cached teacher logits"

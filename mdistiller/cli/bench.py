@@ -9,6 +9,11 @@ loaders from the real data code (`get_dataset`) and a `Trainer`, and times `Trai
 warm-up steps first, then `--steps` steps between two device synchronisations. Images/s counts the images trained;
 s/epoch is the training-set size (the full 50,000 of CIFAR when the data are synthetic) over images/s.
 
+The rows teacher_cache and teacher_cache_combined serve the teacher's logits from a table (DISTILLER.TEACHER_CACHE):
+each builds the table for real over the first CACHE_BUILD_IMAGES training images (timed: the build's views/s, with its
+verification), leaves the rest of the full-size table zero (speed does not depend on the values), and releases the
+teacher as a run does.
+
 With an ImageNet config (DATASET.TYPE imagenet) the batches are synthetic device tensors of the config's batch and
 DATASET.IMAGE_SIZE: the step alone is timed, not the JPEG pipeline. The rows loader_pil and loader_gpu_decode time
 that pipeline alone (no training step): the training DataLoader with PIL decoding in the workers, and with
@@ -37,12 +42,17 @@ import torch
 from ..dataset import get_dataset, shutdown_workers, uses_device_resident_data
 from ..dataset.cifar import CIFAR_FORMATS
 from ..dataset.cifar_files import write_cifar
+from ..dataset.device_cifar import VIEWS_PER_IMAGE
 from ..dataset.imagenet import DECODE_ON_CPU_ENV, ImageNetJpegFolder
+from ..dataset.teacher_views import read_train_arrays
 from ..distillers import get_distiller_class
 from ..engine import accel
 from ..engine.build import build_model, is_imagenet
 from ..engine.cfg import load_cfg
 from ..engine.run import check_fits_data, default_device
+from ..engine.teacher_cache import TeacherLogitTable, cache_batch_needs, release_teacher
+from ..engine.teacher_cache_build import build_cache
+from ..engine.teacher_cache_identity import STORAGE, TABLE_FILE, run_identity, table_shape
 from ..engine.trainer import Trainer
 from ..engine.validate import check_recipe, check_writable
 from ..errors import MdistillerError
@@ -77,6 +87,7 @@ class Row:
 
 
 _RESIDENT = ("DATASET.DEVICE_RESIDENT", "True")
+_CACHE = ("DISTILLER.TEACHER_CACHE", "auto")  # the rows build their own table (see cache_table)
 ROWS = {row.name: row for row in (
     Row("reference", "mdistiller's step: fp32, loss.item() every step (its meters' host sync)",
         ("DATASET.DEVICE_RESIDENT", "False", "DATASET.NUM_WORKERS", "2", *_switches()), sync_every_step=True),
@@ -90,6 +101,10 @@ ROWS = {row.name: row for row in (
     Row("combined", "ours + AMP + channels_last + compile default", (*_RESIDENT, *_switches(True, True, "default"))),
     Row("large_batch", "the large-batch config (batch 512, LR 0.4 with warm-up, AMP, channels_last, compile)",
         large_batch=True),
+    Row("teacher_cache", "ours + DISTILLER.TEACHER_CACHE (teacher logits looked up, the teacher not run)",
+        (*_RESIDENT, *_switches(), *_CACHE)),
+    Row("teacher_cache_combined", "ours + AMP + channels_last + compile default + DISTILLER.TEACHER_CACHE",
+        (*_RESIDENT, *_switches(True, True, "default"), *_CACHE)),
     Row("loader_pil", "loader alone: JPEGs decoded, cropped and flipped by PIL in the DataLoader workers",
         ("DATASET.GPU_DECODE", "False"), loader_only=True),
     Row("loader_gpu_decode", "loader alone: DATASET.GPU_DECODE (workers read bytes; batched decode_jpeg, crop, resize, "
@@ -98,8 +113,8 @@ ROWS = {row.name: row for row in (
 LOADER_ROWS = tuple(name for name, row in ROWS.items() if row.loader_only)
 DEFAULT_ROWS = {
     ("cifar", "cuda"): ("reference", "ours", "amp", "channels_last", "compile", "cuda_graphs", "combined",
-                        "large_batch"),
-    ("cifar", "cpu"): ("reference", "ours", "amp", "channels_last"),
+                        "large_batch", "teacher_cache", "teacher_cache_combined"),
+    ("cifar", "cpu"): ("reference", "ours", "amp", "channels_last", "teacher_cache"),
     ("imagenet", "cuda"): ("reference", "ours", "amp", "amp_channels_last", *LOADER_ROWS),
     ("imagenet", "cpu"): ("reference", "ours", "amp", "amp_channels_last"),
 }
@@ -216,7 +231,8 @@ class CifarData:
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
         train_loader, _, num_train, num_classes = get_dataset(cfg, distiller_class.train_views,
                                                               seed=cfg.EXPERIMENT.SEED, device=device,
-                                                              needs=distiller_class.batch_needs(cfg))
+                                                              needs={**distiller_class.batch_needs(cfg),
+                                                                     **cache_batch_needs(cfg)})
         check_fits_data(cfg, num_train)
         batches = _full_batches(train_loader, cfg.SOLVER.BATCH_SIZE)
 
@@ -395,6 +411,36 @@ def warmup_steps(args: argparse.Namespace, cfg, device: torch.device) -> int:
     return max(args.warmup if args.warmup is not None else (30 if cuda else 3), least)
 
 
+# Images whose 162 views a teacher_cache row builds for real, timed (the build's views/s); the rest of its full-size
+# table is zeros: the step's speed depends on the values no more than on the random teacher's weights.
+CACHE_BUILD_IMAGES = {"cuda": 2000, "cpu": 2}
+
+
+def cache_table(cfg, distiller, device: torch.device, stack: contextlib.ExitStack) -> tuple[TeacherLogitTable, dict]:
+    """A teacher_cache row's table: the real build (build_cache) over the first CACHE_BUILD_IMAGES images of the
+    bench's training set, under the row's precision, then widened with zero rows to the whole set; the teacher is
+    then released as in a run. Returns the table and the build's figures."""
+    images, labels = read_train_arrays(cfg)
+    count = min(CACHE_BUILD_IMAGES[device.type], len(images))
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_cache_"))
+    built = build_cache(os.path.join(folder, "built"), distiller.teacher, images[:count],
+                        run_identity(cfg, distiller.teacher, images[:count], labels[:count], device), device,
+                        channels_last=bool(cfg.SOLVER.CHANNELS_LAST), verify_samples=64, progress=False)
+    full = {**built, "num_images": len(images)}
+    os.makedirs(os.path.join(folder, "full"))
+    table_file = os.path.join(folder, "full", TABLE_FILE)
+    os.replace(os.path.join(folder, "built", TABLE_FILE), table_file)
+    rows, classes = table_shape(full)
+    with open(table_file, "r+b") as f:
+        f.truncate(rows * classes * STORAGE[full["dtype"]].itemsize)  # sparse zeros
+    release_teacher(distiller)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    figures = {"cache_build_views_per_s": built["views_per_s"], "cache_build_views": count * VIEWS_PER_IMAGE,
+               "cache_verify_max_abs_diff": built["verify"]["max_abs_diff"]}
+    return TeacherLogitTable(os.path.join(folder, "full"), full, device), figures
+
+
 class RowRun:
     """One row's fresh data, distiller and trainer; `step()` runs one real training step and returns its images."""
 
@@ -403,7 +449,11 @@ class RowRun:
         set_seed(cfg.EXPERIMENT.SEED)
         self.batches, self.epoch_images, num_classes, self._close_data = data.open(cfg, device)
         run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_run_"))
-        self.trainer = Trainer(run_dir, build_random_distiller(cfg, num_classes), None, None, cfg, device)
+        distiller = build_random_distiller(cfg, num_classes)
+        self.table, self.figures = None, {}
+        if cfg.DISTILLER.TEACHER_CACHE:
+            self.table, self.figures = cache_table(cfg, distiller, device, stack)
+        self.trainer = Trainer(run_dir, distiller, None, None, cfg, device, teacher_cache=self.table)
         self.trainer.distiller.train()
         # the state training keeps for an epoch: same statistics, non-finite watch, per-step LR and host reads
         self.epoch = self.trainer.epoch_state(1, max(self.epoch_images // cfg.SOLVER.BATCH_SIZE, 1))
@@ -453,22 +503,27 @@ def time_row(row: Row, cfg, data, device: torch.device, steps: int, warmup: int)
         images = sum(run.step() for _ in range(steps))
         synchronize(device)
         seconds = time.perf_counter() - started
-        epoch_images = run.epoch_images
+        epoch_images, figures = run.epoch_images, run.figures
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     rate = images / seconds
-    return {"name": row.name, "what": row.what, "batch": cfg.SOLVER.BATCH_SIZE, "images_per_s": rate,
+    what = row.what
+    if figures:
+        what += (f"; cache build {figures['cache_build_views_per_s']:,.0f} views/s over "
+                 f"{figures['cache_build_views']:,} views, the rest of the table zeros")
+    return {"name": row.name, "what": what, "batch": cfg.SOLVER.BATCH_SIZE, "images_per_s": rate,
             "seconds_per_epoch": epoch_images / rate, "epoch_images": epoch_images, "peak_memory_mib": peak,
             "steps": steps, "warmup": warmup, "seconds": seconds, "switches": accel.describe(cfg),
-            "data": data_path_of(cfg, device), "host_sync_every_step": row.sync_every_step}
+            "data": data_path_of(cfg, device), "host_sync_every_step": row.sync_every_step, **figures}
 
 
 def data_path_of(cfg, device: torch.device) -> str:
     """How a row's batches are made."""
     if is_imagenet(cfg.DATASET.TYPE):
         return "synthetic device tensors"
+    cached = ", cached teacher logits" if cfg.DISTILLER.TEACHER_CACHE else ""
     if uses_device_resident_data(cfg, get_distiller_class(cfg.DISTILLER.TYPE).train_views, device):
-        return "GPU-resident (augmented on the GPU)"
-    return f"DataLoader ({cfg.DATASET.NUM_WORKERS} workers, PIL transforms)"
+        return f"GPU-resident (augmented on the GPU){cached}"
+    return f"DataLoader ({cfg.DATASET.NUM_WORKERS} workers, PIL transforms){cached}"
 
 
 # ---- profiling ----

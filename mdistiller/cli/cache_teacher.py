@@ -61,10 +61,10 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def build_cfg(args: argparse.Namespace):
-    """The config of a build: --cfg and overrides, --out and --dtype as DISTILLER.TEACHER_CACHE[_DTYPE]; checked as a
-    run's would be (a method or data set the cache cannot serve is refused here, before any work)."""
+    """The config of a build: --cfg and overrides, --out (else the config's DISTILLER.TEACHER_CACHE, else auto's
+    folder) and --dtype; checked as a run's would be (a method or data the cache cannot serve is refused here)."""
     cfg = load_cfg(args.cfg, args.opts)
-    cfg.DISTILLER.TEACHER_CACHE = args.out or AUTO
+    cfg.DISTILLER.TEACHER_CACHE = args.out or cfg.DISTILLER.TEACHER_CACHE or AUTO
     if args.dtype:
         cfg.DISTILLER.TEACHER_CACHE_DTYPE = args.dtype
     validate_cfg(cfg)
