@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ..files import DEFAULT_DATA_ROOT, resolve_project_path
+from ..models.common import classifier
 from ._base import Distiller, cross_entropy, probe_input_size
 from .ot import (
     cosine_decay_weight,
@@ -47,10 +48,10 @@ BOTTLENECK_HIDDEN = 256
 
 def final_linear(model: nn.Module) -> nn.Linear:
     """The last nn.Linear of a model (its classifier), whatever its attribute name (fc, linear, classifier)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise MdistillerError(f"{type(model).__name__} has no nn.Linear classifier: WKD.COST_MATRIX fc needs one")
-    return linears[-1]
+    try:
+        return classifier(model)
+    except MdistillerError as exc:
+        raise MdistillerError(f"{exc}: WKD.COST_MATRIX fc needs one") from None
 
 
 @torch.no_grad()

@@ -29,8 +29,10 @@ from .validate import validate_run
 log = get_logger(__name__)
 
 # Overrides that change where or how verbosely a run works, not what it computes: kept out of the run name.
+# EXPERIMENT.NAME and TAG already name the run.
 _KEYS_NOT_IN_NAME = ("DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "LOG.", "DISTILLER.TEACHER_CKPT",
-                     "EXPERIMENT.DETERMINISTIC", "DISTRIBUTED.FIND_UNUSED_PARAMETERS")
+                     "EXPERIMENT.DETERMINISTIC", "DISTRIBUTED.FIND_UNUSED_PARAMETERS", "EXPERIMENT.NAME",
+                     "EXPERIMENT.TAG")
 
 
 def _fmt(value: float) -> str:
