@@ -104,7 +104,7 @@ def visible_gpus() -> list[str]:
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [g.strip() for g in listed.split(",") if g.strip()]
-    import torch  # only here: the launcher itself needs no accelerator
+    import torch  # here only: a Slurm job unpickles this module, and its run (a child process) is what uses torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
 
