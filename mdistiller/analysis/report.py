@@ -82,33 +82,75 @@ def parse_result_line(line: str) -> ResultLine | None:
         return None
 
 
+def read_result_file(path: str, notes: list[str] | None = None) -> list[ResultLine]:
+    """The result lines of one file (none when it does not exist); lines that are not results go to notes."""
+    lines: list[ResultLine] = []
+    if not os.path.isfile(path):
+        return lines
+    with open(path) as f:
+        for number, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            parsed = parse_result_line(text)
+            if parsed is not None:
+                lines.append(parsed)
+            elif notes is not None:
+                notes.append(f"skipped {os.path.basename(path)} line {number}: not a result line")
+    return lines
+
+
 def read_results(logs_dir: str) -> tuple[dict[LogKey, list[ResultLine]], list[str]]:
     """Every result file of a logs folder: {key: lines} and notes on what was skipped."""
     if not os.path.isdir(logs_dir):
         raise MdistillerError(f"logs folder not found: {logs_dir}")
     results: dict[LogKey, list[ResultLine]] = {}
-    notes = []
+    notes: list[str] = []
     for name in sorted(os.listdir(logs_dir)):
         key = parse_log_name(name)
         if key is None:
             if name.endswith(".txt"):
                 notes.append(f"skipped {name}: not named <TYPE>,<TEACHER>,<STUDENT>[,<τ>,<w>].txt")
             continue
-        lines = []
-        with open(os.path.join(logs_dir, name)) as f:
-            for number, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                parsed = parse_result_line(text)
-                if parsed is None:
-                    notes.append(f"skipped {name} line {number}: not a result line")
-                else:
-                    lines.append(parsed)
+        lines = read_result_file(os.path.join(logs_dir, name), notes)
         if lines:
             results[key] = lines
     if not results:
         raise MdistillerError(f"no result files (<TYPE>,<TEACHER>,<STUDENT>.txt) with results in {logs_dir}")
     return results, notes
+
+
+class RunRef(NamedTuple):
+    """Where one run's result line goes and what identifies it: its result file, recipe hash, seed and folder."""
+
+    result_file: str
+    config_hash: str
+    seed: int
+    run_dir: str
+
+
+def find_result(lines: list[ResultLine], run: RunRef) -> ResultLine | None:
+    """The result line of `run` among lines: same recipe hash and seed; a line written from the run's own folder
+    wins over one of another folder, and a later line over an earlier one (a run trained again)."""
+    same = [ln for ln in lines if ln.config_hash == run.config_hash and ln.seed == run.seed]
+    own = [ln for ln in same if os.path.abspath(ln.run_dir) == os.path.abspath(run.run_dir)]
+    return (own or same or [None])[-1]
+
+
+def results_of_runs(runs: list[RunRef]) -> tuple[dict[LogKey, list[ResultLine]], list[RunRef]]:
+    """Exactly the result lines of the given runs, one per run, keyed like read_results; and the runs without one."""
+    cache: dict[str, list[ResultLine]] = {}
+    results: dict[LogKey, list[ResultLine]] = {}
+    missing = []
+    for run in runs:
+        if run.result_file not in cache:
+            cache[run.result_file] = read_result_file(run.result_file)
+        line = find_result(cache[run.result_file], run)
+        key = parse_log_name(os.path.basename(run.result_file))
+        if line is None or key is None:
+            missing.append(run)
+        elif line not in results.setdefault(key, []):  # two refs to one run count once
+            results[key].append(line)
+    return results, missing
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
