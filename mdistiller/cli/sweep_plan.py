@@ -38,7 +38,7 @@ import yaml
 from ..analysis.report import ResultLine, RunRef, find_result, read_result_file
 from ..distillers import get_distiller_class
 from ..engine.build import teacher_checkpoint_path
-from ..engine.run import config_hash, result_log_name, run_dir_of
+from ..engine.run import config_hash, result_log_name, run_dir_of, seeded_cfg
 from ..errors import MdistillerError
 from ..files import PROJECT_ROOT, resolve_project_path
 from .launchers import INTERRUPTED_CODES, LOG_NAME, MARK
@@ -343,15 +343,6 @@ def build_recipe(config: str, flags: Sequence[str], opts: Sequence[str]):
         raise MdistillerError(f"{config}: {exc}") from None
 
 
-def seeded(cfg, seed: int):
-    """cfg with EXPERIMENT.SEED set, as `tools/train.py --seeds` sets it for each of its runs."""
-    out = cfg.clone()
-    out.defrost()
-    out.EXPERIMENT.SEED = int(seed)
-    out.freeze()
-    return out
-
-
 def missing_teacher(cfg) -> str:
     """Why the teacher of cfg's run is not on disk ("" when it is, or when the method needs none)."""
     if not get_distiller_class(cfg.DISTILLER.TYPE).requires_teacher:
@@ -426,7 +417,7 @@ def plan_sweep(sweep: Sweep, cli_opts: Sequence[str] = (), seeds: Sequence[int] 
             recipe = build_recipe(config, flags, opts)
             recipe_hash = config_hash(recipe)
             for rank, seed in enumerate(seeds if seeds is not None else entry.seeds or sweep.seeds):
-                ranked.append((rank, Run(config, seed, flags, opts, seeded(recipe, seed), config_hash=recipe_hash)))
+                ranked.append((rank, Run(config, seed, flags, opts, seeded_cfg(recipe, seed), config_hash=recipe_hash)))
     # seed-major: every recipe's first seed before any second one, so a sweep cut short still fills the table
     runs = [run for _, run in sorted(ranked, key=lambda item: item[0])]
     teachers: dict[str, Run] = {}
@@ -453,7 +444,7 @@ def teacher_run(sweep: Sweep, teacher: str, dataset_type: str, cli_opts: Sequenc
     opts = [*kept, *sweep.teacher_opts]
     config = vanilla_config(teacher, dataset_type)
     recipe = build_recipe(config, [], opts)
-    return Run(config, sweep.teacher_seed, [], opts, seeded(recipe, sweep.teacher_seed), is_teacher=True)
+    return Run(config, sweep.teacher_seed, [], opts, seeded_cfg(recipe, sweep.teacher_seed), is_teacher=True)
 
 
 def attach_teacher(run: Run, teacher: Run) -> None:
@@ -462,7 +453,7 @@ def attach_teacher(run: Run, teacher: Run) -> None:
     ckpt = os.path.abspath(os.path.join(teacher.run_dir, "student_best"))
     before = (run.run_dir, run.config_hash)
     run.opts = [*run.opts, "DISTILLER.TEACHER_CKPT", ckpt]
-    run.cfg = seeded(build_recipe(run.config, run.flags, run.opts), run.seed)
+    run.cfg = seeded_cfg(build_recipe(run.config, run.flags, run.opts), run.seed)
     run.config_hash = ""
     run.__post_init__()
     if (run.run_dir, run.config_hash) != before:  # the engine keeps the teacher file out of both
