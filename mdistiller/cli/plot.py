@@ -1,7 +1,10 @@
 """Plots as PNG files (needs matplotlib: pip install -e .[plots]).
 
-    python tools/plot.py curves RUN_DIR [RUN_DIR ...] -o curves.png
-        test top-1 and the loss terms against the epoch, from each run's worklog.txt
+    python tools/plot.py curves RUN_DIR [RUN_DIR ...] [--label TEXT ...] [--last N] -o curves.png
+        accuracy, training loss terms and test loss against the epoch, from each run's worklog.txt, one colour per
+        run, labelled from its config.yaml (method, pair, LS setting, seed) unless --label names it
+    python tools/plot.py table [--logs logs] [--last] [--no-published] -o table.png
+        tools/report.py's table as bars: mean top-1 ± std over seeds per method and pair, published number marked
     python tools/plot.py logit-stats -t resnet32x4 -tc pretrain -s resnet8x4 -sc output/.../student_best \\
         [-d cifar100] [--data-root DIR] -o stats
         on the test set: histograms of the per-sample logit mean and std of teacher and student (stats_mean_std.png)
@@ -19,9 +22,17 @@ from . import run_cli
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser("plot.py", description="training curves and logit diagnostics as PNG files")
     sub = parser.add_subparsers(dest="command", required=True)
-    curves = sub.add_parser("curves", help="test top-1 and loss terms vs epoch from run folders")
+    curves = sub.add_parser("curves", help="accuracy and loss terms vs epoch from run folders, runs overlaid")
     curves.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    curves.add_argument("--label", action="append", metavar="TEXT",
+                        help="legend label of a run, once per RUN_DIR in order (default: from its config.yaml)")
+    curves.add_argument("--last", type=int, metavar="N", help="only the last N epochs (of the longest run)")
     curves.add_argument("-o", "--out", required=True, help="PNG file to write")
+    table = sub.add_parser("table", help="tools/report.py's table as a bar chart, published numbers marked")
+    table.add_argument("--logs", default="logs", help="folder of result files (LOG.RESULTS_DIR), default logs")
+    table.add_argument("--last", action="store_true", help="last-epoch top-1 instead of the best epoch's")
+    table.add_argument("--no-published", action="store_true", help="leave out the published numbers' markers")
+    table.add_argument("-o", "--out", required=True, help="PNG file to write")
     stats = sub.add_parser("logit-stats", help="logit mean/std histograms and class-correlation difference")
     stats.add_argument("-t", "--teacher", required=True, help="teacher model name, e.g. resnet32x4")
     stats.add_argument("-tc", "--teacher-ckpt", default="pretrain", help="teacher checkpoint, or 'pretrain'")
@@ -54,7 +65,17 @@ def logit_stats(args: argparse.Namespace) -> list[str]:
     teacher_logits, _ = collect_logits(teacher, loader, device)
     student_logits, _ = collect_logits(student, loader, device)
     names = (f"teacher {args.teacher}", f"student {args.student}")
-    return plot_logit_stats(teacher_logits, student_logits, args.out, names)
+    data = f"{args.dataset.upper().replace('CIFAR', 'CIFAR-')} test set"
+    return plot_logit_stats(teacher_logits, student_logits, args.out, names, data)
+
+
+def results_table(args: argparse.Namespace) -> str:
+    from ..analysis.plots import plot_table, require_matplotlib
+    from ..analysis.report import report
+
+    require_matplotlib()
+    table = report(args.logs, "last" if args.last else "best", published=not args.no_published)
+    return plot_table(table, args.out, show_published=not args.no_published)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -62,7 +83,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     if args.command == "curves":
         from ..analysis.plots import plot_curves
 
-        paths = [plot_curves(args.run_dirs, args.out)]
+        paths = [plot_curves(args.run_dirs, args.out, args.label, args.last)]
+    elif args.command == "table":
+        paths = [results_table(args)]
     else:
         paths = logit_stats(args)
     for path in paths:
