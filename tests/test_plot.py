@@ -253,6 +253,22 @@ def test_table_cli_writes_the_png(logs, tmp_path, capsys):
 
 
 @needs_matplotlib
+def test_table_leaves_out_published_numbers_beside_runs_on_other_data(tmp_path, capsys, monkeypatch):
+    run = _write_run(tmp_path / "run", 1, ("loss_ce",), cfg="kd/resnet32x4_resnet8x4.yaml",
+                     opts=("DATASET.TYPE", "cifar10"))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "KD,resnet32x4,resnet8x4.txt").write_text(_result(70.0, 0).replace("/r", str(run)))
+    shown = {}
+    plots = importlib.import_module("mdistiller.analysis.plots")
+    monkeypatch.setattr(plots, "plot_table", lambda table, out, show_published: shown.update(
+        published=show_published, cell=table.cells[("KD", ("resnet32x4", "resnet8x4"))]) or out)
+    _plot_tool().main(["table", "--logs", str(tmp_path / "logs"), "-o", str(tmp_path / "t.png")])
+    assert shown["published"] is False and shown["cell"].published is None
+    assert "note: runs on cifar10 (their config.yaml): the published CIFAR-100 numbers are left out" in (
+        capsys.readouterr().out)
+
+
+@needs_matplotlib
 def test_logit_stats_figures_say_what_is_compared(one_thread):
     generator = torch.Generator().manual_seed(0)
     teacher = torch.randn(200, 10, generator=generator) * 3

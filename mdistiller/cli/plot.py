@@ -5,6 +5,7 @@
         run, labelled from its config.yaml (method, pair, LS setting, seed) unless --label names it
     python tools/plot.py table [--logs logs] [--last] [--no-published] -o table.png
         tools/report.py's table as bars: mean top-1 ± std over seeds per method and pair, published number marked
+        (left out when a run's config.yaml says it trained on other data than CIFAR-100)
     python tools/plot.py logit-stats -t resnet32x4 -tc pretrain -s resnet8x4 -sc output/.../student_best \\
         [-d cifar100] [--data-root DIR] -o stats
         on the test set: histograms of the per-sample logit mean and std of teacher and student (stats_mean_std.png)
@@ -70,12 +71,20 @@ def logit_stats(args: argparse.Namespace) -> list[str]:
 
 
 def results_table(args: argparse.Namespace) -> str:
-    from ..analysis.plots import plot_table, require_matplotlib
-    from ..analysis.report import report
+    from ..analysis.plots import plot_table, read_run_config, require_matplotlib
+    from ..analysis.report import build_table, read_results
 
     require_matplotlib()
-    table = report(args.logs, "last" if args.last else "best", published=not args.no_published)
-    return plot_table(table, args.out, show_published=not args.no_published)
+    results, notes = read_results(args.logs)
+    published = not args.no_published
+    if published:  # the published numbers are CIFAR-100's: no marker beside runs on other data
+        configs = [read_run_config(line.run_dir) for lines in results.values() for line in lines if line.run_dir]
+        other = sorted({str(c.get("DATASET", {}).get("TYPE")) for c in configs if c} - {"cifar100"})
+        if other:
+            print(f"note: runs on {', '.join(other)} (their config.yaml): the published CIFAR-100 numbers are left out")
+            published = False
+    table = build_table(results, "last" if args.last else "best", published, notes)
+    return plot_table(table, args.out, show_published=published)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
