@@ -178,6 +178,10 @@ _QUANTITY_NAMES = {"test_acc": "test", "train_acc": "train", "train_loss": "tota
 _STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
 
 
+def _style(n: int):
+    return _STYLES[n % len(_STYLES)]
+
+
 def _spans_decades(values: Iterable[float]) -> bool:
     finite = [v for v in values if np.isfinite(v)]
     if not finite or min(finite) <= 0:
@@ -212,9 +216,9 @@ def curves_figure(run_dirs: Sequence[str], labels: Sequence[str] | None = None, 
         for color, epochs in zip(colors, runs):
             x = [e["epoch"] for e in epochs]
             marker = "o" if len(x) <= MARKERS_UP_TO else None
-            for style, quantity in zip(_STYLES * 2, quantities):
-                ax.plot(x, [e.get(quantity, np.nan) for e in epochs], color=color, linestyle=style, marker=marker,
-                        markersize=3, linewidth=1.4)
+            for n, quantity in enumerate(quantities):
+                ax.plot(x, [e.get(quantity, np.nan) for e in epochs], color=color, linestyle=_style(n),
+                        marker=marker, markersize=3, linewidth=1.4)
         values = [e.get(q, np.nan) for epochs in runs for e in epochs for q in quantities]
         if title == "training loss" and _spans_decades(values):
             ax.set_yscale("log")
@@ -225,12 +229,13 @@ def curves_figure(run_dirs: Sequence[str], labels: Sequence[str] | None = None, 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: one tick
         ax.grid(alpha=0.3)
         if len(quantities) > 1:  # which line style is which quantity: a legend above the panel, titled like one
-            handles = [Line2D([], [], color="0.25", linestyle=s) for s in _STYLES * 2][: len(quantities)]
+            handles = [Line2D([], [], color="0.25", linestyle=_style(n)) for n in range(len(quantities))]
             ax.legend(handles, [_QUANTITY_NAMES.get(q, q) for q in quantities], title=title, loc="lower center",
                       bbox_to_anchor=(0.5, 1.01), ncols=min(len(quantities), 3), frameon=False, fontsize=8,
                       title_fontproperties={"weight": "bold", "size": 10}, borderaxespad=0.2, handlelength=2.6)
         else:
-            ax.set_title(title, fontsize=10, fontweight="bold")
+            named = f"{title}: {quantities[0]}" if quantities[0].startswith("loss_") else title
+            ax.set_title(named, fontsize=10, fontweight="bold")
     shown = [int(e["epoch"]) for epochs in runs for e in epochs]
     if shown and min(shown) == max(shown):  # one epoch: a visible range around it, ticked at that epoch only
         axes[0].set_xlim(min(shown) - 0.5, min(shown) + 0.5)
