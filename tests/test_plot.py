@@ -66,16 +66,21 @@ def _legends(fig) -> list:
 
 
 def _assert_legends_clear_of_the_data(fig) -> None:
-    """Every legend lies inside the figure and overlaps no axes (panels and colour bars alike)."""
+    """Every legend lies inside the figure and overlaps no axes (panels and colour bars alike), no title and no other
+    legend."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     legends = _legends(fig)
     assert legends
-    for legend in legends:
-        box = legend.get_window_extent(renderer)
+    titles = [t for t in [fig._suptitle] + [ax.title for ax in fig.axes] if t is not None and t.get_text()]
+    boxes = [legend.get_window_extent(renderer) for legend in legends]
+    for n, (legend, box) in enumerate(zip(legends, boxes)):
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
         for ax in fig.axes:
             assert not box.overlaps(ax.get_window_extent(renderer)), (legend.get_title().get_text(), ax.get_ylabel())
+        for title in titles:
+            assert not box.overlaps(title.get_window_extent(renderer)), title.get_text()
+        assert not any(box.overlaps(other) for other in boxes[n + 1:])
 
 
 def _visible_tick_labels(ax) -> list[str]:
@@ -273,14 +278,15 @@ def test_logit_stats_figures_say_what_is_compared(one_thread):
     generator = torch.Generator().manual_seed(0)
     teacher = torch.randn(200, 10, generator=generator) * 3
     student = torch.randn(200, 10, generator=generator) + 1
-    hist, corr = logit_stats_figures(teacher, student, ("teacher resnet20", "student resnet8"), "CIFAR-10 test set")
-    assert hist.get_suptitle() == "logits of teacher resnet20 vs student resnet8 on the CIFAR-10 test set (200 images)"
-    assert [t.get_text() for t in hist.legends[0].get_texts()] == ["teacher resnet20", "student resnet8"]
+    names = ("teacher resnet20", "student resnet8 (KD+LS, τ=2, w=9)")  # long names: the legend must still fit
+    hist, corr = logit_stats_figures(teacher, student, names, "CIFAR-10 test set")
+    assert hist.get_suptitle() == f"logits of {names[0]} vs {names[1]} on the CIFAR-10 test set (200 images)"
+    assert [t.get_text() for t in hist.legends[0].get_texts()] == list(names)
     assert [ax.get_xlabel() for ax in hist.axes] == ["logit mean (logit units)",
                                                      "logit standard deviation (logit units)"]
     _assert_legends_clear_of_the_data(hist)
     titles = [ax.get_title() for ax in corr.axes]
-    assert titles[:2] == ["teacher resnet20", "student resnet8"] and titles[2].startswith("teacher resnet20 − student")
+    assert titles[:2] == list(names) and titles[2].startswith(f"{names[0]} − {names[1]} (mean |Δr| ")
     bars = [ax.get_ylabel() for ax in corr.axes[3:]]
     assert bars == ["Pearson r between two classes' logits", "Δ Pearson r (teacher − student)"]
     corr.canvas.draw()
@@ -312,13 +318,19 @@ def test_logit_statistics_by_hand():
 
 
 @needs_matplotlib
-def test_logit_stats_on_the_test_set(tmp_path, cifar100_tiny_root, teacher_ckpt, capsys):
+def test_logit_stats_on_the_test_set(tmp_path, cifar100_tiny_root, teacher_ckpt, capsys, monkeypatch):
     student = save_teacher(str(tmp_path / "student.pth"), "resnet8", seed=1)
     prefix = tmp_path / "stats" / "kd"
+    plots = importlib.import_module("mdistiller.analysis.plots")
+    drawn = plots.plot_logit_stats
+    seen = {}
+    monkeypatch.setattr(plots, "plot_logit_stats", lambda t, s, out, names, data: seen.update(
+        names=names, data=data, n=len(t)) or drawn(t, s, out, names, data))
     paths = _plot_tool().main(["logit-stats", "-t", "resnet8", "-tc", teacher_ckpt("resnet8"), "-s", "resnet8",
                                "-sc", student, "--data-root", cifar100_tiny_root, "--num-workers", "0",
-                               "-o", str(prefix)])
+                               "--names", "teacher", "student, KD+LS", "-o", str(prefix)])
     assert paths == [f"{prefix}_mean_std.png", f"{prefix}_corr_diff.png"]
+    assert seen == {"names": ("teacher", "student, KD+LS"), "data": "CIFAR-100 test set", "n": 32}
     out = capsys.readouterr().out
     for path in paths:
         _assert_png(Path(path))

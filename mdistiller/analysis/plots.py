@@ -241,9 +241,8 @@ def curves_figure(run_dirs: Sequence[str], labels: Sequence[str] | None = None, 
         axes[0].set_xlim(min(shown) - 0.5, min(shown) + 0.5)
     run_handles = [Line2D([], [], color=c, linewidth=2.5) for c in colors]
     run_names = [n if epochs else f"{n} (no epoch ≥ {first_shown})" for n, epochs in zip(names, runs)]
-    fig.legend(run_handles, run_names, loc="outside right upper", title="run", fontsize=8, title_fontsize=9)
-    window = f", epochs ≥ {first_shown}" if last is not None else ""
-    fig.suptitle(f"training curves, {len(runs)} run{'s' if len(runs) > 1 else ''}{window}", fontsize=11)
+    window = f" (epochs ≥ {first_shown})" if last is not None else ""
+    fig.legend(run_handles, run_names, loc="outside right upper", title=f"run{window}", fontsize=8, title_fontsize=9)
     return fig
 
 
@@ -383,7 +382,7 @@ def logit_stats_figures(teacher_logits: torch.Tensor, student_logits: torch.Tens
                ylabel="images")
         ax.grid(alpha=0.3)
     handles = [Patch(facecolor=c, alpha=0.6, edgecolor=c) for c in colors]
-    hist.legend(handles, list(names), loc="outside right upper", fontsize=9)
+    hist.legend(handles, list(names), loc="outside lower center", ncols=2, fontsize=9)
     hist.suptitle(f"logits of {names[0]} vs {names[1]} on the {data} ({n} images)", fontsize=11)
 
     diff = teacher["class_corr"] - student["class_corr"]

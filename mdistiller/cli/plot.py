@@ -7,7 +7,7 @@
         tools/report.py's table as bars: mean top-1 ± std over seeds per method and pair, published number marked
         (left out when a run's config.yaml says it trained on other data than CIFAR-100)
     python tools/plot.py logit-stats -t resnet32x4 -tc pretrain -s resnet8x4 -sc output/.../student_best \\
-        [-d cifar100] [--data-root DIR] -o stats
+        [-d cifar100] [--data-root DIR] [--names TEACHER STUDENT] -o stats
         on the test set: histograms of the per-sample logit mean and std of teacher and student (stats_mean_std.png)
         and the teacher - student difference of the class-correlation matrices of the logits (stats_corr_diff.png)
 """
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stats.add_argument("--data-root", default=None, help="default: $MDISTILLER_DATA or ./data")
     stats.add_argument("-bs", "--batch-size", type=int, default=256)
     stats.add_argument("--num-workers", type=int, default=2)
+    stats.add_argument("--names", nargs=2, metavar=("TEACHER", "STUDENT"),
+                       help="what the figures call the two models (default: teacher <model>, student <model>)")
     stats.add_argument("-o", "--out", required=True, help="prefix of the PNG files: <prefix>_mean_std.png, ...")
     return parser.parse_args(argv)
 
@@ -65,7 +67,7 @@ def logit_stats(args: argparse.Namespace) -> list[str]:
     device = default_device()
     teacher_logits, _ = collect_logits(teacher, loader, device)
     student_logits, _ = collect_logits(student, loader, device)
-    names = (f"teacher {args.teacher}", f"student {args.student}")
+    names = tuple(args.names) if args.names else (f"teacher {args.teacher}", f"student {args.student}")
     data = f"{args.dataset.upper().replace('CIFAR', 'CIFAR-')} test set"
     return plot_logit_stats(teacher_logits, student_logits, args.out, names, data)
 
