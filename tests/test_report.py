@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mdistiller.analysis.report import parse_log_name, read_worklog, report, to_csv, to_markdown
+from mdistiller.analysis.report import parse_log_name, report, to_csv, to_markdown
+from mdistiller.engine.worklog import read as read_worklog
 from mdistiller.errors import MdistillerError
 
 from conftest import REPO, run_overrides, run_tool

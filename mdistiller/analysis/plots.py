@@ -18,8 +18,9 @@ import yaml
 from torch import nn
 
 from ..distillers import distiller_dict
+from ..engine import worklog
 from ..errors import MdistillerError
-from .report import Table, column_label, method_label, read_worklog
+from .report import Table, column_label, method_label
 
 DPI = 100
 LOG_SCALE_RATIO = 20.0  # loss terms whose largest / smallest value exceeds this share a log axis
@@ -199,7 +200,7 @@ def curves_figure(run_dirs: Sequence[str], labels: Sequence[str] | None = None, 
     if last is not None and last <= 0:
         raise MdistillerError(f"--last must be a positive number of epochs, got {last}")
     names = run_labels(run_dirs, labels)
-    runs = [read_worklog(os.path.join(d, "worklog.txt")) for d in run_dirs]
+    runs = [worklog.read(d) for d in run_dirs]
     for name, epochs in zip(names, runs):
         if not epochs:
             raise MdistillerError(f"no finished epoch in the worklog of {name}")

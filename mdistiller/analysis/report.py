@@ -1,4 +1,4 @@
-"""Result logs -> paper-style tables (mean ± std over seeds), and the worklog reader the plots use.
+"""Result logs -> paper-style tables (mean ± std over seeds), with the published numbers beside them.
 
 The logs folder holds one file per method and pair, `<TYPE>,<TEACHER>,<STUDENT>[,<τ>,<w>].txt` (`LS` instead of
 `<τ>,<w>` when the YAML switched logit standardisation on), one tab-separated `key=value` line per finished run (see
@@ -14,7 +14,6 @@ import csv
 import io
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -347,34 +346,3 @@ def report(logs_dir: str, metric: str = "best", published: bool = False) -> Tabl
     """Read a logs folder and build its table."""
     results, notes = read_results(logs_dir)
     return build_table(results, metric, published, notes)
-
-
-# ---- worklog.txt, for the plots ----
-
-_BLOCK_LINE = re.compile(r"^([A-Za-z0-9_.\-]+): ([-+\w.]+)$")
-
-
-def read_worklog(path: str) -> list[dict[str, float]]:
-    """The per-epoch blocks of a run's worklog.txt as dicts (`epoch`, `lr`, loss terms, accuracies, ...)."""
-    if not os.path.isfile(path):
-        raise MdistillerError(f"worklog not found: {path}")
-    epochs: list[dict[str, float]] = []
-    block: dict[str, float] | None = None
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("-----"):
-                if block and "epoch" in block:
-                    epochs.append(block)
-                    block = None
-                else:
-                    block = {}
-                continue
-            match = _BLOCK_LINE.match(line)
-            if block is not None and match:
-                try:
-                    block[match.group(1)] = float(match.group(2))
-                except ValueError:
-                    pass
-    by_epoch = {int(b["epoch"]): b for b in epochs}  # a resumed run's repeated epoch: the last one counts
-    return [by_epoch[e] for e in sorted(by_epoch)]

@@ -17,11 +17,13 @@ continues with --resume, so running a sweep again does only what is left. See do
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
 from typing import Sequence
 
+from ..analysis.plots import plot_table
 from ..analysis.report import build_table, results_of_runs, to_csv, to_markdown
 from ..errors import MdistillerError
 from . import run_cli
@@ -108,9 +110,10 @@ def teacher_output_cache_opts(run: Run) -> list[str]:
 
 
 def results_figure(table, path: str) -> str | None:
-    """HOOK (tools/plot.py table, not in this tree yet): the bar chart of the report's table, written to path.
-    Today: no figure."""
-    return None
+    """The bar chart of the report's table (tools/plot.py table) written to path; None without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    return plot_table(table, path)
 
 
 # ---- commands ----
