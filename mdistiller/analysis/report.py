@@ -1,11 +1,12 @@
 """Result logs -> paper-style tables (mean ± std over seeds), with the published numbers beside them.
 
 The logs folder holds one file per method and pair, `<TYPE>,<TEACHER>,<STUDENT>[,<τ>,<w>].txt` (`LS` instead of
-`<τ>,<w>` when the YAML switched logit standardisation on), one tab-separated `key=value` line per finished run (see
-logs/README.md). Rows are methods (`KD`, `KD+LS (τ=2, w=9)`, ...), columns teacher → student pairs; vanilla runs
-(`NONE,none,<model>`) fill the `teacher (vanilla)` and `student (vanilla)` rows of the pairs that use the model, or
-a column of their own when no pair does. A file holding runs of several recipes (config hashes) gives one row per
-recipe, labelled with its hash: runs of different recipes are never averaged together.
+`<τ>,<w>` when the YAML switched logit standardisation on; `<TYPE>+DOT` for a SOLVER.TRAINER dot / crd_dot run),
+one tab-separated `key=value` line per finished run (see logs/README.md). Rows are methods (`KD`,
+`KD+LS (τ=2, w=9)`, ...), columns teacher → student pairs; vanilla runs (`NONE,none,<model>`) fill the
+`teacher (vanilla)` and `student (vanilla)` rows of the pairs that use the model, or a column of their own when no
+pair does. A file holding runs of several recipes (config hashes) gives one row per recipe, labelled with its hash:
+runs of different recipes are never averaged together.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import NamedTuple
 from ..errors import MdistillerError
 from .published import PAIRS, Published, published_top1
 
-# Methods in the order of the papers' tables; others follow alphabetically.
-METHOD_ORDER = ("teacher", "student", "KD", "CTKD", "DKD", "MLKD")
+# Methods in the order of the papers' tables; others follow alphabetically. A DOT run (SOLVER.TRAINER dot / crd_dot)
+# is logged as `<TYPE>+DOT`, e.g. `KD+DOT,resnet32x4,resnet8x4.txt`, and gets its own row after its method's.
+METHOD_ORDER = ("teacher", "student", "KD", "KD+DOT", "CTKD", "DKD", "MLKD", "FITNET", "AT", "SP", "VID", "RKD",
+                "PKT", "NST", "CRD", "CRD+DOT", "OFD", "REVIEWKD", "KDSVD")
 METRICS = {"best": "best_top1", "last": "last_top1"}
 
 
@@ -269,6 +272,12 @@ def build_table(results: dict[LogKey, list[ResultLine]], metric: str = "best", p
     rows = sorted(row_keys, key=lambda r: row_keys[r])
     columns = sorted({c for _, c in cells}, key=_column_sort_key)
     table_notes = list(notes or [])
+    if published:
+        used = sorted({c.published.source for c in cells.values() if c.published is not None})
+        if used:
+            table_notes.append("paper numbers from: " + "; ".join(used))
+        if any(c.published is not None and c.published.note for c in cells.values()):
+            table_notes.append("† after a paper number: a DKD-paper value not cross-checked against a second copy")
     if split_recipes:
         table_notes.append("files holding several recipes give one row per recipe [config hash]: "
                            + "; ".join(split_recipes))
@@ -290,7 +299,8 @@ def format_cell(cell: Cell | None, with_published: bool = False) -> str:
         pub_setting = cell.published.setting
         if pub_setting and cell.ls and tuple(float(v) for v in cell.ls) != tuple(float(v) for v in pub_setting[:2]):
             setting = f" at τ={pub_setting[0]}, w={pub_setting[1]}"
-        text += f" · paper {cell.published.top1:.2f}{setting} ({cell.diff:+.2f})"
+        mark = f" {cell.published.note}" if cell.published.note else ""
+        text += f" · paper {cell.published.top1:.2f}{mark}{setting} ({cell.diff:+.2f})"
     return text
 
 
