@@ -15,42 +15,40 @@ def model_names(cfg) -> tuple[str, str]:
     return str(cfg.DISTILLER.STUDENT), str(cfg.DISTILLER.TEACHER)
 
 
-def feature_maps(feats: dict, key: str, method: str, role: str, name: str) -> list[torch.Tensor]:
+def _refuse(method: str, names: tuple[str, str], role: str, why: str) -> MdistillerError:
+    name = names[0] if role == "student" else names[1]
+    return MdistillerError(f"{method} cannot distil student {names[0]} from teacher {names[1]}: {role} {name} {why}; "
+                           f"pick another {role}")
+
+
+def feature_maps(feats: dict, key: str, method: str, role: str, names: tuple[str, str]) -> list[torch.Tensor]:
     """`feats[key]` ("feats" or "preact_feats", stem first), or a one-line error when the model has none."""
     maps = feats.get(key)
     if maps is None:
-        raise MdistillerError(
-            f"{method} needs the {role}'s pre-activation features ({key}) and {role} {name} has none "
-            f"(its stages end without a ReLU); pick another {role}"
-        )
+        raise _refuse(method, names, role, f"has no pre-activation features ({key} is None: its stages end "
+                                           f"without a ReLU)")
     if not maps:
-        raise MdistillerError(
-            f"{method} needs the {role}'s feature maps and {role} {name} has none (a transformer gives tokens): "
-            f"pick a CNN {role}"
-        )
+        raise _refuse(method, names, role, "has no feature maps (a transformer gives tokens)")
     return list(maps)
 
 
-def stage_channels(model: nn.Module, method: str, role: str, name: str) -> list[int]:
+def stage_channels(model: nn.Module, method: str, role: str, names: tuple[str, str]) -> list[int]:
     """`model.get_stage_channels()` (the stage outputs, stem excluded), or a one-line error."""
     getter = getattr(model, "get_stage_channels", None)
     if getter is None:
-        raise MdistillerError(f"{method} needs the {role}'s stage channels and {role} {name} does not list them "
-                              f"(no get_stage_channels); pick another {role}")
+        raise _refuse(method, names, role, "does not list its stage channels (no get_stage_channels)")
     return [int(c) for c in getter()]
 
 
-def bn_before_relu(model: nn.Module, method: str, name: str) -> list[nn.BatchNorm2d]:
+def bn_before_relu(model: nn.Module, method: str, names: tuple[str, str]) -> list[nn.BatchNorm2d]:
     """The teacher's BN before each stage's last ReLU (`get_bn_before_relu()`), or a one-line error."""
     try:
         bns = model.get_bn_before_relu()
     except (AttributeError, NotImplementedError):
         bns = None
     if not bns:
-        raise MdistillerError(
-            f"{method} cannot distil from teacher {name}: it has no single BN before its stage ReLUs "
-            f"(get_bn_before_relu), which the margins are computed from; pick another teacher"
-        )
+        raise _refuse(method, names, "teacher", "has no single BN before its stage ReLUs (get_bn_before_relu), "
+                                                "which the margins are computed from")
     return list(bns)
 
 

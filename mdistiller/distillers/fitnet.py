@@ -81,11 +81,11 @@ class FitNet(Distiller):
         self.ce_weight = fitnet.LOSS.CE_WEIGHT
         self.feat_weight = fitnet.LOSS.FEAT_WEIGHT
         self.hint_layer = fitnet.HINT_LAYER
-        s_name, t_name = model_names(cfg)
+        names = s_name, t_name = model_names(cfg)
         size = probe_input_size(cfg, fitnet.INPUT_SIZE, "FITNET.INPUT_SIZE")
         feats_s, feats_t = probe_features((student, teacher), size, upstream=fitnet.UPSTREAM_PROBE)
-        maps_s = feature_maps(feats_s, "feats", "FITNET", "student", s_name)
-        maps_t = feature_maps(feats_t, "feats", "FITNET", "teacher", t_name)
+        maps_s = feature_maps(feats_s, "feats", "FITNET", "student", names)
+        maps_t = feature_maps(feats_t, "feats", "FITNET", "teacher", names)
         for role, name, maps in (("student", s_name, maps_s), ("teacher", t_name, maps_t)):
             if not -len(maps) <= self.hint_layer < len(maps):
                 raise MdistillerError(f"FITNET.HINT_LAYER {self.hint_layer} is out of range: {role} {name} has "

@@ -115,20 +115,20 @@ class OFD(Distiller):
         if kernel < 1 or kernel % 2 == 0:
             raise MdistillerError(f"OFD.CONNECTOR.KERNEL_SIZE must be an odd positive size (the map keeps its size), "
                                   f"got {kernel}")
-        s_name, t_name = model_names(cfg)
+        names = s_name, t_name = model_names(cfg)
         # a clean dry forward: which models can serve (pre-activations present, as many as the stages listed)
         feats_s, feats_t = probe_features((student, teacher), probe_input_size(cfg, CIFAR_INPUT_SIZE))
         self.s_first, self.t_first = ofd_first_stage(student), ofd_first_stage(teacher)
         stages = []
         for role, name, model, feats, first in (("student", s_name, student, feats_s, self.s_first),
                                                 ("teacher", t_name, teacher, feats_t, self.t_first)):
-            maps = feature_maps(feats, "preact_feats", "OFD", role, name)[1:]
-            channels = stage_channels(model, "OFD", role, name)
+            maps = feature_maps(feats, "preact_feats", "OFD", role, names)[1:]
+            channels = stage_channels(model, "OFD", role, names)
             if [f.shape[1] for f in maps] != channels:
                 raise MdistillerError(f"OFD: {role} {name} lists stage channels {channels} but its preact_feats[1:] "
                                       f"have {[f.shape[1] for f in maps]}")
             stages.append(channels[first:])
-        bns = bn_before_relu(teacher, "OFD", t_name)[self.t_first:]
+        bns = bn_before_relu(teacher, "OFD", names)[self.t_first:]
         self.num_stages = n = min(len(stages[0]), len(stages[1]))
         s_channels, t_channels = stages[0][-n:], stages[1][-n:]
         if n == 0 or len(bns) < n or [bn.num_features for bn in bns[-n:]] != t_channels:

@@ -85,9 +85,9 @@ def hcl_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor
     return total
 
 
-def _levels(feats: dict, key: str, role: str, name: str) -> list[tuple[int, int]]:
+def _levels(feats: dict, key: str, role: str, names: tuple[str, str]) -> list[tuple[int, int]]:
     """(channels, height) of each stage output (stem left out)."""
-    maps = feature_maps(feats, key, "REVIEWKD", role, name)[1:]
+    maps = feature_maps(feats, key, "REVIEWKD", role, names)[1:]
     return [(int(f.shape[1]), int(f.shape[2])) for f in maps]
 
 
@@ -96,8 +96,8 @@ def reviewkd_lists(student: nn.Module, teacher: nn.Module, input_size, stu_preac
     """REVIEWKD.{SHAPES, OUT_SHAPES, IN_CHANNELS, OUT_CHANNELS} for a pair, from a clean probe at input_size."""
     feats_s, feats_t = probe_features((student, teacher), input_size)
     key = "preact_feats" if stu_preact else "feats"
-    s_levels = _levels(feats_s, key, "student", names[0])
-    t_levels = _levels(feats_t, "preact_feats", "teacher", names[1])
+    s_levels = _levels(feats_s, key, "student", names)
+    t_levels = _levels(feats_t, "preact_feats", "teacher", names)
     n = min(len(s_levels), len(t_levels))
     s_levels, t_levels = s_levels[len(s_levels) - n:], t_levels[len(t_levels) - n:]
     return {

@@ -80,11 +80,11 @@ class VID(Distiller):
         self.feat_weight = vid.LOSS.FEAT_WEIGHT
         self.eps = vid.EPS
         self.learn_variance = bool(vid.LEARN_VARIANCE)
-        s_name, t_name = model_names(cfg)
+        names = s_name, t_name = model_names(cfg)
         size = probe_input_size(cfg, vid.INPUT_SIZE, "VID.INPUT_SIZE")
         feats_s, feats_t = probe_features((student, teacher), size, upstream=vid.UPSTREAM_PROBE)
-        s_channels = [f.shape[1] for f in feature_maps(feats_s, "feats", "VID", "student", s_name)[1:]]
-        t_channels = [f.shape[1] for f in feature_maps(feats_t, "feats", "VID", "teacher", t_name)[1:]]
+        s_channels = [f.shape[1] for f in feature_maps(feats_s, "feats", "VID", "student", names)[1:]]
+        t_channels = [f.shape[1] for f in feature_maps(feats_t, "feats", "VID", "teacher", names)[1:]]
         if len(s_channels) > len(t_channels):
             raise MdistillerError(
                 f"VID pairs each of student {s_name}'s {len(s_channels)} stages with a teacher stage, but teacher "
