@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ..models.imagenet.mobilenetv1 import MobileNetV1
-from ._base import CIFAR_INPUT_SIZE, probe_input_size
+from .probe import CIFAR_INPUT_SIZE, map_shapes, probe_features, probe_input_size
 
 
 def maps_skipped(model: nn.Module) -> int:
@@ -41,19 +41,10 @@ def pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor,
     return f_s, f_t
 
 
-@torch.no_grad()
-def map_shapes(model: nn.Module, input_size: Sequence[int]) -> list[tuple[int, ...]]:
-    """Shapes of `feats["feats"]` for one zero image, in eval mode (mode restored): no BN statistic moves and no
-    random number is drawn, so building a distiller leaves the models and the RNG as they were."""
-    mode = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        _, feats = model(torch.zeros(1, 3, *input_size, device=device))
-    finally:
-        model.train(mode)
-    return [tuple(f.shape) for f in feats.get("feats") or []]
+def model_map_shapes(model: nn.Module, input_size: Sequence[int]) -> list[tuple[int, ...]]:
+    """Shapes of `feats["feats"]` from the clean probe (eval mode, zero image): building a distiller leaves the
+    models and the RNG as they were."""
+    return map_shapes(probe_features([model], input_size)[0])
 
 
 def paired_map_shapes(student: nn.Module, teacher: nn.Module, cfg, method: str, minimum: int = 1
@@ -63,7 +54,7 @@ def paired_map_shapes(student: nn.Module, teacher: nn.Module, cfg, method: str, 
     size = probe_input_size(cfg, CIFAR_INPUT_SIZE, "the feature-map probe")
     shapes = []
     for role, model, name in (("student", student, cfg.DISTILLER.STUDENT), ("teacher", teacher, cfg.DISTILLER.TEACHER)):
-        all_maps = map_shapes(model, size)
+        all_maps = model_map_shapes(model, size)
         maps = all_maps[maps_skipped(model):]
         if len(maps) < minimum or any(len(s) != 4 for s in maps):
             raise MdistillerError(
@@ -80,7 +71,7 @@ def last_map_shapes(student: nn.Module, teacher: nn.Module, cfg, method: str) ->
     size = probe_input_size(cfg, CIFAR_INPUT_SIZE, "the feature-map probe")
     shapes = []
     for role, model, name in (("student", student, cfg.DISTILLER.STUDENT), ("teacher", teacher, cfg.DISTILLER.TEACHER)):
-        maps = map_shapes(model, size)
+        maps = model_map_shapes(model, size)
         if not maps:
             raise MdistillerError(
                 f"{method} needs the last feature map of the {role}, and {role} {name} has no feature maps; use a "
