@@ -250,9 +250,10 @@ def ddp_run(tmp_path_factory, cifar100_tiny_root):
 def test_torchrun_run_writes_every_file_once_from_rank_0(ddp_run):
     tmp, result = ddp_run
     run_dir = _run_dir(tmp)
-    assert sorted(os.listdir(run_dir)) == ["best", "config.yaml", "epoch_1", "epoch_2", "latest", "student_1",
-                                           "student_2", "student_best", "student_latest", "train.events",
+    assert sorted(os.listdir(run_dir)) == ["best", "config.yaml", "epoch_1", "epoch_2", "latest", "log.txt",
+                                           "student_1", "student_2", "student_best", "student_latest", "train.events",
                                            "worklog.txt"]
+    assert (run_dir / "log.txt").read_text().count("epoch 2/2") == 1  # rank 0 alone writes the run log
     assert len(os.listdir(run_dir / "train.events")) == 1  # one tensorboard writer
     worklog = (run_dir / "worklog.txt").read_text()
     assert re.findall(r"^epoch: (\d+)$", worklog, re.M) == ["1", "2"]
@@ -308,7 +309,7 @@ original = Trainer.forward_step
 def forward_step(self, batch, epoch):
     global calls
     calls += 1
-    if calls == 6 and self.rank == 1:  # epoch 2, step 2: only rank 1 is signalled
+    if calls == 6 and int(os.environ["RANK"]) == 1:  # epoch 2, step 2: only rank 1 is signalled
         os.kill(os.getpid(), signal.SIGTERM)
     return original(self, batch, epoch)
 

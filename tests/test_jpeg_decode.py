@@ -189,8 +189,8 @@ def test_skip_bad_images_drops_undecodable_and_replaces_unopenable_files(root, d
     # the worker replaces the unopenable file by the next one; the main process drops the undecodable one
     assert sum(len(b["target"]) for b in batches) == num_train - 1
     assert train_loader.skipped_images == 2 and set(train_loader.skipped_files) == {truncated, garbage}
-    out = capsys.readouterr().out
-    assert f"dropped unreadable image {truncated}" in out and "skipped 1 unreadable image(s)" in out
+    err = capsys.readouterr().err  # fallbacks: warnings
+    assert f"dropped unreadable image {truncated}" in err and "skipped 1 unreadable image(s)" in err
 
 
 def test_unopenable_file_error_matches_the_pil_path(root, decode_on_cpu):

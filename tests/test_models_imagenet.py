@@ -163,7 +163,8 @@ def test_imagenet_config_loads_and_builds_its_models_on_meta(path):
     assert cfg.SOLVER.EPOCHS == (300 if path.parent.name == "deit" else 100)
     if path.parent.name != "deit":
         assert cfg.SOLVER.LR_DECAY_STAGES == [30, 60, 90] and cfg.SOLVER.WEIGHT_DECAY == 1e-4
-        assert (cfg.SOLVER.BATCH_SIZE, cfg.SOLVER.LR) in ((256, 0.1), (512, 0.1), (512, 0.2))
+        # (128, 0.05): upstream's OFD file
+        assert (cfg.SOLVER.BATCH_SIZE, cfg.SOLVER.LR) in ((256, 0.1), (512, 0.1), (512, 0.2), (128, 0.05))
     for name in names:
         with torch.device("meta"):
             model = build_model(name, 1000, "imagenet", cfg.DATASET.IMAGE_SIZE)
@@ -171,9 +172,11 @@ def test_imagenet_config_loads_and_builds_its_models_on_meta(path):
 
 
 def test_every_method_has_both_imagenet_pairs():
-    methods = {"kd", "dkd", "mlkd", "ctkd", "wkd_l", "wkd_f", "wkd_lf", "vkd"}
+    methods = {"kd", "dkd", "mlkd", "ctkd", "wkd_l", "wkd_f", "wkd_lf", "vkd", "reviewkd"}
+    only_r50_mv1 = {"ofd"}  # as upstream, which ships no R34 -> R18 OFD file
     for pair in ("r34_r18", "r50_mv1"):
-        assert {p.stem for p in (REPO / "configs" / "imagenet" / pair).glob("*.yaml")} == methods
+        expected = methods | (only_r50_mv1 if pair == "r50_mv1" else set())
+        assert {p.stem for p in (REPO / "configs" / "imagenet" / pair).glob("*.yaml")} == expected
 
 
 @pytest.mark.parametrize("pair,beta", [("r34_r18", 0.5), ("r50_mv1", 2.0)])
@@ -226,7 +229,9 @@ def test_imagenet_config_trains_a_cpu_smoke_step(tmp_path, path):
     from mdistiller.engine.trainer import Trainer
 
     cfg = load_cfg(str(path), ["DATASET.IMAGE_SIZE", "64", "DATASET.NUM_CLASSES", "10", "WKD.COST_MATRIX", "fc",
-                               "WKD.INPUT_SIZE", "(64, 64)", "VKD.INPUT_SIZE", "(64, 64)"])
+                               "WKD.INPUT_SIZE", "(64, 64)", "VKD.INPUT_SIZE", "(64, 64)",
+                               # ReviewKD's map sizes at 64 px (its files carry those at 224)
+                               "REVIEWKD.SHAPES", "[1,2,4,8,16]", "REVIEWKD.OUT_SHAPES", "[1,2,4,8,16]"])
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     torch.manual_seed(0)
     student = build_model(cfg.DISTILLER.STUDENT, 10, "imagenet", 64)

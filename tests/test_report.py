@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mdistiller.analysis.report import parse_log_name, read_worklog, report, to_csv, to_markdown
+from mdistiller.analysis.report import parse_log_name, report, to_csv, to_markdown
+from mdistiller.engine.worklog import read as read_worklog
 from mdistiller.errors import MdistillerError
 
 from conftest import REPO, run_overrides, run_tool
@@ -160,3 +161,19 @@ def test_seeds_sweep_runs_each_seed_and_the_report_aggregates_them(tmp_path, cif
     with pytest.raises(MdistillerError, match="comma-separated integers"):
         train_tool.main(["--seeds", "0,x", *args])
     assert to_csv(report(str(tmp_path / "logs"))).count("\n") == 2
+
+
+def test_results_of_runs_keeps_exactly_the_given_runs_one_line_each(logs):
+    from mdistiller.analysis.report import RunRef, results_of_runs
+
+    kd = str(logs / "KD,resnet32x4,resnet8x4.txt")
+    with open(kd, "a") as f:  # seed 1 of that recipe trained again in its own folder: the later line wins
+        f.write(_line(74.5, 74, 1, "aaaa", run="KD,resnet32x4,resnet8x4.txt-1"))
+    runs = [RunRef(kd, "aaaa", 1, "/runs/KD,resnet32x4,resnet8x4.txt-1"),
+            RunRef(kd, "aaaa", 2, "/elsewhere"),  # same recipe and seed from another folder: still its result
+            RunRef(kd, "aaaa", 9, "/runs/x"),  # no such seed
+            RunRef(str(logs / "NONE,none,resnet8.txt"), "ffff", 0, "/runs/NONE,none,resnet8.txt-0")]
+    results, missing = results_of_runs([*runs, runs[0]])
+    assert [line.best_top1 for line in results[parse_log_name("KD,resnet32x4,resnet8x4.txt")]] == [74.5, 75.0]
+    assert [line.best_top1 for line in results[parse_log_name("NONE,none,resnet8.txt")]] == [60.0]
+    assert missing == [runs[2]] and len(results) == 2

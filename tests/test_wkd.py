@@ -395,6 +395,6 @@ def test_authors_imagenet_wkd_f_config_builds_at_the_data_sets_image_size():
     assert all(torch.isfinite(v) for v in losses.values()) and "loss_wkd_feat" in losses
     # a set INPUT_SIZE other than the training size would read shapes the run never sees: refused, naming both
     cfg = load_cfg(str(path), ["DATASET.IMAGE_SIZE", "64", "WKD.INPUT_SIZE", "(224, 224)"])
-    with pytest.raises(MdistillerError, match=r"WKD.INPUT_SIZE \(224, 224\) differs from DATASET.IMAGE_SIZE 64: .*"
+    with pytest.raises(MdistillerError, match=r"WKD.INPUT_SIZE \(224, 224\) differs from the training size 64: .*"
                                               r"set WKD.INPUT_SIZE \(64, 64\)"):
         get_distiller_class("WKD")(student, teacher, cfg)

@@ -1,8 +1,16 @@
-"""Published CIFAR-100 top-1 numbers, for `tools/report.py --published`.
+"""Published top-1 numbers, for `tools/report.py --published`, keyed by (method, teacher, student).
 
-Sources: the logit-standardisation paper's (Sun et al., CVPR 2024) seed table, which also lists KD, CTKD, DKD and MLKD
-without LS, and the published `cifar_teachers.tar` teachers. Best-epoch top-1, mean of 4-5 runs. `setting` is the
-authors' logged (--base-temp τ, --kd-weight w[, DKD β]) for the LS columns, None where they logged none.
+Sources:
+- the logit-standardisation paper's (Sun et al., CVPR 2024) CIFAR-100 seed table, which also lists KD, CTKD, DKD and
+  MLKD without LS, and the published `cifar_teachers.tar` teachers. Best-epoch top-1, mean of 4-5 runs. `setting`
+  is the authors' logged (--base-temp τ, --kd-weight w[, DKD β]) for the LS columns, None where they logged none;
+- the classic methods on CIFAR-100 (upstream mdistiller's README publishes none): FitNet, AT, SP, VID, RKD, PKT,
+  NST, CRD and KD from the CRD paper (Tian et al., ICLR 2020; its code base's README table), OFD and ReviewKD from
+  the DKD paper (Zhao et al., CVPR 2022, Tables 6-7). Methods are named by DISTILLER.TYPE (FITNET, REVIEWKD). KD
+  numbers of pairs the LS table also has are the LS table's (the two agree on every shared pair). KDSVD has none;
+- KD+DOT (Zhao et al., ICCV 2023; upstream's README): CIFAR-100, ImageNet and Tiny-ImageNet, with Tiny-ImageNet's KD.
+  Result logs of DOT runs are named `KD+DOT,<teacher>,<student>.txt` (DISTILLER.TYPE + "+DOT" under SOLVER.TRAINER
+  dot / crd_dot). The log names carry no data set: the ImageNet and Tiny-ImageNet pairs are ones no CIFAR table has.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ class Published(NamedTuple):
     top1: float
     setting: tuple | None = None
     source: str = "Sun et al., CVPR 2024 (logit standardisation), CIFAR-100"
+    note: str = ""  # a caveat shown beside the number (e.g. "†": not cross-checked against a second copy)
 
 
 TEACHERS: dict[str, float] = {  # cifar_teachers.tar
@@ -62,12 +71,86 @@ def _parse_table() -> dict[tuple[str, str, str], Published]:
     return table
 
 
-PAIRS: list[tuple[str, str]] = [tuple(row.split("|")[0].split()) for row in _LS_TABLE.strip().splitlines()]
-CIFAR100: dict[tuple[str, str, str], Published] = _parse_table()
+CRD_SOURCE = "Tian et al., ICLR 2020 (CRD), CIFAR-100"
+DKD_SOURCE = "Zhao et al., CVPR 2022 (DKD) Tables 6-7, CIFAR-100"
+NOT_CROSS_CHECKED = "†"
+_CLASSIC_COLUMNS = ("FITNET", "AT", "SP", "VID", "RKD", "PKT", "NST", "CRD", "OFD", "REVIEWKD", "KD")
+_CLASSIC_SOURCES = {"OFD": DKD_SOURCE, "REVIEWKD": DKD_SOURCE}  # every other column: CRD_SOURCE
+# teacher student | FitNet | AT | SP | VID | RKD | PKT | NST | CRD | OFD | ReviewKD | KD  ("-": not published;
+# "†": a DKD-paper value not cross-checked against a second copy of the table)
+_CLASSIC_TABLE = """
+wrn_40_2 wrn_16_2      | 73.58 | 74.08 | 73.83 | 74.11 | 73.35 | 74.54 | 73.68 | 75.48 | 75.24 † | 76.12 † | 74.92
+wrn_40_2 wrn_40_1      | 72.24 | 72.77 | 72.43 | 73.30 | 72.22 | 73.45 | 72.24 | 74.14 | 74.33   | 75.09   | 73.54
+resnet56 resnet20      | 69.21 | 70.55 | 69.67 | 70.38 | 69.61 | 70.34 | 69.60 | 71.16 | 70.98   | 71.89   | 70.66
+resnet110 resnet20     | 68.99 | 70.22 | 70.04 | 70.16 | 69.25 | 70.25 | 69.53 | 71.46 | -       | -       | 70.67
+resnet110 resnet32     | 71.06 | 72.31 | 72.69 | 72.61 | 71.82 | 72.61 | 71.96 | 73.48 | 73.23 † | 73.89 † | 73.08
+resnet32x4 resnet8x4   | 73.50 | 73.44 | 72.94 | 73.09 | 71.90 | 73.64 | 73.30 | 75.51 | 74.95   | 75.63   | 73.33
+vgg13 vgg8             | 71.02 | 71.43 | 72.68 | 71.23 | 71.48 | 72.88 | 71.53 | 73.94 | 73.95 † | 74.84 † | 72.98
+vgg13 MobileNetV2      | 64.14 | 59.40 | 66.30 | 65.56 | 64.52 | 67.13 | 58.16 | 69.73 | 69.48 † | 70.37 † | 67.37
+ResNet50 MobileNetV2   | 63.16 | 58.58 | 68.08 | 67.57 | 64.43 | 66.52 | 64.96 | 69.11 | 69.04   | 69.89   | 67.35
+ResNet50 vgg8          | 70.69 | 71.84 | 73.34 | 70.30 | 71.50 | 73.01 | 71.28 | 74.30 | -       | -       | 73.81
+resnet32x4 ShuffleV1   | 73.59 | 71.73 | 73.48 | 73.38 | 72.28 | 74.10 | 74.12 | 75.11 | 75.98   | 77.45   | 74.07
+resnet32x4 ShuffleV2   | 73.54 | 72.73 | 74.56 | 73.40 | 73.21 | 74.69 | 74.68 | 75.65 | 76.82   | 77.78   | 74.45
+wrn_40_2 ShuffleV1     | 73.73 | 73.32 | 74.52 | 73.61 | 72.21 | 73.89 | 74.89 | 76.05 | 75.85 † | 77.14 † | 74.83
+"""
+
+DOT_SOURCE = "Zhao et al., ICCV 2023 (DOT), upstream mdistiller README"
+# (method, teacher, student): (top-1, data set)
+_DOT_NUMBERS = {
+    ("KD+DOT", "resnet32x4", "resnet8x4"): (75.12, "CIFAR-100"),
+    ("KD+DOT", "vgg13", "vgg8"): (73.77, "CIFAR-100"),
+    ("KD+DOT", "resnet32x4", "ShuffleV2"): (75.55, "CIFAR-100"),
+    ("KD+DOT", "ResNet34", "ResNet18"): (71.72, "ImageNet"),
+    ("KD+DOT", "ResNet50", "MobileNetV1"): (73.09, "ImageNet"),
+    ("KD+DOT", "ResNet18", "MobileNetV2"): (64.01, "Tiny-ImageNet"),
+    ("KD+DOT", "ResNet18", "ShuffleV2"): (65.75, "Tiny-ImageNet"),
+    ("KD", "ResNet18", "MobileNetV2"): (58.35, "Tiny-ImageNet"),
+    ("KD", "ResNet18", "ShuffleV2"): (62.26, "Tiny-ImageNet"),
+}
+
+
+def _parse_classic_table() -> dict[tuple[str, str, str], Published]:
+    table = {}
+    for row in _CLASSIC_TABLE.strip().splitlines():
+        pair, *cells = row.split("|")
+        teacher, student = pair.split()
+        if len(cells) != len(_CLASSIC_COLUMNS):
+            raise ValueError(f"classic table row {pair.strip()!r} has {len(cells)} cells")
+        for method, cell in zip(_CLASSIC_COLUMNS, cells):
+            value, _, mark = cell.strip().partition(" ")
+            if value == "-":
+                continue
+            table[(method, teacher, student)] = Published(
+                float(value), None, _CLASSIC_SOURCES.get(method, CRD_SOURCE), mark.strip())
+    return table
+
+
+def _all_numbers() -> dict[tuple[str, str, str], Published]:
+    numbers = _parse_classic_table()
+    numbers.update(_parse_table())  # KD of the pairs both tables hold: the LS table's (the same values)
+    for key, (top1, dataset) in _DOT_NUMBERS.items():
+        numbers[key] = Published(top1, None, f"{DOT_SOURCE}, {dataset}")
+    return numbers
+
+
+def _pairs_in_order() -> list[tuple[str, str]]:
+    pairs = [tuple(row.split("|")[0].split()) for row in _LS_TABLE.strip().splitlines()]
+    classic = [tuple(row.split("|")[0].split()) for row in _CLASSIC_TABLE.strip().splitlines()]
+    dot = [(teacher, student) for _, teacher, student in _DOT_NUMBERS]
+    for pair in classic + dot:
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+PAIRS: list[tuple[str, str]] = _pairs_in_order()
+CIFAR100: dict[tuple[str, str, str], Published] = _parse_table()  # the LS table alone
+PUBLISHED: dict[tuple[str, str, str], Published] = _all_numbers()
 
 
 def published_top1(method: str, teacher: str, student: str) -> Published | None:
-    """The published number for a table row (`KD`, `KD+LS`, `DKD`, ..., or `teacher`) and a pair, if there is one."""
+    """The published number for a table row (`KD`, `KD+LS`, `DKD`, `AT`, `KD+DOT`, ..., or `teacher`) and a pair,
+    if there is one."""
     if method == "teacher":
         return Published(TEACHERS[teacher], None, "cifar_teachers.tar") if teacher in TEACHERS else None
-    return CIFAR100.get((method, teacher, student))
+    return PUBLISHED.get((method, teacher, student))

@@ -1,11 +1,12 @@
-"""Result logs -> paper-style tables (mean ± std over seeds), and the worklog reader the plots use.
+"""Result logs -> paper-style tables (mean ± std over seeds), with the published numbers beside them.
 
 The logs folder holds one file per method and pair, `<TYPE>,<TEACHER>,<STUDENT>[,<τ>,<w>].txt` (`LS` instead of
-`<τ>,<w>` when the YAML switched logit standardisation on), one tab-separated `key=value` line per finished run (see
-logs/README.md). Rows are methods (`KD`, `KD+LS (τ=2, w=9)`, ...), columns teacher → student pairs; vanilla runs
-(`NONE,none,<model>`) fill the `teacher (vanilla)` and `student (vanilla)` rows of the pairs that use the model, or
-a column of their own when no pair does. A file holding runs of several recipes (config hashes) gives one row per
-recipe, labelled with its hash: runs of different recipes are never averaged together.
+`<τ>,<w>` when the YAML switched logit standardisation on; `<TYPE>+DOT` for a SOLVER.TRAINER dot / crd_dot run),
+one tab-separated `key=value` line per finished run (see logs/README.md). Rows are methods (`KD`,
+`KD+LS (τ=2, w=9)`, ...), columns teacher → student pairs; vanilla runs (`NONE,none,<model>`) fill the
+`teacher (vanilla)` and `student (vanilla)` rows of the pairs that use the model, or a column of their own when no
+pair does. A file holding runs of several recipes (config hashes) gives one row per recipe, labelled with its hash:
+runs of different recipes are never averaged together.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import csv
 import io
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..errors import MdistillerError
 from .published import PAIRS, Published, published_top1
 
-# Methods in the order of the papers' tables; others follow alphabetically.
-METHOD_ORDER = ("teacher", "student", "KD", "CTKD", "DKD", "MLKD")
+# Methods in the order of the papers' tables; others follow alphabetically. A DOT run (SOLVER.TRAINER dot / crd_dot)
+# is logged as `<TYPE>+DOT`, e.g. `KD+DOT,resnet32x4,resnet8x4.txt`, and gets its own row after its method's.
+METHOD_ORDER = ("teacher", "student", "KD", "KD+DOT", "CTKD", "DKD", "MLKD", "FITNET", "AT", "SP", "VID", "RKD",
+                "PKT", "NST", "CRD", "CRD+DOT", "OFD", "REVIEWKD", "KDSVD")
 METRICS = {"best": "best_top1", "last": "last_top1"}
 
 
@@ -82,33 +84,75 @@ def parse_result_line(line: str) -> ResultLine | None:
         return None
 
 
+def read_result_file(path: str, notes: list[str] | None = None) -> list[ResultLine]:
+    """The result lines of one file (none when it does not exist); lines that are not results go to notes."""
+    lines: list[ResultLine] = []
+    if not os.path.isfile(path):
+        return lines
+    with open(path) as f:
+        for number, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            parsed = parse_result_line(text)
+            if parsed is not None:
+                lines.append(parsed)
+            elif notes is not None:
+                notes.append(f"skipped {os.path.basename(path)} line {number}: not a result line")
+    return lines
+
+
 def read_results(logs_dir: str) -> tuple[dict[LogKey, list[ResultLine]], list[str]]:
     """Every result file of a logs folder: {key: lines} and notes on what was skipped."""
     if not os.path.isdir(logs_dir):
         raise MdistillerError(f"logs folder not found: {logs_dir}")
     results: dict[LogKey, list[ResultLine]] = {}
-    notes = []
+    notes: list[str] = []
     for name in sorted(os.listdir(logs_dir)):
         key = parse_log_name(name)
         if key is None:
             if name.endswith(".txt"):
                 notes.append(f"skipped {name}: not named <TYPE>,<TEACHER>,<STUDENT>[,<τ>,<w>].txt")
             continue
-        lines = []
-        with open(os.path.join(logs_dir, name)) as f:
-            for number, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                parsed = parse_result_line(text)
-                if parsed is None:
-                    notes.append(f"skipped {name} line {number}: not a result line")
-                else:
-                    lines.append(parsed)
+        lines = read_result_file(os.path.join(logs_dir, name), notes)
         if lines:
             results[key] = lines
     if not results:
         raise MdistillerError(f"no result files (<TYPE>,<TEACHER>,<STUDENT>.txt) with results in {logs_dir}")
     return results, notes
+
+
+class RunRef(NamedTuple):
+    """Where one run's result line goes and what identifies it: its result file, recipe hash, seed and folder."""
+
+    result_file: str
+    config_hash: str
+    seed: int
+    run_dir: str
+
+
+def find_result(lines: list[ResultLine], run: RunRef) -> ResultLine | None:
+    """The result line of `run` among lines: same recipe hash and seed; a line written from the run's own folder
+    wins over one of another folder, and a later line over an earlier one (a run trained again)."""
+    same = [ln for ln in lines if ln.config_hash == run.config_hash and ln.seed == run.seed]
+    own = [ln for ln in same if os.path.abspath(ln.run_dir) == os.path.abspath(run.run_dir)]
+    return (own or same or [None])[-1]
+
+
+def results_of_runs(runs: list[RunRef]) -> tuple[dict[LogKey, list[ResultLine]], list[RunRef]]:
+    """Exactly the result lines of the given runs, one per run, keyed like read_results; and the runs without one."""
+    cache: dict[str, list[ResultLine]] = {}
+    results: dict[LogKey, list[ResultLine]] = {}
+    missing = []
+    for run in runs:
+        if run.result_file not in cache:
+            cache[run.result_file] = read_result_file(run.result_file)
+        line = find_result(cache[run.result_file], run)
+        key = parse_log_name(os.path.basename(run.result_file))
+        if line is None or key is None:
+            missing.append(run)
+        elif line not in results.setdefault(key, []):  # two refs to one run count once
+            results[key].append(line)
+    return results, missing
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -228,6 +272,12 @@ def build_table(results: dict[LogKey, list[ResultLine]], metric: str = "best", p
     rows = sorted(row_keys, key=lambda r: row_keys[r])
     columns = sorted({c for _, c in cells}, key=_column_sort_key)
     table_notes = list(notes or [])
+    if published:
+        used = sorted({c.published.source for c in cells.values() if c.published is not None})
+        if used:
+            table_notes.append("paper numbers from: " + "; ".join(used))
+        if any(c.published is not None and c.published.note for c in cells.values()):
+            table_notes.append("† after a paper number: a DKD-paper value not cross-checked against a second copy")
     if split_recipes:
         table_notes.append("files holding several recipes give one row per recipe [config hash]: "
                            + "; ".join(split_recipes))
@@ -249,7 +299,8 @@ def format_cell(cell: Cell | None, with_published: bool = False) -> str:
         pub_setting = cell.published.setting
         if pub_setting and cell.ls and tuple(float(v) for v in cell.ls) != tuple(float(v) for v in pub_setting[:2]):
             setting = f" at τ={pub_setting[0]}, w={pub_setting[1]}"
-        text += f" · paper {cell.published.top1:.2f}{setting} ({cell.diff:+.2f})"
+        mark = f" {cell.published.note}" if cell.published.note else ""
+        text += f" · paper {cell.published.top1:.2f}{mark}{setting} ({cell.diff:+.2f})"
     return text
 
 
@@ -305,34 +356,3 @@ def report(logs_dir: str, metric: str = "best", published: bool = False) -> Tabl
     """Read a logs folder and build its table."""
     results, notes = read_results(logs_dir)
     return build_table(results, metric, published, notes)
-
-
-# ---- worklog.txt, for the plots ----
-
-_BLOCK_LINE = re.compile(r"^([A-Za-z0-9_.\-]+): ([-+\w.]+)$")
-
-
-def read_worklog(path: str) -> list[dict[str, float]]:
-    """The per-epoch blocks of a run's worklog.txt as dicts (`epoch`, `lr`, loss terms, accuracies, ...)."""
-    if not os.path.isfile(path):
-        raise MdistillerError(f"worklog not found: {path}")
-    epochs: list[dict[str, float]] = []
-    block: dict[str, float] | None = None
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("-----"):
-                if block and "epoch" in block:
-                    epochs.append(block)
-                    block = None
-                else:
-                    block = {}
-                continue
-            match = _BLOCK_LINE.match(line)
-            if block is not None and match:
-                try:
-                    block[match.group(1)] = float(match.group(2))
-                except ValueError:
-                    pass
-    by_epoch = {int(b["epoch"]): b for b in epochs}  # a resumed run's repeated epoch: the last one counts
-    return [by_epoch[e] for e in sorted(by_epoch)]

@@ -37,7 +37,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..dataset import get_dataset, shutdown_workers, uses_device_resident_data
 from ..dataset.cifar import CIFAR_FORMATS
@@ -308,9 +310,6 @@ class JpegFolderData:
 
 def write_jpeg_folder(root: str, classes: int, per_class: int, width: int = 500, height: int = 375) -> None:
     """`root/imagenet/{train,val}/<class>/*.JPEG`: smooth gradients plus mild noise, ImageNet-like file sizes."""
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width]
     for split, count in (("train", per_class), ("val", 1)):

@@ -23,6 +23,7 @@ from torchvision import transforms
 from .. import distributed
 from ..errors import MdistillerError
 from .cifar import CIFAR_FORMATS, check_cifar_present, ensure_cifar, read_cifar_split
+from .device_cifar import DeviceCifarLoader
 
 ViewBuilder = Callable[[tuple, tuple], Callable]
 
@@ -197,8 +198,6 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 def _device_resident_loaders(cfg, train_set: ImageArrayDataset, test_set: ImageArrayDataset, device, seed: int,
                              rank: int, world_size: int, record_views: bool = False):
-    from .device_cifar import DeviceCifarLoader
-
     fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
     train = DeviceCifarLoader(train_set.images, train_set.labels.numpy(), cfg.SOLVER.BATCH_SIZE, fmt.mean, fmt.std,
                               device, train=True, seed=seed, rank=rank, world_size=world_size,

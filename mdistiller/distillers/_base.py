@@ -10,6 +10,7 @@ What a method needs from the trainer it declares here instead of the trainer bra
 - `batch_needs(cfg)`: what the training batches must carry besides the views, "target" and "index" (e.g. CRD's
   negative indices), served by the data path (mdistiller.dataset.BATCH_NEEDS);
 - `upstream_trainers`: the names of upstream's trainer classes (SOLVER.TRAINER) that describe how it trains;
+- `teacher_train_mode`: whether the teacher runs in train mode while the distiller trains (see the attribute);
 - `teacher_outputs(cfg)`: what it reads from the teacher on each training view: `LOGITS` alone lets the teacher-output
   cache (DISTILLER.TEACHER_CACHE) serve it; `FEATURES` or `TRAIN_MODE` (a teacher whose BN statistics move) refuse
   the cache. The default declares features, so a method that says nothing is never served stale logits. A method
@@ -42,6 +43,11 @@ class Distiller(nn.Module):
     supports_logit_stand: bool = False
     accepts_soft_targets: bool = False  # whether "target" may be (B, C) soft labels (DATASET.MIXUP)
     upstream_trainers: tuple[str, ...] = ("base",)  # SOLVER.TRAINER names this method trains with
+    # False: the teacher stays in eval mode (frozen BN statistics) and runs under inference_mode. True: in training
+    # the teacher is in train mode (upstream's OFD): its BN layers normalise with batch statistics and their running
+    # stats drift every step, under no_grad; its weights never change (requires_grad False, not in the optimizer).
+    # A class attribute a method sets, or an instance attribute set in its __init__ from a config switch.
+    teacher_train_mode: bool = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
         super().__init__()
@@ -53,9 +59,10 @@ class Distiller(nn.Module):
         self.logit_stand = bool(cfg is not None and cfg.EXPERIMENT.LOGIT_STAND)
 
     def train(self, mode: bool = True) -> Distiller:
-        """Train mode for everything but the teacher, which stays in eval (frozen BN statistics)."""
+        """Train mode for everything but the teacher, which stays in eval (frozen BN statistics) unless
+        `teacher_train_mode` asks for it to train along."""
         super().train(mode)
-        if self.teacher is not None:
+        if self.teacher is not None and not (mode and self.teacher_train_mode):
             self.teacher.eval()
         return self
 
@@ -70,7 +77,8 @@ class Distiller(nn.Module):
         default, logits and features on every view, keeps the teacher-output cache off for undeclared methods."""
         if not cls.requires_teacher:
             return {}
-        return {key: frozenset({LOGITS, FEATURES}) for key in cls.train_views}
+        uses = {LOGITS, FEATURES} | ({TRAIN_MODE} if cls.teacher_train_mode else set())
+        return {key: frozenset(uses) for key in cls.train_views}
 
     def get_learnable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: every parameter outside the teacher."""
@@ -101,8 +109,10 @@ class Distiller(nn.Module):
     def teacher_forward(self, image: torch.Tensor):
         """Teacher (logits, feats) without building a graph: under `inference_mode`, the outputs then cloned into
         ordinary tensors (a loss may save them for its backward, which inference tensors forbid). Inside
-        torch.compile, under `no_grad` (the compiled graph has no autograd bookkeeping to skip)."""
-        if torch.compiler.is_compiling():
+        torch.compile, under `no_grad` (the compiled graph has no autograd bookkeeping to skip). A teacher in train
+        mode (`teacher_train_mode`) also runs under `no_grad`: its BN running statistics are updated in place, and
+        they must stay ordinary tensors."""
+        if torch.compiler.is_compiling() or self.teacher.training:
             with torch.no_grad():
                 return self.teacher(image)
         with torch.inference_mode():
@@ -144,26 +154,6 @@ def _clone_tensors(value):
     if isinstance(value, (tuple, list)):
         return type(value)(_clone_tensors(v) for v in value)
     return value
-
-
-CIFAR_INPUT_SIZE = (32, 32)
-
-
-def probe_input_size(cfg, configured, key: str = "INPUT_SIZE") -> tuple[int, int]:
-    """The input size of a dry forward that reads feature shapes: the method's INPUT_SIZE key when set to something
-    other than its CIFAR default, else the data set's own (DATASET.IMAGE_SIZE on ImageNet). The authors' ImageNet
-    WKD-F configs leave WKD.INPUT_SIZE at its default. On ImageNet a set INPUT_SIZE must equal the training size:
-    the shapes read at another size would not be those the run trains on."""
-    configured = tuple(int(v) for v in configured)
-    if cfg.DATASET.TYPE != "imagenet" or configured == CIFAR_INPUT_SIZE:
-        return configured if cfg.DATASET.TYPE != "imagenet" else (int(cfg.DATASET.IMAGE_SIZE),) * 2
-    training = (int(cfg.DATASET.IMAGE_SIZE),) * 2
-    if configured != training:
-        raise MdistillerError(
-            f"{key} {configured} differs from DATASET.IMAGE_SIZE {training[0]}: the feature shapes must be read at the "
-            f"training size; set {key} {training} (or leave it at its default {CIFAR_INPUT_SIZE} on ImageNet)"
-        )
-    return configured
 
 
 @fp32_loss

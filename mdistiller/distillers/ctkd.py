@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MdistillerError
+from ..models.common import classifier
 from ._base import LOGITS, Distiller, cross_entropy
 from .dkd import dkd_loss
 from .kd import kd_loss
@@ -103,13 +104,6 @@ class InstanceTemperature(nn.Module):
         return temperature_from(raw, self.t_start, self.t_end).reshape(-1)
 
 
-def _num_classes(student: nn.Module) -> int:
-    for module in reversed(list(student.modules())):
-        if isinstance(module, nn.Linear):
-            return module.out_features
-    raise MdistillerError("CTKD.INSTANCE needs the student's class count: no nn.Linear classifier found")
-
-
 @register_distiller("CTKD")
 class CTKD(Distiller):
     """KD (or DKD) at a learned, adversarially scheduled temperature."""
@@ -133,7 +127,7 @@ class CTKD(Distiller):
         self.instance = bool(cfg.CTKD.INSTANCE)
         if self.instance:
             self.temperature_module = InstanceTemperature(
-                _num_classes(student), cfg.CTKD.MLP_HIDDEN, cfg.CTKD.T_START, cfg.CTKD.T_END
+                classifier(student).out_features, cfg.CTKD.MLP_HIDDEN, cfg.CTKD.T_START, cfg.CTKD.T_END
             )
         else:
             self.temperature_module = GlobalTemperature(cfg.CTKD.T_START, cfg.CTKD.T_END, cfg.CTKD.INIT)

@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .precision import fp32_loss
 
@@ -239,8 +240,6 @@ def linear_cka_distance(class_feats: torch.Tensor, progress: bool = False) -> to
     similarity = torch.eye(num_classes, dtype=torch.float32, device=feats.device)
     rows = range(num_classes)
     if progress:
-        from tqdm import tqdm
-
         rows = tqdm(rows, desc="linear CKA", dynamic_ncols=True)
     dim = feats.shape[2]
     block = max(1, (1 << 26) // (dim * dim))  # classes per matmul: about 256 MB of d x d cross-covariances

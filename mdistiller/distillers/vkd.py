@@ -25,9 +25,10 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy, probe_input_size
+from ._base import Distiller, cross_entropy
 from .kd import kd_loss
 from .precision import fp32_loss
+from .probe import probe_features, probe_input_size
 from .registry import register_distiller
 
 FeatureFn = Callable[[dict], torch.Tensor]
@@ -84,24 +85,6 @@ def vkd_feature_loss(projected_student: torch.Tensor, teacher_feat: torch.Tensor
     return F.smooth_l1_loss(projected_student.float(), teacher)
 
 
-@torch.no_grad()
-def feature_dims(student: nn.Module, teacher: nn.Module, student_fn: FeatureFn, teacher_fn: FeatureFn,
-                 input_size) -> tuple[int, int]:
-    """(D_s, D_t) from a dry forward of a (1, 3, *input_size) zero input, both models in eval (modes restored)."""
-    dims = []
-    for model, fn in ((student, student_fn), (teacher, teacher_fn)):
-        mode = model.training
-        model.eval()
-        try:
-            param = next(model.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-            _, feats = model(torch.zeros(1, 3, *input_size, device=device))
-            dims.append(fn(feats).shape[-1])
-        finally:
-            model.train(mode)
-    return dims[0], dims[1]
-
-
 @register_distiller("VKD")
 class VKD(Distiller):
     """Orthogonal-projection feature distillation; see the module docstring."""
@@ -119,9 +102,8 @@ class VKD(Distiller):
         self.student_feature = get_vkd_feature(vkd.STUDENT_FEATURE)
         self.teacher_feature = get_vkd_feature(vkd.TEACHER_FEATURE)
         probe_size = probe_input_size(cfg, vkd.INPUT_SIZE, "VKD.INPUT_SIZE")
-        student_dim, teacher_dim = feature_dims(
-            student, teacher, self.student_feature, self.teacher_feature, probe_size
-        )
+        feats_s, feats_t = probe_features((student, teacher), probe_size)
+        student_dim, teacher_dim = self.student_feature(feats_s).shape[-1], self.teacher_feature(feats_t).shape[-1]
         if vkd.ORTHOGONAL_MAP == "householder" and cfg.SOLVER.WEIGHT_DECAY > 0:
             raise MdistillerError(
                 "VKD.ORTHOGONAL_MAP householder cannot take weight decay (it zeroes the projection after one step): "

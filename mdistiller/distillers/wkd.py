@@ -31,7 +31,8 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ..files import DEFAULT_DATA_ROOT, resolve_project_path
-from ._base import FEATURES, LOGITS, Distiller, cross_entropy, probe_input_size
+from ..models.common import classifier
+from ._base import FEATURES, LOGITS, Distiller, cross_entropy
 from .ot import (
     cosine_decay_weight,
     fc_cost_matrix,
@@ -40,6 +41,7 @@ from .ot import (
     sharpen_cost,
     wkd_logit_loss,
 )
+from .probe import map_shapes, probe_features, probe_input_size
 from .registry import register_distiller
 
 BOTTLENECK_HIDDEN = 256
@@ -47,28 +49,10 @@ BOTTLENECK_HIDDEN = 256
 
 def final_linear(model: nn.Module) -> nn.Linear:
     """The last nn.Linear of a model (its classifier), whatever its attribute name (fc, linear, classifier)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise MdistillerError(f"{type(model).__name__} has no nn.Linear classifier: WKD.COST_MATRIX fc needs one")
-    return linears[-1]
-
-
-@torch.no_grad()
-def feature_shapes(student: nn.Module, teacher: nn.Module, input_size) -> tuple[list, list]:
-    """Shapes of feats["feats"] of student and teacher for a (1, 3, *input_size) zero input (eval mode, restored)."""
-    modes = [(m, m.training) for m in (student, teacher)]
     try:
-        shapes = []
-        for model in (student, teacher):
-            model.eval()
-            param = next(model.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-            _, feats = model(torch.zeros(1, 3, *input_size, device=device))
-            shapes.append([tuple(f.shape) for f in feats["feats"]])
-    finally:
-        for model, mode in modes:
-            model.train(mode)
-    return shapes[0], shapes[1]
+        return classifier(model)
+    except MdistillerError as exc:
+        raise MdistillerError(f"{exc}: WKD.COST_MATRIX fc needs one") from None
 
 
 class Resize(nn.Module):
@@ -215,7 +199,7 @@ class WKD(Distiller):
             self.hint_layer = wkd.HINT_LAYER
             self.spatial_grid = wkd.SPATIAL_GRID
             probe_size = probe_input_size(cfg, wkd.INPUT_SIZE, "WKD.INPUT_SIZE")
-            s_shapes, t_shapes = feature_shapes(student, teacher, probe_size)
+            s_shapes, t_shapes = (map_shapes(f) for f in probe_features((student, teacher), probe_size))
             for name, shapes in (("student", s_shapes), ("teacher", t_shapes)):
                 if not -len(shapes) <= self.hint_layer < len(shapes):
                     raise MdistillerError(

@@ -170,6 +170,9 @@ CFG.RKD.PDIST.SQUARED = False
 CFG.FITNET = CN()
 CFG.FITNET.HINT_LAYER = 2
 CFG.FITNET.INPUT_SIZE = (32, 32)
+# ours: True = upstream's shape probe (a noise image in train mode: both models' BN running stats move 10%, one
+# global RNG draw); False = a zero image in eval mode, no side effect (the code behind the published numbers)
+CFG.FITNET.UPSTREAM_PROBE = False
 CFG.FITNET.LOSS = CN()
 CFG.FITNET.LOSS.CE_WEIGHT = 1.0
 CFG.FITNET.LOSS.FEAT_WEIGHT = 100.0
@@ -186,6 +189,7 @@ CFG.OFD.LOSS.CE_WEIGHT = 1.0
 CFG.OFD.LOSS.FEAT_WEIGHT = 0.001
 CFG.OFD.CONNECTOR = CN()
 CFG.OFD.CONNECTOR.KERNEL_SIZE = 1
+CFG.OFD.TEACHER_EVAL = False  # ours: True keeps the teacher in eval mode (upstream trains it in train mode: BN drift)
 
 CFG.NST = CN()
 CFG.NST.LOSS = CN()
@@ -209,6 +213,8 @@ CFG.VID.LOSS.FEAT_WEIGHT = 1.0
 CFG.VID.EPS = 1e-5
 CFG.VID.INIT_PRED_VAR = 5.0
 CFG.VID.INPUT_SIZE = (32, 32)
+CFG.VID.UPSTREAM_PROBE = False  # ours: as FITNET.UPSTREAM_PROBE
+CFG.VID.LEARN_VARIANCE = False  # ours: True trains (and saves) the log-scales as the paper; upstream: constant 5.0
 
 CFG.CRD = CN()
 CFG.CRD.MODE = "exact"  # "exact" | "relax"
@@ -232,8 +238,9 @@ CFG.REVIEWKD.SHAPES = [1, 8, 16, 32]
 CFG.REVIEWKD.OUT_SHAPES = [1, 8, 16, 32]
 CFG.REVIEWKD.IN_CHANNELS = [64, 128, 256, 256]
 CFG.REVIEWKD.OUT_CHANNELS = [64, 128, 256, 256]
-CFG.REVIEWKD.MAX_MID_CHANNEL = 512
+CFG.REVIEWKD.MAX_MID_CHANNEL = 512  # read but ignored by upstream (mid = min(512, IN_CHANNELS[-1]))
 CFG.REVIEWKD.STU_PREACT = False
+CFG.REVIEWKD.USE_MAX_MID_CHANNEL = False  # ours: True honours MAX_MID_CHANNEL (upstream checkpoints then differ)
 
 # WKD (Lv et al., NeurIPS 2024): the reference keys, so the authors' configs load unchanged.
 CFG.WKD = CN()

@@ -30,8 +30,10 @@ from .validate import validate_run
 log = get_logger(__name__)
 
 # Overrides that change where or how verbosely a run works, not what it computes: kept out of the run name.
+# EXPERIMENT.NAME and TAG already name the run.
 _KEYS_NOT_IN_NAME = ("DATASET.ROOT", "DATASET.NUM_WORKERS", "DATASET.DOWNLOAD", "LOG.", "DISTILLER.TEACHER_CKPT",
-                     "EXPERIMENT.DETERMINISTIC", "DISTRIBUTED.FIND_UNUSED_PARAMETERS", "DISTILLER.TEACHER_CACHE")
+                     "EXPERIMENT.DETERMINISTIC", "DISTRIBUTED.FIND_UNUSED_PARAMETERS", "EXPERIMENT.NAME",
+                     "EXPERIMENT.TAG", "DISTILLER.TEACHER_CACHE")
 
 
 def _fmt(value: float) -> str:
@@ -196,6 +198,15 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
     return {**result, "run_dir": run_dir}
 
 
+def seeded_cfg(cfg, seed: int):
+    """A frozen copy of cfg with EXPERIMENT.SEED set: one run of a `--seeds` sweep."""
+    out = cfg.clone()
+    out.defrost()
+    out.EXPERIMENT.SEED = int(seed)
+    out.freeze()
+    return out
+
+
 def train_sweep(cfg, opts: Sequence[str], seeds: Sequence[int], resume: bool = False) -> list[dict]:
     """`--seeds`: the same recipe under each seed, one after the other, each in its own run folder (`,seed:<n>` in
     its name) and each appending its own result line. With resume, a seed whose folder holds `latest` continues (a
@@ -204,13 +215,7 @@ def train_sweep(cfg, opts: Sequence[str], seeds: Sequence[int], resume: bool = F
         raise MdistillerError("pass the seeds either with --seeds or as EXPERIMENT.SEED, not both")
     if len(set(seeds)) != len(seeds):
         raise MdistillerError(f"--seeds lists a seed twice: {','.join(str(s) for s in seeds)}")
-    cfgs = []
-    for seed in seeds:
-        seeded = cfg.clone()
-        seeded.defrost()
-        seeded.EXPERIMENT.SEED = int(seed)
-        seeded.freeze()
-        cfgs.append(seeded)
+    cfgs = [seeded_cfg(cfg, seed) for seed in seeds]
     started = [os.path.exists(os.path.join(run_dir_of(c, opts, True), "latest")) for c in cfgs]
     if not resume and any(started):
         taken = run_dir_of(cfgs[started.index(True)], opts, True)

@@ -63,7 +63,7 @@ def cache_refusal(cfg, distiller_class) -> str | None:
     outputs = distiller_class.teacher_outputs(cfg)
     served = []
     for key, uses in outputs.items():
-        if TRAIN_MODE in uses:
+        if TRAIN_MODE in uses or getattr(distiller_class, "teacher_train_mode", False):
             return (f"{prefix} {name} runs its teacher in train mode (its BN statistics move, so its outputs are not "
                     f"fixed): set DISTILLER.TEACHER_CACHE ''")
         if FEATURES in uses:

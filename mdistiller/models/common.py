@@ -29,9 +29,18 @@ def num_classes_of_model(model: nn.Module) -> int:
 
 
 class ZooModel(nn.Module):
-    """A zoo model: `forward -> (logits, feats)`; `stage_channels` lists the channels of `feats[1:]`."""
+    """A zoo model: `forward -> (logits, feats)`; `stage_channels` lists the channels of `feats[1:]`.
+
+    What the feature distillers read, besides `feats`: `get_stage_channels()` (channels of `feats[1:]`, the stem
+    left out: unlike upstream's CIFAR models, whose lists start with the stem, nothing should slice it off again),
+    `get_bn_before_relu()` where the model has one BN before each stage's last ReLU, and `ofd_first_stage`.
+    """
 
     stage_channels: list[int]
+    # OFD distils the stages from this index on. 0 everywhere but on the ImageNet ResNets and MobileNetV1, whose
+    # upstream `get_stage_channels()` lists no stem, so that upstream's OFD (which slices one entry off as a stem)
+    # leaves out their first stage: R50 -> MobileNetV1 has 3 connectors there (256->512, 512->1024, 1024->2048).
+    ofd_first_stage: int = 0
 
     def get_stage_channels(self) -> list[int]:
         """Channels of ``feats[1:]`` (the stage outputs)."""

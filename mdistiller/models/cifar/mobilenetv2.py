@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..common import fan_out_normal_init
+from ..common import ZooModel, fan_out_normal_init
 
 __all__ = ["InvertedResidual", "MobileNetV2", "mobilenetv2_T_w", "mobile_half"]
 
@@ -51,7 +51,7 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_res_connect else out
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(ZooModel):
     """MobileNetV2 with expansion ``T`` and width multiplier ``width_mult``; ``feature_dim`` is the class count."""
 
     def __init__(
@@ -98,10 +98,6 @@ class MobileNetV2(nn.Module):
     def get_feat_modules(self) -> nn.ModuleList:
         """Modules producing the intermediate features, in order."""
         return nn.ModuleList([self.conv1, self.blocks])
-
-    def get_stage_channels(self) -> list[int]:
-        """Channels of ``feats[1:]``."""
-        return list(self.stage_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         f0 = self.conv1(x)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import fan_out_normal_init
+from ..common import ZooModel, fan_out_normal_init
 
 __all__ = ["VGG", "cfg", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
 
@@ -37,7 +37,7 @@ def _make_block(widths: list[int], batch_norm: bool, in_channels: int) -> nn.Seq
     return nn.Sequential(*layers[:-1])
 
 
-class VGG(nn.Module):
+class VGG(ZooModel):
     """VGG over five blocks; ``cfg`` lists the conv widths of each block."""
 
     def __init__(self, cfg: list[list[int]], batch_norm: bool = True, num_classes: int = 100) -> None:
@@ -78,10 +78,6 @@ class VGG(nn.Module):
     def get_bn_before_relu(self) -> list[nn.Module]:
         """The last layer (BN when ``batch_norm``) of blocks 1-4, i.e. right before each stage's ReLU."""
         return [self.block1[-1], self.block2[-1], self.block3[-1], self.block4[-1]]
-
-    def get_stage_channels(self) -> list[int]:
-        """Channels of ``feats[1:]`` (the outputs of blocks 1-4)."""
-        return list(self.stage_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         h = x.shape[2]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common import ZooModel
+
 __all__ = ["MobileNetV1"]
 
 # (in, out, stride) of the 13 depthwise-separable blocks
@@ -41,8 +43,10 @@ def _conv_dw(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     )
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(ZooModel):
     """MobileNetV1, width 1.0, for ImageNet-sized inputs."""
+
+    ofd_first_stage = 1  # as upstream's OFD, which slices the first entry off its stem-less stage list
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -52,14 +56,11 @@ class MobileNetV1(nn.Module):
             nn.AdaptiveAvgPool2d(1),
         )
         self.fc = nn.Linear(1024, num_classes)
+        self.stage_channels = [128, 256, 512, 1024]
 
     def get_bn_before_relu(self) -> list[nn.BatchNorm2d]:
         """The BN before the last ReLU of each stage's final block."""
         return [self.model[i][-2] for i in _STAGE_ENDS]
-
-    def get_stage_channels(self) -> list[int]:
-        """Channels of ``feats[1:]`` (the stage outputs)."""
-        return [128, 256, 512, 1024]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         feats, preacts = [], []

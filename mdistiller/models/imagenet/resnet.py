@@ -86,6 +86,10 @@ Block = Union[type[BasicBlock], type[Bottleneck]]
 class ResNet(ZooModel):
     """torchvision's ImageNet ResNet (7x7 stem, max-pool, four stages, global average pool, `fc`)."""
 
+    # upstream's get_stage_channels lists no stem (hard-coded [256, 512, 1024, 2048]) and its get_bn_before_relu
+    # returns layers 2-4 only: its OFD distils stages 2-4 of these models (see ZooModel)
+    ofd_first_stage = 1
+
     def __init__(self, block: Block, layers: list[int], num_classes: int = 1000,
                  zero_init_residual: bool = False) -> None:
         super().__init__()
