@@ -460,6 +460,7 @@ def test_the_tool_builds_where_auto_looks_and_says_how_to_use_it(tmp_path, data_
 REFUSALS = {
     "feature method": ({"DISTILLER__TYPE": "VKD"}, "VKD uses the teacher's features, and a cache holds logits only"),
     "WKD-F": ({"DISTILLER__TYPE": "WKD", "WKD__LOSS__WKD_FEAT_WEIGHT": 1.0}, "WKD uses the teacher's features"),
+    "train-mode teacher": ({"DISTILLER__TYPE": "OFD"}, "OFD runs its teacher in train mode"),
     "MLKD strong view": ({"DISTILLER__TYPE": "MLKD"}, "MLKD's teacher reads its image_strong view, which cannot be "
                                                       "enumerated (the 'strong' view draws random augmentation"),
     "no teacher": ({"DISTILLER__TYPE": "NONE"}, "NONE trains without a teacher"),
