@@ -473,3 +473,99 @@ def test_upstream_crd_config_trains_one_epoch_unchanged(tmp_path, cifar100_tiny_
     assert state["embed_s.linear.weight"].shape == (128, 256) and state["contrast.memory_v1"].shape == (64, 128)
     assert state["contrast.params"].tolist()[0] == 32.0 and state["contrast.params"][2] > 0
     assert (Path(result["run_dir"]) / "student_best").exists()
+
+
+# ---- under torchrun ----
+
+class LinearNet(torch.nn.Module):
+    """No BatchNorm: a sample's pooled feature does not depend on the rest of its batch (rank slices compare)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 32 * 32, width)
+        self.fc = torch.nn.Linear(width, 4)
+
+    def forward(self, x):
+        feat = self.proj(x.flatten(1))
+        return self.fc(feat), {"pooled_feat": feat}
+
+
+def ddp_crd() -> CRD:
+    """The same CRD in every process (global batch 16, K 6, 40 samples of 4 classes)."""
+    cfg = default_cfg()
+    cfg.DISTILLER.TYPE, cfg.CRD.NCE.K, cfg.SOLVER.BATCH_SIZE = "CRD", 6, 16
+    torch.manual_seed(0)
+    return CRD(LinearNet(12), LinearNet(20), cfg, num_data=40)
+
+
+def ddp_batches() -> list[dict]:
+    """Two global batches: 16 samples, then a partial 5 (split 3 / 2: rank 1 pads its update rows)."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(40) % 4
+    order = torch.randperm(40, generator=generator)
+    sampler = ContrastiveSampler(labels, 6)
+    batches = []
+    for index in (order[:16], order[16:21]):
+        batches.append({"image": torch.randn(len(index), 3, 32, 32, generator=generator), "target": labels[index],
+                        "index": index, "contrastive_index": sampler.draw(index, labels[index], generator)})
+    return batches
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+from mdistiller import distributed
+from mdistiller.engine.cfg import default_cfg
+from mdistiller.engine.placement import wrap_ddp
+from test_crd import ddp_batches, ddp_crd
+
+with distributed.process_group():
+    crd = ddp_crd()
+    ddp = wrap_ddp(crd, default_cfg(), torch.device("cpu"))
+    for batch in ddp_batches():
+        lo, hi = distributed.shard_bounds(len(batch["target"]), distributed.rank(), distributed.world_size())
+        _, losses = ddp(**{k: v[lo:hi] for k, v in batch.items()}, epoch=1)
+        sum(term.mean() for term in losses.values()).backward()
+    state = {k: v.clone() for k, v in crd.state_dict().items() if k.startswith("contrast.")}
+    gathered = distributed.all_gather_object(state)
+    if distributed.is_main_process():
+        torch.save({"ranks": gathered, "ignored": sorted(ddp.parameters_to_ignore)}, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_updates_its_memory_with_the_whole_global_batch(tmp_path):
+    """Two ranks, each its slice of two global batches (the second partial and split unevenly): both memories equal
+    each other bitwise, and the one-process memories after the same global batches; Z is the global mean; DDP does
+    not broadcast the memories."""
+    from test_distributed import _torchrun
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    script = tmp_path / "crd_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    result = _torchrun(str(script), str(tmp_path / "state.pt"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(tmp_path / "state.pt", weights_only=False)
+    rank0, rank1 = saved["ranks"]
+    assert {"contrast.memory_v1", "contrast.memory_v2", "contrast.params"} <= set(saved["ignored"])
+    reference = ddp_crd()
+    for batch in ddp_batches():
+        reference(**batch, epoch=1)
+    for key, value in reference.state_dict().items():
+        if key.startswith("contrast."):
+            assert torch.equal(rank0[key], rank1[key]), key
+            torch.testing.assert_close(rank0[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_bench_times_crd_steps_with_the_data_paths_indices(capsys):
+    """tools/bench.py --cfg <a CRD config>: the loaders come from get_dataset with CRD's needs, the distiller gets
+    num_data, and the timed steps are CRD's (the memory holds the training set's rows)."""
+    from mdistiller.cli import bench
+
+    rows = bench.main(["--device", "cpu", "--cfg", "configs/cifar100/crd/resnet32x4_resnet8x4.yaml", "--tiny",
+                       "--data", "synthetic", "--synthetic-size", "40", "--steps", "1", "--warmup", "0", "--rows",
+                       "ours", "--opts", "SOLVER.BATCH_SIZE", "8", "CRD.NCE.K", "16", "DATASET.NUM_WORKERS", "0"])
+    assert [r["name"] for r in rows] == ["ours"] and rows[0]["images_per_s"] > 0
+    assert "CRD resnet20 -> resnet8" in capsys.readouterr().out
