@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdistiller.distillers._base import cross_entropy
 from mdistiller.dataset.contrastive import ContrastiveSampler
+from mdistiller.distillers._base import cross_entropy
 from mdistiller.distillers.crd import contrast_loss
 from mdistiller.distillers.ctkd import per_sample_kd_loss
 from mdistiller.distillers.dkd import dkd_loss
