@@ -569,3 +569,40 @@ def test_bench_times_crd_steps_with_the_data_paths_indices(capsys):
                        "ours", "--opts", "SOLVER.BATCH_SIZE", "8", "CRD.NCE.K", "16", "DATASET.NUM_WORKERS", "0"])
     assert [r["name"] for r in rows] == ["ours"] and rows[0]["images_per_s"] > 0
     assert "CRD resnet20 -> resnet8" in capsys.readouterr().out
+
+
+def test_tiny_imagenet_serves_the_need_like_upstreams_folder(tmp_path):
+    from test_tiny_imagenet_data import tiny_cfg, write_tiny_imagenet
+
+    cfg = tiny_cfg(write_tiny_imagenet(str(tmp_path)), batch=6)
+    train, _, _, _ = get_dataset(cfg, seed=0, needs=CRD.batch_needs(_with(cfg, "CRD.NCE.K", 5)))
+    batch = next(iter(train))
+    rows, targets = batch["contrastive_index"], torch.as_tensor(train.dataset.targets)
+    assert train.dataset.contrastive.branch == "with" and rows.shape == (6, 6)
+    assert torch.equal(rows[:, 0], batch["index"]) and (targets[rows[:, 1:]] != batch["target"][:, None]).all()
+
+
+# ---- CUDA (skipped without a GPU) ----
+
+@pytest.mark.cuda
+def test_on_cuda_the_device_loader_draws_valid_reproducible_rows_and_z_divides_as_a_python_number():
+    cuda = torch.device("cuda")
+    labels = _balanced(200, 10)
+    images = _images(200, 2)
+
+    def batches() -> list[dict]:
+        sampler = ContrastiveSampler(labels.to(cuda), 64, "relax")
+        return list(DeviceCifarLoader(images, labels.numpy(), 32, *STATS, cuda, train=True, seed=3,
+                                      contrastive=sampler))
+
+    first, again = batches(), batches()
+    for a, b in zip(first, again):
+        rows = a["contrastive_index"]
+        assert rows.device.type == "cuda" and rows.shape == (len(a["index"]), 65)
+        assert torch.equal(rows, b["contrastive_index"])
+        cls = labels.to(cuda)
+        assert torch.equal(cls[rows[:, 0]], a["target"]) and (cls[rows[:, 1:]] != a["target"][:, None]).all()
+        assert all(len(set(row.tolist())) == 64 for row in rows[:, 1:])
+    x = torch.rand(4096, device=cuda) * 3
+    z = torch.tensor(1.2345678e5, device=cuda)
+    assert torch.equal(divide_by_constant(x, z), x / z.item())  # CUDA: a * (1 / b) for a host scalar b
