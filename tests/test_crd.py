@@ -247,6 +247,22 @@ def test_upstream_checkpoint_names_with_the_dataparallel_prefix_load_strictly():
     assert target.contrast.params[2:4].tolist() == [123.0, 456.0]  # the loaded Z's, not re-estimated
 
 
+def test_upstream_trainer_name_crd_is_accepted_for_crd_only():
+    from mdistiller.engine.validate import check_recipe
+
+    cfg = default_cfg()
+    cfg.DISTILLER.TYPE, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT = "CRD", "resnet32x4", "resnet8x4"
+    for name in ("base", "crd"):
+        cfg.SOLVER.TRAINER = name
+        assert check_recipe(cfg) is CRD
+    cfg.SOLVER.TRAINER = "ours"
+    with pytest.raises(MdistillerError, match="DISTILLER.TYPE CRD trains with base or crd"):
+        check_recipe(cfg)
+    cfg.DISTILLER.TYPE, cfg.SOLVER.TRAINER = "KD", "crd"
+    with pytest.raises(MdistillerError, match="SOLVER.TRAINER crd is upstream's trainer for another method"):
+        check_recipe(cfg)
+
+
 def test_bad_crd_keys_give_one_line_errors():
     for keys, message in ((("MODE", "loose"), "CRD.MODE 'loose' is not one of exact, relax"),
                           (("NCE.K", 0), "CRD.NCE.K must be positive"),
