@@ -28,6 +28,7 @@ UPSTREAM_CRD = str(REPO / "tests/data/reference_configs/mdistiller/configs/cifar
 OUR_CRD = str(REPO / "configs/cifar100/crd/resnet56_resnet20.yaml")
 CPU = torch.device("cpu")
 STATS = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second intra-op thread only waits
 
 
 class TinyNet(torch.nn.Module):
@@ -273,6 +274,39 @@ def test_bad_crd_keys_give_one_line_errors():
         _crd().forward_train(image=torch.randn(2, 3, 32, 32), target=torch.tensor([0, 1]))
 
 
+# ---- configs ----
+
+CRD_TABLE = {  # spec: the CRD paper's CIFAR-100 column (teacher, student) -> CRD top-1
+    ("wrn_40_2", "wrn_16_2"): 75.48, ("wrn_40_2", "wrn_40_1"): 74.14, ("resnet56", "resnet20"): 71.16,
+    ("resnet110", "resnet20"): 71.46, ("resnet110", "resnet32"): 73.48, ("resnet32x4", "resnet8x4"): 75.51,
+    ("vgg13", "vgg8"): 73.94, ("vgg13", "MobileNetV2"): 69.73, ("ResNet50", "MobileNetV2"): 69.11,
+    ("ResNet50", "vgg8"): 74.30, ("resnet32x4", "ShuffleV1"): 75.11, ("resnet32x4", "ShuffleV2"): 75.65,
+    ("wrn_40_2", "ShuffleV1"): 76.05,
+}
+
+
+def test_cifar_configs_cover_the_crd_table_with_upstreams_recipe():
+    from mdistiller.engine.cfg import load_cfg
+
+    paths = sorted((REPO / "configs/cifar100/crd").glob("*.yaml"))
+    upstream = load_cfg(UPSTREAM_CRD)
+    assert {p.stem for p in paths} == {f"{t}_{s}" for t, s in CRD_TABLE}
+    for path in paths:
+        cfg = load_cfg(str(path))
+        pair = (cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT)
+        assert path.stem == "_".join(pair) and cfg.DISTILLER.TYPE == "CRD" and cfg.SOLVER.TRAINER == "crd"
+        assert f"CRD {CRD_TABLE[pair]:.2f}" in path.read_text().splitlines()[2]
+        low_lr = cfg.DISTILLER.STUDENT in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+        assert cfg.SOLVER.LR == (0.01 if low_lr else upstream.SOLVER.LR)
+        for key in ("BATCH_SIZE", "EPOCHS", "LR_DECAY_STAGES", "LR_DECAY_RATE", "WEIGHT_DECAY", "MOMENTUM"):
+            assert cfg.SOLVER[key] == upstream.SOLVER[key], (path.name, key)
+        assert cfg.CRD == upstream.CRD  # upstream's CRD defaults (dims: read from the models)
+    for pair in ("r34_r18", "r50_mv1"):
+        ours = load_cfg(str(REPO / "configs/imagenet" / pair / "crd.yaml"))
+        theirs = load_cfg(str(REPO / "tests/data/reference_configs/mdistiller/configs/imagenet" / pair / "crd.yaml"))
+        assert ours.SOLVER == theirs.SOLVER and ours.CRD == theirs.CRD and ours.DISTILLER == theirs.DISTILLER
+
+
 # ---- the contrastive indices ----
 
 @pytest.mark.parametrize("mode", ["exact", "relax"])
@@ -446,7 +480,6 @@ def _run_args(tmp: Path, root: str, teacher: str, *extra: str) -> list[str]:
             "resnet8", "DISTILLER.TEACHER_CKPT", teacher, "SOLVER.BATCH_SIZE", "16", "CRD.NCE.K", "24", *extra]
 
 
-@pytest.mark.slow
 def test_sigint_mid_epoch_then_resume_is_bitwise_exact_memory_included(tmp_path, cifar100_tiny_root, teacher_ckpt,
                                                                         monkeypatch, capsys):
     from mdistiller.cli import train as train_tool
@@ -574,7 +607,6 @@ def test_under_torchrun_every_rank_updates_its_memory_with_the_whole_global_batc
             torch.testing.assert_close(rank0[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.slow
 def test_bench_times_crd_steps_with_the_data_paths_indices(capsys):
     """tools/bench.py --cfg <a CRD config>: the loaders come from get_dataset with CRD's needs, the distiller gets
     num_data, and the timed steps are CRD's (the memory holds the training set's rows)."""
