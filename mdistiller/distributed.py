@@ -103,6 +103,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Every rank's `tensor` concatenated in rank order (the tensor itself alone). Each rank's must have at most
+    `rows` rows (at least one); shorter ones travel padded to `rows` with copies of their first row, so the result
+    may repeat a row of a rank, never mix rows of two."""
+    if world_size() == 1:
+        return tensor
+    if not 0 < len(tensor) <= rows:
+        raise ValueError(f"all_gather_rows: {len(tensor)} rows, expected 1 to {rows}")
+    if len(tensor) < rows:
+        tensor = torch.cat([tensor, tensor[:1].expand(rows - len(tensor), *tensor.shape[1:])])
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def any_rank(flag: bool | torch.Tensor, on: torch.device) -> bool:
     """Whether `flag` holds on at least one rank (a host sync; the flag itself alone)."""
     if world_size() == 1:

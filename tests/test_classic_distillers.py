@@ -262,6 +262,9 @@ def test_every_config_builds_its_distiller(pair):
 def test_imagenet_at_configs_are_upstreams(name):
     ours = load_cfg(str(REPO / "configs/imagenet" / name / "at.yaml"))
     upstream = load_cfg(str(REPO / "tests/data/reference_configs/mdistiller/configs/imagenet" / name / "at.yaml"))
+    # ours states what upstream's ImageNet implies (1000 classes at 224 px), as every ImageNet config here does
+    assert (ours.DATASET.NUM_CLASSES, ours.DATASET.IMAGE_SIZE) == (1000, 224)
+    upstream.DATASET.NUM_CLASSES = 1000
     assert ours == upstream and ours.DISTILLER.TYPE == "AT" and ours.DATASET.TYPE == "imagenet"
 
 

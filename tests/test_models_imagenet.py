@@ -10,8 +10,9 @@ import torch
 import torchvision
 from torch import nn
 
+from mdistiller.dataset.contrastive import ContrastiveSampler
 from mdistiller.distillers import get_distiller_class
-from mdistiller.engine.build import build_model, model_builder, teacher_checkpoint_path
+from mdistiller.engine.build import build_kwargs, build_model, model_builder, teacher_checkpoint_path
 from mdistiller.engine.cfg import default_cfg, load_cfg, validate_cfg
 from mdistiller.errors import MdistillerError
 from mdistiller.models import imagenet_model_dict
@@ -172,7 +173,7 @@ def test_imagenet_config_loads_and_builds_its_models_on_meta(path):
 
 
 def test_every_method_has_both_imagenet_pairs():
-    methods = {"kd", "dkd", "mlkd", "ctkd", "wkd_l", "wkd_f", "wkd_lf", "vkd", "reviewkd"}
+    methods = {"kd", "dkd", "mlkd", "ctkd", "wkd_l", "wkd_f", "wkd_lf", "vkd", "at", "reviewkd", "crd"}
     only_r50_mv1 = {"ofd"}  # as upstream, which ships no R34 -> R18 OFD file
     for pair in ("r34_r18", "r50_mv1"):
         expected = methods | (only_r50_mv1 if pair == "r50_mv1" else set())
@@ -236,10 +237,14 @@ def test_imagenet_config_trains_a_cpu_smoke_step(tmp_path, path):
     torch.manual_seed(0)
     student = build_model(cfg.DISTILLER.STUDENT, 10, "imagenet", 64)
     teacher = build_model(cfg.DISTILLER.TEACHER, 10, "imagenet", 64)
-    trainer = Trainer(str(tmp_path), distiller_class(student, teacher, cfg), [], [], cfg, torch.device("cpu"))
+    distiller = distiller_class(student, teacher, cfg, **build_kwargs(distiller_class, num_data=40))
+    trainer = Trainer(str(tmp_path), distiller, [], [], cfg, torch.device("cpu"))
     trainer.distiller.train()
     image, target = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
     batch = {key: image for key in distiller_class.train_views} | {"target": target, "index": torch.arange(4)}
+    if "contrastive_index" in distiller_class.batch_needs(cfg):  # CRD: rows as the ImageNet folder draws them
+        sampler = ContrastiveSampler(torch.arange(40) % 10, cfg.CRD.NCE.K, replacement="always")
+        batch["contrastive_index"] = sampler.draw(batch["index"], target)
     before = [p.detach().clone() for p in trainer.distiller.student.parameters()]
     logits, losses = trainer.train_step(batch, 1)
     assert logits.shape == (4, 10) and losses and all(torch.isfinite(term) for term in losses.values())

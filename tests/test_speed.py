@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mdistiller.dataset.contrastive import ContrastiveSampler
 from mdistiller.distillers._base import cross_entropy
+from mdistiller.distillers.crd import contrast_loss
 from mdistiller.distillers.ctkd import per_sample_kd_loss
 from mdistiller.distillers.dkd import dkd_loss
 from mdistiller.distillers.kd import kd_loss
@@ -20,6 +22,7 @@ from mdistiller.distillers.ot import gaussian_wasserstein_loss, prepare_cost, wk
 from mdistiller.distillers.registry import get_distiller_class
 from mdistiller.distillers.vkd import vkd_feature_loss
 from mdistiller.engine import accel
+from mdistiller.engine.build import build_kwargs
 from mdistiller.engine.cfg import CFG, load_cfg, validate_cfg
 from mdistiller.engine.guards import PROGRESS_EVERY
 from mdistiller.engine.optim import learning_rate
@@ -46,7 +49,8 @@ def make_trainer(tmp_path, cfg, distiller_type: str = "KD", student: str = "resn
     torch.manual_seed(seed)
     student_model = cifar_model_dict[student][0](num_classes=num_classes)
     teacher_model = cifar_model_dict[teacher][0](num_classes=num_classes)
-    distiller = get_distiller_class(distiller_type)(student_model, teacher_model, cfg)
+    distiller_class = get_distiller_class(distiller_type)
+    distiller = distiller_class(student_model, teacher_model, cfg, **build_kwargs(distiller_class, num_data=64))
     trainer = Trainer(str(tmp_path), distiller, loader, [], cfg, CPU)
     trainer.distiller.train()
     return trainer
@@ -111,6 +115,7 @@ LOSSES = {
     "wkd_logit": lambda s, t: sum(wkd_logit_loss(s, t, TARGET, COST, 2.0, 0.05, 20)),
     "wkd_feat": lambda s, t: gaussian_wasserstein_loss(FEAT_S.to(s.dtype), FEAT_T.to(t.dtype), 2.0),
     "vkd": lambda s, t: vkd_feature_loss(s, t),
+    "crd": lambda s, t: contrast_loss(FEAT_S.to(s.dtype)[:, 0, :, :1].abs(), 50),
     "logit_stand": lambda s, t: standardize_logits(s).sum() + standardize_logits(t).sum(),
 }
 
@@ -200,6 +205,7 @@ DISTILLER_CONFIGS = {
     "MLKD": ({}, {}),
     "WKD": ({"WKD.LOSS.WKD_FEAT_WEIGHT": 2.0, "WKD.HINT_LAYER": 2}, {}),
     "VKD": ({}, {}),
+    "CRD": ({"CRD.NCE.K": 16}, {}),
 }
 
 
@@ -219,6 +225,9 @@ def test_the_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatc
     if distiller_type == "MLKD":
         batch = {"image_weak": batch["image"], "image_strong": batch["image"].flip(3), "target": batch["target"],
                  "index": batch["index"]}
+    if "contrastive_index" in get_distiller_class(distiller_type).batch_needs(cfg):  # CRD: drawn as the data path does
+        labels = torch.arange(64) % 10
+        batch["contrastive_index"] = ContrastiveSampler(labels, cfg.CRD.NCE.K).draw(batch["index"], labels[:8])
 
     def host_read(*args, **kwargs):
         raise AssertionError("a host read inside the training step")

@@ -16,6 +16,7 @@ from conftest import REPO, run_overrides
 
 VANILLA = str(REPO / "configs/cifar100/vanilla/resnet8.yaml")
 KD = str(REPO / "configs/cifar100/kd/resnet56_resnet20.yaml")
+CRD = str(REPO / "configs/cifar100/crd/resnet56_resnet20.yaml")
 MLKD = str(REPO / "configs/cifar100/mlkd/resnet56_resnet20.yaml")
 
 
@@ -61,6 +62,10 @@ def _cases(tmp: Path, data_root: str, teacher_ckpt) -> dict[str, tuple[list[str]
         "DOT trainer": (["--cfg", KD, *base, "SOLVER.TRAINER", "dot"], "SOLVER.TRAINER dot"),
         "another method's trainer": (["--cfg", KD, *base, "SOLVER.TRAINER", "ours"],
                                      "SOLVER.TRAINER ours is upstream's trainer for another method"),
+        "CRD mode": (["--cfg", CRD, *base, "CRD.MODE", "loose"], "CRD.MODE 'loose' is not one of exact, relax"),
+        "CRD dims": (["--cfg", CRD, *base, "DISTILLER.TEACHER", "resnet8", "DISTILLER.TEACHER_CKPT",
+                      teacher_ckpt("resnet8"), "CRD.FEAT.TEACHER_DIM", "256"],
+                     "CRD.FEAT.TEACHER_DIM 256 does not match the models: student resnet20 pools 64 features"),
         "resume without a run": (["--cfg", VANILLA, *base, "--resume"], "resume checkpoint not found"),
         "odd overrides": (["--cfg", VANILLA, *base, "SOLVER.EPOCHS"], "KEY VALUE pairs"),
         "unknown flag": (["--cfg", VANILLA, *base, "--resum"], "unknown flag --resum (did you mean --resume?)"),
@@ -75,7 +80,8 @@ def _cases(tmp: Path, data_root: str, teacher_ckpt) -> dict[str, tuple[list[str]
 CASES = ["missing config", "unknown key", "unknown model", "unknown distiller", "missing data", "damaged data",
          "missing teacher", "teacher of another architecture", "teacher of another class count", "zero epochs",
          "negative batch", "batch larger than the data", "decay stages", "nan policy", "unwritable LOG.PREFIX",
-         "unwritable LOG.RESULTS_DIR", "DOT trainer", "another method's trainer", "resume without a run",
+         "unwritable LOG.RESULTS_DIR", "DOT trainer", "another method's trainer", "CRD mode", "CRD dims",
+         "resume without a run",
          "odd overrides", "unknown flag", "teacher cache for MLKD's strong view", "teacher cache not built"]
 
 

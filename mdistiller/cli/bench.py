@@ -41,15 +41,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..dataset import get_dataset, shutdown_workers, uses_device_resident_data
+from ..dataset import check_batch_needs, get_dataset, shutdown_workers, uses_device_resident_data
 from ..dataset.cifar import CIFAR_FORMATS
 from ..dataset.cifar_files import write_cifar
+from ..dataset.contrastive import ContrastiveSampler
 from ..dataset.device_cifar import VIEWS_PER_IMAGE
 from ..dataset.imagenet import DECODE_ON_CPU_ENV, ImageNetJpegFolder
 from ..dataset.teacher_views import read_train_arrays
 from ..distillers import get_distiller_class
 from ..engine import accel
-from ..engine.build import build_model, is_imagenet
+from ..engine.build import build_kwargs, build_model, is_imagenet
 from ..engine.cfg import load_cfg
 from ..engine.run import check_fits_data, default_device
 from ..engine.teacher_cache import TeacherLogitTable, cache_batch_needs, release_teacher
@@ -228,8 +229,9 @@ class CifarData:
         """The override that points every row at these files."""
         return ["DATASET.ROOT", self.root]
 
-    def open(self, cfg, device: torch.device) -> tuple[Iterator[dict], int, int, Callable[[], None]]:
-        """(endless iterator of full training batches, epoch size, class count, close) for one row."""
+    def open(self, cfg, device: torch.device) -> tuple[Iterator[dict], int, int, int, Callable[[], None]]:
+        """(endless iterator of full training batches, epoch size, training-set size, class count, close) for one
+        row; the batches carry what the distiller's batch_needs ask for."""
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
         train_loader, _, num_train, num_classes = get_dataset(cfg, distiller_class.train_views,
                                                               seed=cfg.EXPERIMENT.SEED, device=device,
@@ -242,7 +244,7 @@ class CifarData:
             batches.close()
             shutdown_workers(train_loader)
 
-        return batches, self.epoch_images or num_train, num_classes, close
+        return batches, self.epoch_images or num_train, num_train, num_classes, close
 
 
 def _full_batches(loader, batch_size: int) -> Iterator[dict]:
@@ -268,20 +270,31 @@ class ImageNetData:
         """No override: the files are never read."""
         return []
 
-    def open(self, cfg, device: torch.device) -> tuple[Iterator[dict], int, int, Callable[[], None]]:
-        """(endless iterator of device batches, epoch size, class count, close) for one row."""
+    def open(self, cfg, device: torch.device) -> tuple[Iterator[dict], int, int, int, Callable[[], None]]:
+        """(endless iterator of device batches, epoch size, training-set size, class count, close) for one row; a
+        "contrastive_index" need is drawn as the ImageNet folder draws it (over the full training-set size)."""
         num_classes = cfg.DATASET.NUM_CLASSES or 1000
-        views = get_distiller_class(cfg.DISTILLER.TYPE).train_views
+        distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
+        needs = distiller_class.batch_needs(cfg)
+        check_batch_needs(needs)
         size, batch = cfg.DATASET.IMAGE_SIZE, cfg.SOLVER.BATCH_SIZE
         generator = torch.Generator(device=device)
         generator.manual_seed(cfg.EXPERIMENT.SEED)
+        sampler = None
+        if "contrastive_index" in needs:
+            spec = needs["contrastive_index"]
+            labels = torch.arange(self.epoch_images, device=device) % num_classes
+            sampler = ContrastiveSampler(labels, spec["k"], spec.get("mode", "exact"), replacement="always")
         pool = []
         for _ in range(2):
-            item = {key: torch.randn(batch, 3, size, size, generator=generator, device=device) for key in views}
+            item = {key: torch.randn(batch, 3, size, size, generator=generator, device=device)
+                    for key in distiller_class.train_views}
             item["target"] = torch.randint(0, num_classes, (batch,), generator=generator, device=device)
             item["index"] = torch.arange(batch, device=device)
+            if sampler is not None:
+                item["contrastive_index"] = sampler.draw(item["index"], item["index"] % num_classes, generator)
             pool.append(item)
-        return itertools.cycle(pool), self.epoch_images, num_classes, lambda: None
+        return itertools.cycle(pool), self.epoch_images, self.epoch_images, num_classes, lambda: None
 
 
 class JpegFolderData:
@@ -386,7 +399,7 @@ def text_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 # ---- timing ----
-def build_random_distiller(cfg, num_classes: int) -> torch.nn.Module:
+def build_random_distiller(cfg, num_classes: int, num_data: int | None = None) -> torch.nn.Module:
     """build_distiller without the teacher checkpoint: random teacher weights cost the same time."""
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     size = cfg.DATASET.IMAGE_SIZE
@@ -394,7 +407,7 @@ def build_random_distiller(cfg, num_classes: int) -> torch.nn.Module:
     teacher = None
     if distiller_class.requires_teacher:
         teacher = build_model(cfg.DISTILLER.TEACHER, num_classes, cfg.DATASET.TYPE, size).eval()
-    return distiller_class(student, teacher, cfg)
+    return distiller_class(student, teacher, cfg, **build_kwargs(distiller_class, num_data))
 
 
 def synchronize(device: torch.device) -> None:
@@ -446,9 +459,9 @@ class RowRun:
     def __init__(self, row: Row, cfg, data, device: torch.device, stack: contextlib.ExitStack):
         self.row, self.cfg, self.device = row, cfg, device
         set_seed(cfg.EXPERIMENT.SEED)
-        self.batches, self.epoch_images, num_classes, self._close_data = data.open(cfg, device)
+        self.batches, self.epoch_images, num_data, num_classes, self._close_data = data.open(cfg, device)
         run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_run_"))
-        distiller = build_random_distiller(cfg, num_classes)
+        distiller = build_random_distiller(cfg, num_classes, num_data)
         self.table, self.figures = None, {}
         if cfg.DISTILLER.TEACHER_CACHE:
             self.table, self.figures = cache_table(cfg, distiller, device, stack)

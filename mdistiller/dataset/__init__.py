@@ -6,6 +6,10 @@ maps the same names to `(mean, std, image_size) -> transform` for ImageNet (regi
 declares `train_views = {"image": "standard"}` (the default) or e.g. `{"image_weak": "standard", "image_strong":
 "strong"}`, each data set builds its own version of the named views, and every training batch is a dict holding one
 tensor per batch key plus "target" and "index".
+
+A distiller may also need more in each training batch (its `batch_needs(cfg)`, names listed in BATCH_NEEDS): CRD's
+"contrastive_index" (contrastive.py) is served by ImageArrayDataset and the ImageNet / Tiny-ImageNet folders per item,
+and by the device-resident CIFAR loader per global batch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torchvision import transforms
 from .. import distributed
 from ..errors import MdistillerError
 from .cifar import CIFAR_FORMATS, check_cifar_present, ensure_cifar, read_cifar_split
+from .contrastive import ContrastiveSampler
 from .device_cifar import DeviceCifarLoader
 
 ViewBuilder = Callable[[tuple, tuple], Callable]
@@ -71,7 +76,10 @@ from .teacher_views import recorded_standard_transform, view_refusal  # noqa: E4
 
 
 class ImageArrayDataset(Dataset):
-    """uint8 HWC images in memory; each item is a dict of transformed views plus target and index."""
+    """uint8 HWC images in memory; each item is a dict of transformed views plus target and index (and
+    "contrastive_index" once `contrastive` is set, see serve_batch_needs)."""
+
+    contrastive: ContrastiveSampler | None = None
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, views: Mapping[str, Callable]):
         self.images = images
@@ -81,9 +89,15 @@ class ImageArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def class_labels(self) -> torch.Tensor:
+        """The class of every sample, in index order."""
+        return self.labels
+
     def __getitem__(self, index: int) -> dict:
-        image = Image.fromarray(self.images[index])
         item = {}
+        if self.contrastive is not None:  # drawn before the views: from the RNG state at the item's start
+            item["contrastive_index"] = self.contrastive.draw_one(index, self.labels[index])
+        image = Image.fromarray(self.images[index])
         for key, transform in self.views.items():
             view = transform(image)
             if isinstance(view, tuple):  # a view that also says how it was drawn: (tensor, {"view_id": ...})
@@ -197,11 +211,11 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 def _device_resident_loaders(cfg, train_set: ImageArrayDataset, test_set: ImageArrayDataset, device, seed: int,
-                             rank: int, world_size: int, record_views: bool = False):
+                             rank: int, world_size: int, needs: Mapping[str, object], record_views: bool = False):
     fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
     train = DeviceCifarLoader(train_set.images, train_set.labels.numpy(), cfg.SOLVER.BATCH_SIZE, fmt.mean, fmt.std,
                               device, train=True, seed=seed, rank=rank, world_size=world_size,
-                              record_views=record_views)
+                              contrastive=contrastive_sampler(train_set, needs, device), record_views=record_views)
     test = DeviceCifarLoader(test_set.images, test_set.labels.numpy(), cfg.DATASET.TEST.BATCH_SIZE, fmt.mean,
                              fmt.std, device, train=False, seed=seed, rank=rank, world_size=world_size)
     return train, test
@@ -226,9 +240,12 @@ def with_augment(train_views: Mapping[str, str], cfg) -> dict[str, str]:
 
 # What a distiller may ask the training batches to carry besides its views, "target" and "index" (its
 # `batch_needs(cfg)`, a dict need -> parameters); every data path serves each need or refuses it in one line.
-# "view_id" (parameter: the batch key of the standard view): which of CIFAR's 162 enumerable views each image is
-# (dataset/teacher_views.py), for the teacher-output cache; CIFAR serves it on both paths, the other sets refuse it.
-BATCH_NEEDS: tuple[str, ...] = ("view_id",)
+BATCH_NEEDS: tuple[str, ...] = (
+    "contrastive_index",  # CRD: {"k": negatives per sample, "mode": "exact" | "relax"}; see contrastive.py
+    # the teacher-output cache: which of CIFAR's 162 enumerable views each image is (teacher_views.py); parameter:
+    # the batch key of the standard view. CIFAR serves it on both paths; the other data sets refuse it.
+    "view_id",
+)
 
 
 def _view_id_key(cfg, needs: Mapping[str, object], train_views: Mapping[str, str]) -> str | None:
@@ -252,6 +269,26 @@ def check_batch_needs(needs: Mapping[str, object]) -> None:
     if unknown:
         raise MdistillerError(f"the data path cannot serve {', '.join(unknown)} (known batch needs: "
                               f"{', '.join(BATCH_NEEDS) or 'none'})")
+
+
+def contrastive_sampler(train_set: Dataset, needs: Mapping[str, object], device=None) -> ContrastiveSampler | None:
+    """The sampler of the "contrastive_index" need over `train_set`'s labels (on `device`), or None without the need.
+    The data set's `contrastive_replacement` ("always" for the ImageNet folders, as upstream) sets the rule."""
+    spec = needs.get("contrastive_index")
+    if spec is None:
+        return None
+    if not hasattr(train_set, "class_labels"):
+        raise MdistillerError(f"the training set ({type(train_set).__name__}) cannot serve contrastive_index")
+    labels = train_set.class_labels().to(device or "cpu")
+    return ContrastiveSampler(labels, spec["k"], spec.get("mode", "exact"),
+                              getattr(train_set, "contrastive_replacement", "when_needed"))
+
+
+def serve_batch_needs(train_set: Dataset, needs: Mapping[str, object]) -> None:
+    """Make the items of a DataLoader's training set carry what `needs` asks for (drawn per item, in the workers)."""
+    sampler = contrastive_sampler(train_set, needs)
+    if sampler is not None:
+        train_set.contrastive = sampler
 
 
 def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0, device=None,
@@ -280,8 +317,9 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
     train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views, device=device, **recording)
     if uses_device_resident_data(cfg, train_views, device):
         train_loader, val_loader = _device_resident_loaders(cfg, train_set, test_set, device, seed, rank, world_size,
-                                                            record_views=record_key is not None)
+                                                            needs, record_views=record_key is not None)
         return train_loader, val_loader, len(train_set), num_classes
+    serve_batch_needs(train_set, needs)
     workers = cfg.DATASET.NUM_WORKERS
     pin = torch.cuda.is_available()
     generator = torch.Generator()

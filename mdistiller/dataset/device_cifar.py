@@ -12,6 +12,10 @@ Under torchrun (world_size > 1) every rank holds the whole set and the same gene
 run's permutation and, per global batch, the augmentation numbers of the whole global batch, then keeps its own
 contiguous slice. The ranks thus train on exactly the one-process run's augmented global batches, each image with
 its own random numbers. The test loader gives each rank a contiguous share of the test set.
+
+With a ContrastiveSampler (CRD's "contrastive_index" need) every training batch also carries `contrastive_index`,
+drawn on the device from the same generator right after the batch's crop/flip numbers, for the whole global batch
+under torchrun (each rank keeps its slice): resume replays it with the generator, and no batch reads the host.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from ..distributed import shard_bounds
+from .contrastive import ContrastiveSampler
 
 PAD = 4
 SIZE = 32
@@ -87,12 +92,13 @@ class DeviceCifarLoader:
     Same contract as the DataLoader path: shuffled without replacement each epoch (train), `ceil(N / batch)` batches,
     the last one partial, and a `generator` attribute holding the random state. With world_size > 1, `batch_size`
     is the global batch and rank gets its slice of each (a last batch smaller than world_size is dropped), or, for
-    the test set, its contiguous share of the samples. `record_views`: training batches also carry "view_id".
+    the test set, its contiguous share of the samples. With `contrastive` (a sampler over these labels, on `device`)
+    training batches also hold "contrastive_index"; with `record_views`, "view_id".
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean: tuple, std: tuple,
                  device: torch.device, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 record_views: bool = False):
+                 contrastive: ContrastiveSampler | None = None, record_views: bool = False):
         self.device = torch.device(device)
         self.images = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(self.device)  # uint8 NCHW
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
@@ -105,6 +111,7 @@ class DeviceCifarLoader:
         self.shard = (0, len(self.labels)) if train else shard_bounds(len(self.labels), rank, world_size)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.contrastive = contrastive if train else None
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -130,15 +137,19 @@ class DeviceCifarLoader:
         for start in range(0, count, self.batch_size):
             index = order[start:start + self.batch_size]
             offsets, flips = draw_crop_flip(len(index), self.generator, self.device)
+            extra = {}
+            if self.contrastive is not None:
+                extra["contrastive_index"] = self.contrastive.draw(index, self.labels[index], self.generator)
             if self.world_size > 1:  # the global batch's numbers were drawn: keep this rank's slice
                 if len(index) < self.world_size:
                     continue
                 lo, hi = shard_bounds(len(index), self.rank, self.world_size)
                 index, offsets, flips = index[lo:hi], offsets[lo:hi], flips[lo:hi]
-            batch = self._batch(index, crop_flip(self.images[index], offsets, flips))
+                extra = {key: value[lo:hi] for key, value in extra.items()}
             if self.record_views:
-                batch["view_id"] = encode_views(offsets, flips)
-            yield batch
+                extra["view_id"] = encode_views(offsets, flips)
+            yield self._batch(index, crop_flip(self.images[index], offsets, flips), extra)
 
-    def _batch(self, index: torch.Tensor, images: torch.Tensor) -> dict:
-        return {"image": normalize_uint8(images, self.mean, self.std), "target": self.labels[index], "index": index}
+    def _batch(self, index: torch.Tensor, images: torch.Tensor, extra: dict | None = None) -> dict:
+        return {"image": normalize_uint8(images, self.mean, self.std), "target": self.labels[index], "index": index,
+                **(extra or {})}

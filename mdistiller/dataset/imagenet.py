@@ -30,6 +30,7 @@ from ..errors import MdistillerError
 from ..log import get_logger
 from . import CLASS_COUNTERS, DATASET_BUILDERS, IMAGENET_VIEWS, TEST_SET_BUILDERS, register_view
 from .augment import CUTOUT_FILL, cutout
+from .contrastive import ContrastiveSampler
 from .jpeg_decode import collate_encoded, decode_batch, draw_crop, read_encoded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -259,6 +260,8 @@ class ImageNetFolder(ImageFolder):
 
     loader_class = ImageFolderLoader
     dataset_name = "ImageNet"  # in error messages (Tiny-ImageNet's folders subclass this one)
+    contrastive: ContrastiveSampler | None = None  # CRD's "contrastive_index" need, when served
+    contrastive_replacement = "always"  # upstream's ImageNet / Tiny-ImageNet CRD sets draw negatives with replacement
 
     def __init__(self, folder: str, views: Mapping[str, Callable], skip_bad_images: bool = False):
         try:
@@ -286,10 +289,17 @@ class ImageNetFolder(ImageFolder):
                     raise MdistillerError(unreadable_message(path, exc)) from None
                 skipped.append(path)
                 continue
-            item = self.make_item(image, path)
+            item = {}
+            if self.contrastive is not None:  # for the sample served (i), before the views' draws
+                item["contrastive_index"] = self.contrastive.draw_one(i, target)
+            item.update(self.make_item(image, path))
             item.update({"target": target, "index": i, SKIPPED_COUNT: len(skipped), SKIPPED_FILES: "\n".join(skipped)})
             return item
         raise MdistillerError(f"no readable image in {self.root} (all {len(self.samples)} files failed to decode)")
+
+    def class_labels(self) -> torch.Tensor:
+        """The class of every sample, in index order."""
+        return torch.as_tensor(self.targets, dtype=torch.long)
 
     def read(self, path: str):
         """The image of one file; raises on an unreadable one."""

@@ -28,6 +28,7 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # PIL modes of a JPEG the device decoder turns into RGB as PIL's convert("RGB") does (CMYK/YCCK go to PIL).
 DEVICE_MODES = ("RGB", "L")
+ENCODED_KEYS = ("data", "box", "flip", "path")  # what an encoded item holds besides what the batch carries on
 
 
 def read_encoded(path: str) -> tuple[torch.Tensor, Image.Image]:
@@ -120,8 +121,8 @@ def transform_batch(images: Sequence[torch.Tensor], boxes: torch.Tensor, flips: 
 
 def decode_batch(batch: dict, device: torch.device | str, size: int, mean: Sequence[float], std: Sequence[float],
                  on_bad: Callable[[str, Exception], None]) -> dict | None:
-    """A collated batch of encoded images -> {"image", "target", "index"} on `device`. `on_bad(path, exc)` raises, or
-    returns to drop that image (None when every image of the batch was dropped)."""
+    """A collated batch of encoded images -> {"image", "target", "index", ...} on `device`. `on_bad(path, exc)` raises,
+    or returns to drop that image (None when every image of the batch was dropped)."""
     images = decode_images(batch["data"], device)
     keep = []
     for i, image in enumerate(images):
@@ -133,4 +134,5 @@ def decode_batch(batch: dict, device: torch.device | str, size: int, mean: Seque
         return None
     rows = torch.tensor(keep, dtype=torch.long)
     image = transform_batch([images[i] for i in keep], batch["box"][rows], batch["flip"][rows], size, mean, std)
-    return {"image": image, "target": batch["target"][rows], "index": batch["index"][rows]}
+    carried = {key: value[rows] for key, value in batch.items() if key not in ENCODED_KEYS and torch.is_tensor(value)}
+    return {"image": image, **carried}  # "target", "index" and any batch need such as "contrastive_index"

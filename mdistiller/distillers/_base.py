@@ -10,6 +10,10 @@ What a method needs from the trainer it declares here instead of the trainer bra
 - `batch_needs(cfg)`: what the training batches must carry besides the views, "target" and "index" (e.g. CRD's
   negative indices), served by the data path (mdistiller.dataset.BATCH_NEEDS);
 - `upstream_trainers`: the names of upstream's trainer classes (SOLVER.TRAINER) that describe how it trains;
+- `build_needs`: keyword arguments its constructor takes besides (student, teacher, cfg), served by the builder from
+  the built data (engine/build.py BUILD_FACTS: "num_data", the training-set size, for CRD);
+- `check_cfg(cfg)`: its own keys' checks, run by the validation pass before anything is built;
+- `rank_synced_buffers`: buffers it keeps equal on every rank itself under torchrun (DDP does not broadcast them);
 - `teacher_train_mode`: whether the teacher runs in train mode while the distiller trains (see the attribute);
 - `teacher_outputs(cfg)`: what it reads from the teacher on each training view: `LOGITS` alone lets the teacher-output
   cache (DISTILLER.TEACHER_CACHE) serve it; `FEATURES` or `TRAIN_MODE` (a teacher whose BN statistics move) refuse
@@ -48,6 +52,8 @@ class Distiller(nn.Module):
     # stats drift every step, under no_grad; its weights never change (requires_grad False, not in the optimizer).
     # A class attribute a method sets, or an instance attribute set in its __init__ from a config switch.
     teacher_train_mode: bool = False
+    build_needs: tuple[str, ...] = ()  # constructor keywords the builder serves (see engine/build.py BUILD_FACTS)
+    rank_synced_buffers: tuple[str, ...] = ()  # state-dict names of buffers the method syncs across ranks itself
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
         super().__init__()
@@ -65,6 +71,10 @@ class Distiller(nn.Module):
         if self.teacher is not None and not (mode and self.teacher_train_mode):
             self.teacher.eval()
         return self
+
+    @classmethod
+    def check_cfg(cls, cfg) -> None:
+        """Reject values of the method's own keys that no run can use (one-line MdistillerError)."""
 
     @classmethod
     def batch_needs(cls, cfg) -> dict[str, object]:

@@ -167,12 +167,36 @@ def build_teacher(cfg, num_classes: int) -> nn.Module:
     return teacher.eval()
 
 
-def build_distiller(cfg, num_classes: int):
-    """Student, (teacher) and the distiller of DISTILLER.TYPE."""
+# What the builder can pass a distiller's constructor by keyword when its class lists the name in `build_needs`.
+BUILD_FACTS = (
+    "num_data",  # the training-set size (CRD's memory rows)
+)
+
+
+def build_kwargs(distiller_class, num_data: int | None = None) -> dict:
+    """The keyword arguments `distiller_class` declares in `build_needs`, from the facts given (one-line errors for a
+    need the builder does not know or was not given)."""
+    facts = {"num_data": num_data}
+    kwargs = {}
+    for name in getattr(distiller_class, "build_needs", ()):
+        if name not in BUILD_FACTS:
+            raise MdistillerError(f"{distiller_class.__name__} needs {name!r} to be built, which the builder does not "
+                                  f"provide (it provides {', '.join(BUILD_FACTS)})")
+        if facts[name] is None:
+            raise MdistillerError(f"{distiller_class.__name__} needs {name} to be built (the training set must be "
+                                  f"built first)")
+        kwargs[name] = facts[name]
+    return kwargs
+
+
+def build_distiller(cfg, num_classes: int, num_data: int | None = None):
+    """Student, (teacher) and the distiller of DISTILLER.TYPE; `num_data` (the training-set size) is passed to a
+    distiller that lists it in `build_needs` (CRD)."""
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
+    kwargs = build_kwargs(distiller_class, num_data)
     student = build_model(cfg.DISTILLER.STUDENT, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE)
     teacher = build_teacher(cfg, num_classes) if distiller_class.requires_teacher else None
-    return distiller_class(student, teacher, cfg)
+    return distiller_class(student, teacher, cfg, **kwargs)
 
 
 def apply_logit_stand_flags(cfg, base_temp: float, kd_weight: float) -> None:

@@ -217,16 +217,18 @@ CFG.VID.UPSTREAM_PROBE = False  # ours: as FITNET.UPSTREAM_PROBE
 CFG.VID.LEARN_VARIANCE = False  # ours: True trains (and saves) the log-scales as the paper; upstream: constant 5.0
 
 CFG.CRD = CN()
-CFG.CRD.MODE = "exact"  # "exact" | "relax"
+CFG.CRD.MODE = "exact"  # "exact" | "relax": the positive is the sample itself, or a sample of its class
 CFG.CRD.FEAT = CN()
 CFG.CRD.FEAT.DIM = 128
-CFG.CRD.FEAT.STUDENT_DIM = 256
-CFG.CRD.FEAT.TEACHER_DIM = 256
+# ours: 0 = the model's pooled_feat size, read by a dry forward (upstream's default 256 is resnet8x4's and
+# resnet32x4's, the pair of its crd.yaml); a non-zero value must equal that size
+CFG.CRD.FEAT.STUDENT_DIM = 0
+CFG.CRD.FEAT.TEACHER_DIM = 0
 CFG.CRD.LOSS = CN()
 CFG.CRD.LOSS.CE_WEIGHT = 1.0
 CFG.CRD.LOSS.FEAT_WEIGHT = 0.8
 CFG.CRD.NCE = CN()
-CFG.CRD.NCE.K = 16384
+CFG.CRD.NCE.K = 16384  # negatives per sample, from other classes (the data path draws them: dataset/contrastive.py)
 CFG.CRD.NCE.MOMENTUM = 0.5
 CFG.CRD.NCE.TEMPERATURE = 0.07
 

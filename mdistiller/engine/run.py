@@ -155,7 +155,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
             needs={**distiller_class.batch_needs(cfg), **cache_batch_needs(cfg)},
         )
         check_fits_data(cfg, num_train)
-        distiller = build_distiller(cfg, num_classes)
+        distiller = build_distiller(cfg, num_classes, num_data=num_train)
         teacher_cache = prepare_teacher_cache(cfg, distiller, train_loader, device)  # None when off
         if distributed.rank() > 0:  # built identically on every rank; from here on each rank draws its own numbers
             set_seed(distributed.rank_seed(cfg.EXPERIMENT.SEED, distributed.rank()))

@@ -58,6 +58,7 @@ def check_recipe(cfg):
     validate_cfg(cfg)
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     check_trainer(cfg, distiller_class)
+    distiller_class.check_cfg(cfg)
     model_builder(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
     if distiller_class.requires_teacher:
         model_builder(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE)
