@@ -509,7 +509,6 @@ def test_cifar_transforms_are_torchvisions():
     assert isinstance(composed[1], transforms.RandomHorizontalFlip) and composed[1].p == 0.5
 
 
-@pytest.mark.slow
 def test_bench_rows_time_the_cached_step_and_the_build(monkeypatch, one_thread, capsys):
     from mdistiller.cli import bench
 
