@@ -23,6 +23,7 @@ from ..rng import deterministic_mode, set_seed
 from . import accel
 from .build import build_distiller, teacher_home
 from .cfg import cfg_text, dump_cfg
+from .dot import DOT_TRAINERS
 from .trainer import Trainer
 from .validate import validate_run
 
@@ -39,6 +40,7 @@ def _fmt(value: float) -> str:
 
 def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
     """EXPERIMENT.NAME (or TAG), the `KEY:VALUE` overrides, and the LS setting, so LS runs never share a folder;
+    the DOT trainer's name when neither the name nor the overrides say it (upstream's DOT tags hold "dot");
     `seed:<n>` last for the runs of a --seeds sweep."""
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
     final_values = dict(zip(opts[::2], opts[1::2]))  # a key given twice counts once, with its last value
@@ -47,6 +49,8 @@ def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
         for key, value in final_values.items()
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in _KEYS_NOT_IN_NAME)
     ]
+    if cfg.SOLVER.TRAINER in DOT_TRAINERS and not _names_trainer(name, tags, cfg.SOLVER.TRAINER):
+        tags.append(cfg.SOLVER.TRAINER)
     if cfg.EXPERIMENT.LOGIT_STAND:
         tags.append(ls_tag(cfg))
     if seed_in_name:
@@ -54,6 +58,12 @@ def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
     if tags:
         name += "," + ",".join(tags)
     return name.replace(os.sep, "_")
+
+
+def _names_trainer(name: str, tags: list[str], trainer: str) -> bool:
+    """Whether a run name (its comma-separated words) or its override tags already say the DOT trainer."""
+    words = {word.strip().lower() for word in name.split(",")}
+    return bool(words & {"dot", trainer}) or any(tag.startswith("SOLVER.TRAINER:") for tag in tags)
 
 
 def ls_tag(cfg) -> str:
@@ -64,9 +74,11 @@ def ls_tag(cfg) -> str:
 
 
 def result_log_name(cfg) -> str:
-    """`<TYPE>,<TEACHER>,<STUDENT>[,<base_temp>,<kd_weight>].txt`, the logit-standardisation repo's naming."""
+    """`<TYPE>,<TEACHER>,<STUDENT>[,<base_temp>,<kd_weight>].txt`, the logit-standardisation repo's naming; `<TYPE>+DOT`
+    under SOLVER.TRAINER dot / crd_dot (`KD+DOT,resnet32x4,resnet8x4.txt`), so DOT runs never mix with plain ones."""
     teacher = cfg.DISTILLER.TEACHER if get_distiller_class(cfg.DISTILLER.TYPE).requires_teacher else "none"
-    parts = [cfg.DISTILLER.TYPE, teacher, cfg.DISTILLER.STUDENT]
+    method = cfg.DISTILLER.TYPE + ("+DOT" if cfg.SOLVER.TRAINER in DOT_TRAINERS else "")
+    parts = [method, teacher, cfg.DISTILLER.STUDENT]
     if cfg.EXPERIMENT.LOGIT_STAND and cfg.EXPERIMENT.BASE_TEMP > 0:
         parts += [_fmt(cfg.EXPERIMENT.BASE_TEMP), _fmt(cfg.EXPERIMENT.KD_WEIGHT)]
     elif cfg.EXPERIMENT.LOGIT_STAND:
