@@ -134,10 +134,12 @@ def test_batch_not_divisible_by_the_world_and_syncbn_off_cuda_are_clear_errors()
 GLOBAL_BATCH = 8
 
 
-def step_cfg():
-    """KD with a BatchNorm student, SGD with momentum and weight decay: what one step's comparison needs."""
+def step_cfg(trainer: str = "base"):
+    """KD with a BatchNorm student, SGD with momentum and weight decay (DOT's under trainer "dot"): what one step's
+    comparison needs."""
     cfg = default_cfg()
     cfg.DISTILLER.TYPE = "KD"
+    cfg.SOLVER.TRAINER = trainer
     cfg.SOLVER.LR = 0.1
     return cfg
 
@@ -224,6 +226,68 @@ def test_one_ddp_step_on_two_halves_equals_one_process_on_the_mean_of_the_halves
     assert set(saved["ignored"]) == teacher
     for name in teacher:
         assert torch.equal(state0[name], before.state_dict()[name])
+
+
+DOT_STEPS = 2
+DOT_STEP_SCRIPT = """
+import sys
+import torch
+from mdistiller import distributed
+from mdistiller.engine.trainer import Trainer
+from test_distributed import DOT_STEPS, build_kd, global_batch, step_cfg
+
+out = sys.argv[1]
+with distributed.process_group():
+    cfg = step_cfg("dot")
+    trainer = Trainer(out, build_kd(cfg), [], [], cfg, torch.device("cpu"))
+    lo, hi = distributed.shard_bounds(len(global_batch()["target"]), distributed.rank(), distributed.world_size())
+    trainer.distiller.train()
+    for _ in range(DOT_STEPS):
+        trainer.train_step({k: v[lo:hi] for k, v in global_batch().items()}, 1)
+    params = {k: v.detach().clone() for k, v in trainer.distiller.named_parameters() if not k.startswith("teacher.")}
+    gathered = distributed.all_gather_object((params, trainer.optimizer.state_dict()))
+    if distributed.is_main_process():
+        torch.save(gathered, out + "/dot_step.pt")
+"""
+
+
+@needs_gloo
+def test_ddp_dot_steps_equal_one_process_stepping_on_the_mean_of_the_halves_losses(tmp_path):
+    """SOLVER.TRAINER dot under torchrun: one DDP forward, two backward passes (KD, then task), each gradient averaged
+    over the ranks. Two steps on two halves equal one process running upstream's DOT protocol on the mean of the
+    halves' KD losses and the mean of their CE losses (BatchNorm: each half with its own statistics, as each rank's);
+    both ranks hold the same weights and optimizer state, and the second step's DDP forward found nothing pending."""
+    script = tmp_path / "ddp_dot_step.py"
+    script.write_text(DOT_STEP_SCRIPT)
+    result = _torchrun(str(script), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (params0, optim0), (params1, optim1) = torch.load(tmp_path / "dot_step.pt", weights_only=False)
+
+    from mdistiller.engine.optim import build_optimizer
+
+    cfg = step_cfg("dot")
+    reference = build_kd(cfg).train()
+    optimizer = build_optimizer(cfg, reference)
+    batch = global_batch()
+    halves = [{k: v[lo:hi] for k, v in batch.items()} for lo, hi in (shard_bounds(GLOBAL_BATCH, r, 2) for r in (0, 1))]
+    for _ in range(DOT_STEPS):
+        terms = [reference(**half, epoch=1)[1] for half in halves]
+        loss_kd = sum(t["loss_kd"].mean() for t in terms) / 2
+        loss_ce = sum(t["loss_ce"].mean() for t in terms) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss_kd.backward(retain_graph=True)
+        optimizer.step_kd()
+        optimizer.zero_grad(set_to_none=True)
+        loss_ce.backward()
+        optimizer.step()
+    for name, param in reference.named_parameters():
+        if name.startswith("teacher."):
+            continue
+        torch.testing.assert_close(params0[name], param.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(params0[name], params1[name]), name
+    for state0, state1 in zip(optim0["state"].values(), optim1["state"].values()):
+        assert set(state0) == {"momentum_buffer", "momentum_kd_buffer"}
+        assert all(torch.equal(state0[k], state1[k]) for k in state0)
 
 
 # ---- tools/train.py under torchrun ----

@@ -25,6 +25,8 @@ from mdistiller.models import cifar_model_dict
 from conftest import REPO, run_overrides
 
 CPU = torch.device("cpu")
+# small models and batches: a second intra-op thread only waits on a loaded machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 LR, WD, MU_T, MU_K = 0.1, 0.01, 0.825, 0.975
 
 
@@ -242,15 +244,15 @@ def test_nan_policy_skip_runs_no_backward_at_all(tmp_path):
 
 
 def test_amp_dot_step_has_fp32_losses_and_gradients_and_lowers_the_loss(tmp_path):
-    trainer = make_trainer(tmp_path, make_cfg(AMP=True))
-    batch = batch_of(16)
+    trainer = make_trainer(tmp_path, make_cfg(AMP=True, LR=0.1))
+    batch = batch_of(8)
     _, losses = trainer.train_step(batch, 1)
     assert all(term.dtype == torch.float32 for term in losses.values())
     assert all(s["momentum_kd_buffer"].dtype == torch.float32 for s in trainer.optimizer.state.values())
     first = sum(losses.values()).item()
-    for _ in range(15):
+    for _ in range(8):
         _, losses = trainer.train_step(batch, 1)
-    assert sum(losses.values()).item() < 0.7 * first
+    assert sum(losses.values()).item() < 0.8 * first
 
 
 @pytest.mark.slow  # three compilations of the forward and backward on the CPU: ~1 min
@@ -354,12 +356,12 @@ def test_upstreams_dot_configs_train_an_epoch_unchanged(tmp_path, cifar100_tiny_
 
 
 def test_dot_run_resumed_from_its_epoch_checkpoint_ends_bitwise_equal(tmp_path, cifar100_tiny_root, teacher_ckpt):
-    """Two epochs of KD+DOT (resnet8 <- resnet20, batch 16), then `latest` replaced by epoch_1 and --resume: the
-    restored optimizer state (both momentum buffers) makes the second epoch the uninterrupted one, to the bit."""
+    """Two epochs of KD+DOT (resnet8 <- resnet8, 2 steps of 32 each), then `latest` replaced by epoch_1 and --resume:
+    the restored optimizer state (both momentum buffers) makes the second epoch the uninterrupted one, to the bit."""
     args = ["--cfg", str(REPO / "configs/cifar100/dot/resnet32x4_resnet8x4.yaml"),
-            *run_overrides(tmp_path, cifar100_tiny_root), "DISTILLER.TEACHER", "resnet20",
-            "DISTILLER.STUDENT", "resnet8", "DISTILLER.TEACHER_CKPT", teacher_ckpt("resnet20"), "SOLVER.EPOCHS", "2",
-            "SOLVER.BATCH_SIZE", "16", "LOG.SAVE_CHECKPOINT_FREQ", "1", "EXPERIMENT.DETERMINISTIC", "True"]
+            *run_overrides(tmp_path, cifar100_tiny_root), "DISTILLER.TEACHER", "resnet8",
+            "DISTILLER.STUDENT", "resnet8", "DISTILLER.TEACHER_CKPT", teacher_ckpt("resnet8"), "SOLVER.EPOCHS", "2",
+            "SOLVER.BATCH_SIZE", "32", "DATASET.TEST.BATCH_SIZE", "32", "LOG.SAVE_CHECKPOINT_FREQ", "1", "EXPERIMENT.DETERMINISTIC", "True"]
     run_dir = Path(train_tool.main(args)["run_dir"])
     reference = torch.load(run_dir / "student_latest", weights_only=False)["model"]
     shutil.copy(run_dir / "epoch_1", run_dir / "latest")
@@ -371,10 +373,9 @@ def test_dot_run_resumed_from_its_epoch_checkpoint_ends_bitwise_equal(tmp_path, 
 
 # ---- refused ----
 
+# (AdamW, no teacher and a momentum of 1 are among tests/test_validation.py's no-debris cases)
 @pytest.mark.parametrize("overrides, message", [
-    (["SOLVER.TYPE", "AdamW"], "SOLVER.TRAINER dot is DOT, a variant of SGD; SOLVER.TYPE is AdamW"),
-    (["SOLVER.DOT.DELTA", "0.1"], "momenta 0.8 / 1; both must lie in [0, 1)"),
-    (["DISTILLER.TYPE", "NONE"], "DISTILLER.TYPE NONE has no teacher to distil from"),
+    (["SOLVER.MOMENTUM", "0.05"], "momenta -0.025 / 0.125; both must lie in [0, 1)"),
     (["SOLVER.TRAINER", "crd_dot"], "SOLVER.TRAINER crd_dot is upstream's trainer for another method"),
 ])
 def test_what_dot_cannot_train_is_refused_in_one_line(overrides, message):

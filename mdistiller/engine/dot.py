@@ -41,9 +41,6 @@ from torch.optim.optimizer import Optimizer, required
 
 from .. import distributed
 from ..errors import MdistillerError
-from ..log import get_logger
-
-log = get_logger(__name__)
 
 # SOLVER.TRAINER values that select DOT -> the name of upstream's trainer whose batches they use
 DOT_TRAINERS = {"dot": "base", "crd_dot": "crd"}
@@ -93,7 +90,6 @@ class DistillationOrientedTrainer(Optimizer):
         # set by step_kd, consumed by step: the params with a KD gradient and references to those gradients
         self._kd_params: list[Tensor] = []
         self._kd_grads: list[Tensor] = []
-        self._announced = False
 
     def add_param_group(self, param_group: dict) -> None:
         assert not self.param_groups, "DistillationOrientedTrainer takes one param group only"
@@ -180,16 +176,17 @@ class DistillationOrientedTrainer(Optimizer):
             torch._foreach_add_(kd_params, [self.state[p]["momentum_kd_buffer"] for p in kd_params], alpha=-lr)
         return loss
 
+    def describe(self) -> str:
+        """The split and the momenta, for the run's log."""
+        group = self.param_groups[0]
+        return (f"DOT: {TASK_TERM} with momentum {group['momentum']:g}, the other loss terms with "
+                f"{group['momentum_kd']:g}")
+
     # ---- our trainer's update rule (engine/optim.update_rule) ----
     def update(self, losses: dict[str, Tensor]) -> None:
         """One DOT step from a step's loss terms: backward of the distillation loss, `step_kd()`, backward of the task
         loss ("loss_ce"), `step()`. Under torchrun each gradient is the mean over the ranks."""
         task, distill = split_losses(losses)
-        if not self._announced:
-            self._announced = True
-            log.info(f"DOT: task loss {TASK_TERM} (momentum {self.param_groups[0]['momentum']:g}), distillation loss "
-                     f"{' + '.join(n for n in losses if n != TASK_TERM)} "
-                     f"(momentum {self.param_groups[0]['momentum_kd']:g})")
         self.zero_grad(set_to_none=True)
         self._backward(distill, retain_graph=True)
         self.step_kd()

@@ -178,6 +178,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
                 + (f" x {distributed.world_size()} processes (global batch {cfg.SOLVER.BATCH_SIZE})"
                    if distributed.world_size() > 1 else "") + ", "
                 f"extra parameters {distiller.get_extra_parameters()}, {accel.describe(cfg)}"
+                + (f", {trainer.optimizer.describe()}" if hasattr(trainer.optimizer, "describe") else "")
                 + (", deterministic algorithms" if cfg.EXPERIMENT.DETERMINISTIC else "")
             )
             try:
