@@ -143,3 +143,52 @@ def test_random_cifar_files_read_back_in_the_real_format(tmp_path):
     write_cifar("cifar10", str(tmp_path), n_train=40, n_test=8, learnable=False)
     images, _ = read_cifar_split("cifar10", str(tmp_path / "cifar-10-batches-py"), train=True)
     assert images.shape == (40, 32, 32, 3)
+
+
+# ---- per-method mode ----
+# method, batch, images/s, ms/step, step vs KD, paper, s/epoch, peak memory
+METHOD_LINE = re.compile(r"^([\w+/.-]+)\s+(\d+)\s+([\d,.]+)\s+([\d.]+)\s+([\d.]+)\s+(-|[\d.]+)\s+([\d.]+)\s+"
+                         r"(-|[\d.]+ GiB)$")
+TINY_METHODS = ("--device", "cpu", "--tiny", "--data", "synthetic", "--synthetic-size", "32", "--steps", "1",
+                "--warmup", "0")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_methods_mode_times_kd_first_then_each_methods_config_and_its_step_relative_to_kd(bench, tmp_path, capsys):
+    json_path = tmp_path / "methods.json"
+    results = bench.main([*TINY_METHODS, "--methods", "kd+dot,configs/cifar100/dkd/resnet32x4_resnet8x4.yaml",
+                          "--json", str(json_path), "--opts", "SOLVER.BATCH_SIZE", "16"])
+    assert [r["method"] for r in results] == ["kd", "kd+dot", "dkd/resnet32x4_resnet8x4"]
+    assert [r["distiller"] for r in results] == ["KD", "KD+DOT", "DKD"]
+    assert [r["config"] for r in results][:2] == ["configs/cifar100/kd/resnet32x4_resnet8x4.yaml",
+                                                   "configs/cifar100/dot/resnet32x4_resnet8x4.yaml"]
+    for r in results:
+        assert r["name"] == "ours" and r["batch"] == 16 and r["steps"] == 1 and r["images_per_s"] > 0
+        assert r["step_ms"] == pytest.approx(1000 * r["seconds"]) and r["step_vs_kd"] > 0
+        assert r["step_vs_kd"] == pytest.approx(r["step_ms"] / results[0]["step_ms"])
+    assert results[0]["step_vs_kd"] == 1.0 and results[0]["paper_step_vs_kd"] == 1.0
+    assert results[1]["paper_step_vs_kd"] is None  # the DKD paper timed no DOT
+    out = capsys.readouterr().out
+    rows = {m.group(1): m.groups() for m in map(METHOD_LINE.match, out.splitlines()) if m}
+    assert list(rows) == ["kd", "kd+dot", "dkd/resnet32x4_resnet8x4"], out
+    assert rows["kd"][4] == "1.00" and rows["kd"][5] == "1.00" and rows["kd+dot"][5] == "-"
+    assert "per-method: row ours" in out and "resnet20 -> resnet8" in out
+    payload = json.loads(json_path.read_text())
+    assert payload["mode"] == "methods" and payload["ratio_to"] == "kd" and len(payload["rows"]) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "nosuchmethod"], "no config for method 'nosuchmethod': configs/cifar100/nosuchmethod/"
+                                    "resnet32x4_resnet8x4.yaml does not exist"),
+    (["--methods", "dkd", "--pair", "resnet8_resnet9"], "configs/cifar100/kd/resnet8_resnet9.yaml does not exist"),
+    (["--methods", "configs/cifar100/dkd/nope.yaml"], "config file not found: configs/cifar100/dkd/nope.yaml"),
+    (["--methods", "dkd,configs/cifar100/dkd/resnet32x4_resnet8x4.yaml"], "names configs/cifar100/dkd/"),
+    (["--methods", "dkd", "--cfg", "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"], "leave out --cfg"),
+    (["--methods", "dkd", "--rows", "ours,amp"], "--methods times one row for every method; --rows names 2"),
+    (["--methods", "dkd", "--rows", "large_batch"], "row large_batch is the KD large-batch config"),
+    (["--methods", "configs/imagenet/r34_r18/kd.yaml"], "trains on imagenet"),
+])
+def test_methods_mode_bad_input_is_one_line_before_any_timing(bench, args, message):
+    with pytest.raises(MdistillerError) as info:
+        bench.main(["--device", "cpu", *args])
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -134,10 +134,12 @@ def test_batch_not_divisible_by_the_world_and_syncbn_off_cuda_are_clear_errors()
 GLOBAL_BATCH = 8
 
 
-def step_cfg():
-    """KD with a BatchNorm student, SGD with momentum and weight decay: what one step's comparison needs."""
+def step_cfg(trainer: str = "base"):
+    """KD with a BatchNorm student, SGD with momentum and weight decay (DOT's under trainer "dot"): what one step's
+    comparison needs."""
     cfg = default_cfg()
     cfg.DISTILLER.TYPE = "KD"
+    cfg.SOLVER.TRAINER = trainer
     cfg.SOLVER.LR = 0.1
     return cfg
 
@@ -165,7 +167,7 @@ import sys
 import torch
 from mdistiller import distributed
 from mdistiller.engine.trainer import Trainer
-from test_distributed import build_kd, global_batch, step_cfg
+from test_distributed import DOT_STEPS, build_kd, global_batch, step_cfg
 
 out = sys.argv[1]
 with distributed.process_group():
@@ -178,21 +180,40 @@ with distributed.process_group():
     gathered = distributed.all_gather_object((loss, {k: v.clone() for k, v in trainer.distiller.state_dict().items()}))
     if distributed.is_main_process():
         torch.save({"ranks": gathered, "ignored": sorted(trainer.ddp.parameters_to_ignore)}, out + "/step.pt")
+
+    # SOLVER.TRAINER dot: DOT_STEPS steps of the DOT update on the same halves (test_ddp_dot_steps_...)
+    cfg = step_cfg("dot")
+    trainer = Trainer(out, build_kd(cfg), [], [], cfg, torch.device("cpu"))
+    trainer.distiller.train()
+    for _ in range(DOT_STEPS):
+        trainer.train_step({k: v[lo:hi] for k, v in global_batch().items()}, 1)
+    params = {k: v.detach().clone() for k, v in trainer.distiller.named_parameters() if not k.startswith("teacher.")}
+    gathered = distributed.all_gather_object((params, trainer.optimizer.state_dict()))
+    if distributed.is_main_process():
+        torch.save(gathered, out + "/dot_step.pt")
 """
+DOT_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def ddp_steps(tmp_path_factory) -> Path:
+    """One torchrun of STEP_SCRIPT (2 processes): the folder holding step.pt (plain SGD) and dot_step.pt (DOT)."""
+    tmp = tmp_path_factory.mktemp("ddp_steps")
+    script = tmp / "ddp_step.py"
+    script.write_text(STEP_SCRIPT)
+    result = _torchrun(str(script), str(tmp))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp
 
 
 @needs_gloo
-def test_one_ddp_step_on_two_halves_equals_one_process_on_the_mean_of_the_halves_losses(tmp_path):
+def test_one_ddp_step_on_two_halves_equals_one_process_on_the_mean_of_the_halves_losses(ddp_steps):
     """DDP averages the ranks' gradients, so its step is the gradient step of (L0 + L1) / 2, L_r the mean loss of
     rank r's half of the global batch. BatchNorm (no SyncBN) normalises each half with that half's own statistics, so
     the one-process reference runs the halves through the model separately and steps on the mean of their losses:
     the weights must agree up to float summation order. Each rank's BN running statistics follow its own half; the
     teacher is excluded from DDP and unchanged."""
-    script = tmp_path / "ddp_step.py"
-    script.write_text(STEP_SCRIPT)
-    result = _torchrun(str(script), str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    saved = torch.load(tmp_path / "step.pt", weights_only=False)
+    saved = torch.load(ddp_steps / "step.pt", weights_only=False)
     (loss0, state0), (loss1, state1) = saved["ranks"]
 
     cfg = step_cfg()
@@ -224,6 +245,41 @@ def test_one_ddp_step_on_two_halves_equals_one_process_on_the_mean_of_the_halves
     assert set(saved["ignored"]) == teacher
     for name in teacher:
         assert torch.equal(state0[name], before.state_dict()[name])
+
+
+@needs_gloo
+def test_ddp_dot_steps_equal_one_process_stepping_on_the_mean_of_the_halves_losses(ddp_steps):
+    """SOLVER.TRAINER dot under torchrun: one DDP forward, two backward passes (KD, then task), each gradient averaged
+    over the ranks. Two steps on two halves equal one process running upstream's DOT protocol on the mean of the
+    halves' KD losses and the mean of their CE losses (BatchNorm: each half with its own statistics, as each rank's);
+    both ranks hold the same weights and optimizer state, and the second step's DDP forward found nothing pending."""
+    (params0, optim0), (params1, optim1) = torch.load(ddp_steps / "dot_step.pt", weights_only=False)
+
+    from mdistiller.engine.optim import build_optimizer
+
+    cfg = step_cfg("dot")
+    reference = build_kd(cfg).train()
+    optimizer = build_optimizer(cfg, reference)
+    batch = global_batch()
+    halves = [{k: v[lo:hi] for k, v in batch.items()} for lo, hi in (shard_bounds(GLOBAL_BATCH, r, 2) for r in (0, 1))]
+    for _ in range(DOT_STEPS):
+        terms = [reference(**half, epoch=1)[1] for half in halves]
+        loss_kd = sum(t["loss_kd"].mean() for t in terms) / 2
+        loss_ce = sum(t["loss_ce"].mean() for t in terms) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss_kd.backward(retain_graph=True)
+        optimizer.step_kd()
+        optimizer.zero_grad(set_to_none=True)
+        loss_ce.backward()
+        optimizer.step()
+    for name, param in reference.named_parameters():
+        if name.startswith("teacher."):
+            continue
+        torch.testing.assert_close(params0[name], param.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(params0[name], params1[name]), name
+    for state0, state1 in zip(optim0["state"].values(), optim1["state"].values()):
+        assert set(state0) == {"momentum_buffer", "momentum_kd_buffer"}
+        assert all(torch.equal(state0[k], state1[k]) for k in state0)
 
 
 # ---- tools/train.py under torchrun ----

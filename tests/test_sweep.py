@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mdistiller.analysis.published import CIFAR100, PAIRS
+from mdistiller.analysis.published import CIFAR100
 from mdistiller.cli import launchers, sweep_plan
 from mdistiller.cli import sweep as sweep_cli
 from mdistiller.cli.launchers import Job, LocalQueue, gpu_slots
@@ -28,6 +28,7 @@ from conftest import REPO
 VANILLA = "configs/cifar100/vanilla/resnet8.yaml"
 KD = "configs/cifar100/kd/resnet56_resnet20.yaml"
 METHODS = ("kd", "ctkd", "dkd", "mlkd")
+LS_PAIRS = {(teacher, student) for _, teacher, student in CIFAR100}  # the LS paper's 14 pairs
 
 
 def _where(tmp: Path) -> list[str]:
@@ -73,7 +74,7 @@ def test_ls_table_dry_run_counts_112_recipes_times_the_seeds(ls_dry_run):
     # exactly the paper's 14 pairs x 4 methods, each without and with LS
     cells = {(r.cfg.DISTILLER.TYPE, r.cfg.DISTILLER.TEACHER, r.cfg.DISTILLER.STUDENT, r.cfg.EXPERIMENT.LOGIT_STAND)
              for r in plan.runs}
-    assert cells == {(m.upper(), t, s, ls) for m in METHODS for t, s in PAIRS for ls in (False, True)}
+    assert cells == {(m.upper(), t, s, ls) for m in METHODS for t, s in LS_PAIRS for ls in (False, True)}
     assert [r.seed for r in plan.runs[:112]] == [0] * 112, "seed-major: a first full table before any second seed"
 
 
@@ -524,3 +525,20 @@ runs:
     again = sweep_cli.main([path, *slurm, "--train-missing-teachers", *overrides])
     assert "nothing to do" in capsys.readouterr().out and len(again["plan"].runs) == 1, \
         "a finished student needs no teacher run"
+
+
+def test_teacher_cache_goes_to_the_logit_runs_it_can_serve_and_keeps_their_recipe(ls_dry_run):
+    from mdistiller.engine.run import config_hash
+
+    runs = ls_dry_run[0]["plan"].runs[:112]
+    served = {r.cfg.DISTILLER.TYPE for r in runs if sweep_cli.teacher_output_cache_opts(r, True)}
+    refused = {r.cfg.DISTILLER.TYPE for r in runs if not sweep_cli.teacher_output_cache_opts(r, True)}
+    assert served == {"KD", "DKD", "CTKD"} and refused == {"MLKD"}  # MLKD's strong view cannot be enumerated
+    assert not any(sweep_cli.teacher_output_cache_opts(r, False) for r in runs)  # off unless asked
+    kd = next(r for r in runs if r.cfg.DISTILLER.TYPE == "KD")
+    cached = kd.cfg.clone()
+    cached.defrost()
+    cached.DISTILLER.TEACHER_CACHE = "auto"
+    assert config_hash(cached) == config_hash(kd.cfg)  # an fp32 cache: the same recipe, finished runs still count
+    cached.DISTILLER.TEACHER_CACHE_DTYPE = "fp16"
+    assert config_hash(cached) != config_hash(kd.cfg)  # fp16 storage rounds the teacher's logits

@@ -20,9 +20,8 @@ from conftest import REPO, run_overrides
 DOT_CONFIGS = {"MobileNetV2": "configs/tiny_imagenet/dot/r18_mv2.yaml",
                "ShuffleV2": "configs/tiny_imagenet/dot/r18_shuv2.yaml"}
 VANILLA = "configs/tiny_imagenet/vanilla/ResNet18.yaml"
-# SOLVER.TRAINER dot (the DOT optimizer) is not in the trainer yet: these runs train plain KD until it is. Set this to
-# () once it lands, so that the configs run as published.
-TRAINER_OVERRIDE: tuple[str, ...] = ("SOLVER.TRAINER", "base")
+# Overrides of SOLVER.TRAINER for these runs: none, the configs train with DOT as published.
+TRAINER_OVERRIDE: tuple[str, ...] = ()
 
 
 @pytest.fixture(scope="module")

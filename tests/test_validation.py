@@ -59,7 +59,12 @@ def _cases(tmp: Path, data_root: str, teacher_ckpt) -> dict[str, tuple[list[str]
                                   "cannot write to the run folder (LOG.PREFIX)"),
         "unwritable LOG.RESULTS_DIR": (["--cfg", VANILLA, *base, "LOG.RESULTS_DIR", str(blocker / "logs")],
                                        "cannot write to LOG.RESULTS_DIR"),
-        "DOT trainer": (["--cfg", KD, *base, "SOLVER.TRAINER", "dot"], "SOLVER.TRAINER dot"),
+        "DOT with AdamW": (["--cfg", KD, *base, "SOLVER.TRAINER", "dot", "SOLVER.TYPE", "AdamW"],
+                           "SOLVER.TRAINER dot is DOT, a variant of SGD; SOLVER.TYPE is AdamW"),
+        "DOT without a teacher": (["--cfg", VANILLA, *base, "SOLVER.TRAINER", "dot"],
+                                  "DISTILLER.TYPE NONE has no teacher to distil from"),
+        "DOT momentum of 1": (["--cfg", KD, *base, "SOLVER.TRAINER", "dot", "SOLVER.DOT.DELTA", "0.1"],
+                              "momenta 0.8 / 1; both must lie in [0, 1)"),
         "another method's trainer": (["--cfg", KD, *base, "SOLVER.TRAINER", "ours"],
                                      "SOLVER.TRAINER ours is upstream's trainer for another method"),
         "CRD mode": (["--cfg", CRD, *base, "CRD.MODE", "loose"], "CRD.MODE 'loose' is not one of exact, relax"),
@@ -80,9 +85,9 @@ def _cases(tmp: Path, data_root: str, teacher_ckpt) -> dict[str, tuple[list[str]
 CASES = ["missing config", "unknown key", "unknown model", "unknown distiller", "missing data", "damaged data",
          "missing teacher", "teacher of another architecture", "teacher of another class count", "zero epochs",
          "negative batch", "batch larger than the data", "decay stages", "nan policy", "unwritable LOG.PREFIX",
-         "unwritable LOG.RESULTS_DIR", "DOT trainer", "another method's trainer", "CRD mode", "CRD dims",
-         "resume without a run",
-         "odd overrides", "unknown flag", "teacher cache for MLKD's strong view", "teacher cache not built"]
+         "unwritable LOG.RESULTS_DIR", "DOT with AdamW", "DOT without a teacher", "DOT momentum of 1",
+         "another method's trainer", "CRD mode", "CRD dims", "resume without a run", "odd overrides", "unknown flag",
+         "teacher cache for MLKD's strong view", "teacher cache not built"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -3,6 +3,7 @@
     python tools/bench.py [--cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml] [--rows reference,ours,amp,...]
         [--device cuda|cpu] [--tiny] [--steps N] [--warmup N] [--data auto|real|synthetic] [--synthetic-size N]
         [--large-cfg PATH] [--json PATH] [--markdown] [--profile ROW DIR] [--opts KEY VALUE ...]
+    python tools/bench.py --methods kd,dkd,fitnet,crd,kd+dot [--pair resnet32x4_resnet8x4] [--rows ours] ...
 
 Every row builds a fresh distiller (same seed, teacher with random weights: speed does not depend on them), its own
 loaders from the real data code (`get_dataset`) and a `Trainer`, and times `Trainer.train_step` on full batches:
@@ -19,6 +20,10 @@ DATASET.IMAGE_SIZE: the step alone is timed, not the JPEG pipeline. The rows loa
 that pipeline alone (no training step): the training DataLoader with PIL decoding in the workers, and with
 DATASET.GPU_DECODE (batched decode_jpeg + crop/resize/flip on the device; on the CPU the same path runs with device
 cpu). They read DATASET.ROOT's imagenet/ folder, or 500x375 JPEGs of 10 classes the bench writes to a temp folder.
+
+Per-method mode (`--methods`): one row (`ours` unless --rows names another) timed for each method's config, KD's
+first, and each method's step time relative to KD's, beside the DKD paper's ratio where it published one. A method
+is a config file, or a name: `<name>` is configs/cifar100/<name>/<pair>.yaml, `kd+dot` (or `dot`) the KD+DOT config.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from ..distillers import get_distiller_class
 from ..engine import accel
 from ..engine.build import build_kwargs, build_model, is_imagenet
 from ..engine.cfg import load_cfg
+from ..engine.dot import DOT_TRAINERS
 from ..engine.run import check_fits_data, default_device
 from ..engine.teacher_cache import TeacherLogitTable, cache_batch_needs, release_teacher
 from ..engine.teacher_cache_build import build_cache
@@ -59,10 +65,12 @@ from ..engine.teacher_cache_identity import STORAGE, TABLE_FILE, run_identity, t
 from ..engine.trainer import Trainer
 from ..engine.validate import check_recipe, check_writable
 from ..errors import MdistillerError
+from ..files import resolve_project_path
 from ..rng import set_seed
 from . import run_cli
 
-DEFAULT_CFG = "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"
+DEFAULT_PAIR = "resnet32x4_resnet8x4"
+DEFAULT_CFG = f"configs/cifar100/kd/{DEFAULT_PAIR}.yaml"
 DEFAULT_LARGE_CFG = "configs/cifar100/kd/fast/resnet32x4_resnet8x4.yaml"
 # What the large-batch config holds, for a checkout that lacks the file
 LARGE_BATCH_OPTS = ("SOLVER.BATCH_SIZE", "512", "SOLVER.LR", "0.4", "SOLVER.LR_WARMUP_EPOCHS", "5",
@@ -126,7 +134,13 @@ DEFAULT_ROWS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser("bench.py", description="training-step throughput: mdistiller's pipeline vs ours")
-    parser.add_argument("--cfg", default=DEFAULT_CFG, help="YAML config (CIFAR, or ImageNet for synthetic tensors)")
+    parser.add_argument("--cfg", default=None,
+                        help=f"YAML config (CIFAR, or ImageNet for synthetic tensors; default {DEFAULT_CFG})")
+    parser.add_argument("--methods", default="",
+                        help="per-method mode: comma-separated config files or names (kd, dkd, fitnet, crd, kd+dot, "
+                             "...: configs/cifar100/<name>/<pair>.yaml), each timed in one row against KD")
+    parser.add_argument("--pair", default=DEFAULT_PAIR,
+                        help=f"the teacher_student file name of --methods names (default {DEFAULT_PAIR})")
     parser.add_argument("--rows", default="", help=f"comma-separated rows, of: {', '.join(ROWS)}")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: CUDA when present")
     parser.add_argument("--tiny", action="store_true",
@@ -582,6 +596,141 @@ def profile_row(row: Row, cfg, data, device: torch.device, warmup: int, folder: 
     print(f"  trace: {trace} (open in chrome://tracing or https://ui.perfetto.dev)")
 
 
+# ---- per-method mode ----
+# Step time per batch of 64, resnet32x4 -> resnet8x4, relative to KD's (DKD paper, Zhao et al. 2022, Fig. 1 / Table:
+# KD 11 ms, FitNet 14, OFD 19, RKD 25, ReviewKD 26, CRD 41): DISTILLER.TYPE -> ratio
+PAPER_STEP_VS_KD = {"KD": 1.0, "FITNET": 14 / 11, "OFD": 19 / 11, "RKD": 25 / 11, "REVIEWKD": 26 / 11, "CRD": 41 / 11}
+DOT_NAMES = ("kd+dot", "dot")
+CIFAR_CLASSES = {"cifar100": 100, "cifar10": 10}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the per-method table: its label (the name given) and its config file."""
+
+    label: str
+    path: str
+
+
+def method_config(item: str, pair: str) -> Method:
+    """A --methods item: a config file (a path or *.yaml), or a name -> configs/cifar100/<name>/<pair>.yaml."""
+    if item.endswith((".yaml", ".yml")) or os.sep in item:
+        if not os.path.isfile(resolve_project_path(item)):
+            raise MdistillerError(f"--methods: config file not found: {item}")
+        folder, stem = os.path.basename(os.path.dirname(item)), os.path.splitext(os.path.basename(item))[0]
+        return Method(f"{folder}/{stem}" if folder else stem, item)
+    name = item.lower()
+    folder = "dot" if name in DOT_NAMES else name
+    path = f"configs/cifar100/{folder}/{pair}.yaml"
+    if not os.path.isfile(resolve_project_path(path)):
+        raise MdistillerError(f"--methods: no config for method {item!r}: {path} does not exist (give a config file, "
+                              f"or another --pair)")
+    return Method(name, path)
+
+
+def select_methods(text: str, pair: str) -> list[Method]:
+    """KD first (the base of the ratios), then the listed methods in order, each once."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    methods = [method_config("kd", pair)]
+    for item in items:
+        method = method_config(item, pair)
+        same = [m for m in methods if os.path.abspath(resolve_project_path(m.path)) ==
+                os.path.abspath(resolve_project_path(method.path))]
+        if same and same[0].label != "kd":
+            raise MdistillerError(f"--methods names {method.path} twice ({same[0].label}, {method.label})")
+        if not same:
+            methods.append(method)
+    return methods
+
+
+def methods_row(args: argparse.Namespace, device: torch.device) -> Row:
+    """The one row timed for every method: `ours` unless --rows names one other training row."""
+    if args.cfg is not None or args.profile:
+        raise MdistillerError("--methods picks each method's config and times one row: leave out --cfg and --profile")
+    names = [n.strip() for n in args.rows.split(",") if n.strip()] or ["ours"]
+    if len(names) != 1:
+        raise MdistillerError(f"--methods times one row for every method; --rows names {len(names)}: {args.rows}")
+    row = select_rows(names[0], "cifar", device)[0]
+    if row.large_batch:
+        raise MdistillerError("--methods times each method's own config; row large_batch is the KD large-batch config")
+    return row
+
+
+def bench_methods(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Per-method mode: one row for each method's config, KD first; prints the table, returns the rows' results."""
+    row = methods_row(args, device)
+    methods = select_methods(args.methods, args.pair)
+    if args.json:
+        check_writable(os.path.dirname(os.path.abspath(args.json)), "the --json folder")
+    tiny = list(TINY_CIFAR_OPTS) if args.tiny else []
+    loaded = [_load(resolve_project_path(m.path), [*tiny, *args.opts]) for m in methods]
+    for method, cfg in zip(methods, loaded):
+        if family_of(cfg) != "cifar" or cfg.DATASET.TYPE != loaded[0].DATASET.TYPE:
+            raise MdistillerError(f"--methods times methods on KD's data ({loaded[0].DATASET.TYPE}); {method.path} "
+                                  f"trains on {cfg.DATASET.TYPE}")
+    for cfg in loaded:  # each built once before any data or timing: what only a built method finds fails now
+        build_random_distiller(cfg, cfg.DATASET.NUM_CLASSES or CIFAR_CLASSES[cfg.DATASET.TYPE])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    steps = args.steps or (200 if device.type == "cuda" else 20)
+    results = []
+    with contextlib.ExitStack() as stack:
+        data = CifarData(loaded[0], args.data, args.synthetic_size, stack)
+        opts = [*tiny, *data.opts(), *args.opts, *row.opts]
+        cfgs = [_load(resolve_project_path(m.path), opts) for m in methods]
+        meta = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+                "date": datetime.datetime.now().isoformat(timespec="seconds"), "mode": "methods", "row": row.name,
+                "pair": f"{cfgs[0].DISTILLER.TEACHER} -> {cfgs[0].DISTILLER.STUDENT}", "data": data.describe(),
+                "teacher_weights": "random"}
+        print(f"device: {meta['device']}, torch {meta['torch']}, {meta['date']}\n"
+              f"per-method: row {row.name} ({row.what}), {meta['pair']}; data: {meta['data']}\n"
+              "teacher: random-initialised weights (speed does not depend on them)", flush=True)
+        for method, cfg in zip(methods, cfgs):
+            warmup = warmup_steps(args, cfg, device)
+            print(f"  timing {method.label}: {warmup} warm-up + {steps} steps ...", file=sys.stderr, flush=True)
+            result = time_row(row, cfg, data, device, steps, warmup)
+            trainer = "+DOT" if cfg.SOLVER.TRAINER in DOT_TRAINERS else ""
+            paper = PAPER_STEP_VS_KD.get(cfg.DISTILLER.TYPE) if not trainer else None
+            result.update(method=method.label, config=method.path, distiller=cfg.DISTILLER.TYPE + trainer,
+                          step_ms=1000.0 * result["seconds"] / result["steps"], paper_step_vs_kd=paper)
+            results.append(result)
+    for r in results:
+        r["step_vs_kd"] = r["step_ms"] / results[0]["step_ms"]
+        r["ratio"] = r["images_per_s"] / results[0]["images_per_s"]
+    print(format_methods_table(results))
+    print(f"s/epoch: {results[0]['epoch_images']:,} training images / images/s; step vs KD: the method's ms/step over "
+          "KD's (1.30 = 30% slower); paper: the DKD paper's ratio (ms per batch of 64, resnet32x4 -> resnet8x4, GPU)")
+    print("\n".join(f"  {r['method']}: {r['config']} ({r['distiller']})" for r in results))
+    if args.markdown:
+        print()
+        print(format_methods_markdown(results))
+    if args.json:
+        _write_json(args.json, {**meta, "ratio_to": results[0]["method"], "rows": results})
+    return results
+
+
+def _method_cells(r: dict) -> list[str]:
+    peak = "-" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib'] / 1024:.2f} GiB"
+    rate = f"{r['images_per_s']:,.0f}" if r["images_per_s"] >= 100 else f"{r['images_per_s']:.1f}"
+    paper = "-" if r["paper_step_vs_kd"] is None else f"{r['paper_step_vs_kd']:.2f}"
+    return [r["method"], str(r["batch"]), rate, f"{r['step_ms']:.1f}", f"{r['step_vs_kd']:.2f}", paper,
+            f"{r['seconds_per_epoch']:.1f}", peak]
+
+
+METHOD_HEAD = ["method", "batch", "images/s", "ms/step", "step vs KD", "paper", "s/epoch", "peak GPU mem"]
+
+
+def format_methods_table(rows: list[dict]) -> str:
+    """The per-method plain-text table."""
+    return text_table(METHOD_HEAD, [_method_cells(r) for r in rows])
+
+
+def format_methods_markdown(rows: list[dict]) -> str:
+    """The per-method table in Markdown."""
+    lines = ["| " + " | ".join(METHOD_HEAD) + " |", "|" + "|".join(["---"] + ["---:"] * (len(METHOD_HEAD) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(_method_cells(r)) + " |" for r in rows])
+
+
 # ---- output ----
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's with its thread count."""
@@ -640,6 +789,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for flag, value in (("--steps", args.steps), ("--warmup", args.warmup)):
         if value is not None and value < (1 if flag == "--steps" else 0):
             raise MdistillerError(f"{flag} must be {'positive' if flag == '--steps' else '>= 0'}, got {value}")
+    if args.methods:
+        return bench_methods(args, device)
+    args.cfg = args.cfg or DEFAULT_CFG
     base = _load(args.cfg, list(args.opts))
     family = family_of(base)
     rows = select_rows(args.profile[0] if args.profile else args.rows, family, device)

@@ -25,6 +25,8 @@ from typing import Sequence
 
 from ..analysis.plots import plot_table
 from ..analysis.report import build_table, results_of_runs, to_csv, to_markdown
+from ..distillers import get_distiller_class
+from ..engine.teacher_cache import AUTO, cache_refusal
 from ..errors import MdistillerError
 from . import run_cli
 from .launchers import (
@@ -59,6 +61,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, str, list[str]]
     parser.add_argument("--train-missing-teachers", action="store_true",
                         help="train (vanilla config) each teacher not on disk before the runs that need it")
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    parser.add_argument("--teacher-cache", action="store_true",
+                        help="logit methods on CIFAR distil from a teacher-output cache, built once per teacher "
+                             "(DISTILLER.TEACHER_CACHE auto; docs/teacher_cache.md)")
     parser.add_argument("--out", help="folder of the report (default <LOG.PREFIX>/sweeps/<name>)")
     parser.add_argument("--last", action="store_true", help="report last-epoch top-1 instead of the best epoch's")
     parser.add_argument("--published", action="store_true", help="published numbers in the report (also the "
@@ -103,10 +108,18 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, str, list[str]]
 
 # ---- hooks for what other parts of the project will provide ----
 
-def teacher_output_cache_opts(run: Run) -> list[str]:
-    """HOOK (teacher-output cache, not written yet): the KEY VALUE overrides that point run at its teacher's cached
-    outputs. Today: none, every run computes its teacher's outputs itself."""
-    return []
+def teacher_output_cache_opts(run: Run, enabled: bool) -> list[str]:
+    """With --teacher-cache: `DISTILLER.TEACHER_CACHE auto` for a run the cache can serve (a logit method on CIFAR's
+    standard view; docs/teacher_cache.md). The first run of a teacher builds its cache under a file lock while the
+    others wait, so each cache is built once; an fp32 cache leaves the recipe (run name, hash) as it is."""
+    if not enabled or run.cfg.DISTILLER.TEACHER_CACHE:
+        return []
+    cached = run.cfg.clone()
+    cached.defrost()
+    cached.DISTILLER.TEACHER_CACHE = AUTO
+    if cache_refusal(cached, get_distiller_class(cached.DISTILLER.TYPE)) is not None:
+        return []
+    return ["DISTILLER.TEACHER_CACHE", AUTO]
 
 
 def results_figure(table, path: str) -> str | None:
@@ -118,9 +131,9 @@ def results_figure(table, path: str) -> str | None:
 
 # ---- commands ----
 
-def run_job(run: Run, nproc: int, resume: bool) -> Job:
+def run_job(run: Run, nproc: int, resume: bool, teacher_cache: bool = False) -> Job:
     """The tools/train.py process of a run (continued from `latest` when resume)."""
-    args = [*run.train_args(resume=resume), *teacher_output_cache_opts(run)]
+    args = [*run.train_args(resume=resume), *teacher_output_cache_opts(run, teacher_cache)]
     return Job(key=run.run_dir, label=run.name, command=python_command(TRAIN_MODULE, args, nproc),
                log_path=run.log_path, cwd=os.getcwd())
 
@@ -250,7 +263,7 @@ def launch_local(plan: Plan, todo: list[Run], states: dict[str, RunState], args)
     keys = {run.run_dir for run in todo}
     jobs = []
     for run in todo:
-        job = run_job(run, args.nproc_per_run, states[run.run_dir].status == "started")
+        job = run_job(run, args.nproc_per_run, states[run.run_dir].status == "started", args.teacher_cache)
         job.after = run.teacher_run if run.teacher_run in keys else ""
         jobs.append(job)
     outcomes = queue.run(jobs)
@@ -271,8 +284,8 @@ def slurm_options(plan: Plan, args, out_dir: str) -> SlurmOptions:
                         name=f"sweep-{plan.sweep.name}")
 
 
-def sweep_call(run: Run, nproc: int) -> SweepJob:
-    return SweepJob(run_job(run, nproc, resume=False), run_job(run, nproc, resume=True).command,
+def sweep_call(run: Run, nproc: int, teacher_cache: bool = False) -> SweepJob:
+    return SweepJob(run_job(run, nproc, False, teacher_cache), run_job(run, nproc, True, teacher_cache).command,
                     os.path.join(run.run_dir, "latest"))
 
 
@@ -283,7 +296,7 @@ def launch_slurm(plan: Plan, todo: list[Run], args, out_dir: str) -> dict[str, O
     first = [run for run in todo if run.teacher_run not in keys]  # teachers and runs that need none
     later = [run for run in todo if run.teacher_run in keys]
     executor = make_executor(options)
-    jobs = submit(executor, [sweep_call(run, args.nproc_per_run) for run in first], options.array)
+    jobs = submit(executor, [sweep_call(run, args.nproc_per_run, args.teacher_cache) for run in first], options.array)
     for run, job in zip(first, jobs):
         print(f"  submitted {run.name}: job {job.job_id}", flush=True)
     by_dir = dict(zip((run.run_dir for run in first), jobs))
@@ -293,8 +306,8 @@ def launch_slurm(plan: Plan, todo: list[Run], args, out_dir: str) -> dict[str, O
         for teacher in sorted({run.teacher_run for run in later}):
             students = [run for run in later if run.teacher_run == teacher]
             dependent = make_executor(options, dependency=[by_dir[teacher].job_id])
-            for run, job in zip(students, submit(dependent, [sweep_call(r, args.nproc_per_run) for r in students],
-                                                 options.array)):
+            calls = [sweep_call(r, args.nproc_per_run, args.teacher_cache) for r in students]
+            for run, job in zip(students, submit(dependent, calls, options.array)):
                 print(f"  submitted {run.name}: job {job.job_id} (after teacher job {by_dir[teacher].job_id})")
         print(f"submitted; see where the runs stand with: {sweep_command(sys.argv[1:], resume=False)} --report")
         return None
@@ -309,7 +322,8 @@ def launch_slurm(plan: Plan, todo: list[Run], args, out_dir: str) -> dict[str, O
         for run in later:
             if run not in ready:
                 outcomes[run.run_dir] = Outcome("skipped", None, "its teacher run did not finish")
-        more = submit(executor, [sweep_call(run, args.nproc_per_run) for run in ready], options.array)
+        calls = [sweep_call(run, args.nproc_per_run, args.teacher_cache) for run in ready]
+        more = submit(executor, calls, options.array)
         for run, job in zip(ready, more):
             print(f"  submitted {run.name}: job {job.job_id}", flush=True)
         by_dir.update(zip((run.run_dir for run in ready), more))

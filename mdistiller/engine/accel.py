@@ -6,8 +6,9 @@ tools/bench.py and the tests. Off, each is the identity: the published fp32 reci
   range: no loss scaling is needed.
 - CHANNELS_LAST: parameters and 4-d input batches in NHWC, the layout cuDNN's tensor-core kernels want.
 - COMPILE: `torch.compile(distiller, mode=...)` for the training forward (backward follows through AOTAutograd);
-  "reduce-overhead" adds CUDA graphs. The optimizer step, the LR schedule and the checkpoints stay eager, on the
-  original module, so state dicts keep their names.
+  "reduce-overhead" adds CUDA graphs. An update rule with two backward passes per forward (DOT) compiles without the
+  compile caches (`keep_compile_caches_from_retained_graphs`). The optimizer step, the LR schedule and the
+  checkpoints stay eager, on the original module, so state dicts keep their names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
+from ..log import get_logger
+
+log = get_logger(__name__)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 AMP_DTYPE = torch.bfloat16
 
@@ -53,12 +57,33 @@ def batch_to_device(batch: dict, device: torch.device, fmt: torch.memory_format 
     return moved
 
 
-def compiled(module: nn.Module, cfg) -> Callable:
-    """`module` itself, or its torch.compile wrapper (sharing its parameters) under SOLVER.COMPILE."""
+def compiled(module: nn.Module, cfg, backward_passes: int = 1) -> Callable:
+    """`module` itself, or its torch.compile wrapper (sharing its parameters) under SOLVER.COMPILE. With more than one
+    backward pass per forward (DOT), the compile caches are switched off for this process first (see
+    `keep_compile_caches_from_retained_graphs`)."""
     mode = cfg.SOLVER.COMPILE
     if not mode:
         return module
+    if backward_passes > 1:
+        keep_compile_caches_from_retained_graphs()
     return torch.compile(module, mode=mode)
+
+
+def keep_compile_caches_from_retained_graphs() -> None:
+    """Switch off AOTAutograd's and inductor's compile caches in this process.
+
+    AOTAutograd compiles the backward at the first backward call and knows then whether the saved tensors are used
+    once: with `retain_graph=True` it keeps them (no donated buffers, no in-place reuse). The on-disk caches do not
+    key on that: a backward compiled by an earlier run of the same graph with one backward pass (plain KD) would be
+    loaded and either refuse `retain_graph=True` or overwrite saved tensors in the first pass, so the second pass
+    computes wrong gradients, silently (torch 2.14, CPU). Compiling afresh costs start-up time only."""
+    # imported here: torch._inductor takes seconds to import, and only a compiled DOT run needs it
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._functorch.config.enable_autograd_cache = False
+    torch._inductor.config.fx_graph_cache = False
+    log.info("SOLVER.COMPILE with two backward passes per step (DOT): torch.compile's caches are off in this process")
 
 
 def begin_step(cfg) -> None:

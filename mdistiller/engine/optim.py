@@ -9,6 +9,8 @@
   none, as in the DeiT and VkD code.
 
 Both take the distiller's `get_learnable_parameters()` (student plus the method's extra modules, never the teacher).
+SOLVER.TRAINER "dot" / "crd_dot" replaces SGD by DOT (engine/dot.py: `DistillationOrientedTrainer`, task and
+distillation momentum buffers), whose own `update(losses)` is then the step's update rule.
 The learning rate follows SOLVER.LR_SCHEDULE (`learning_rate`), set by the trainer on every param group.
 """
 
@@ -21,6 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+
+from .dot import DOT_TRAINERS, build_dot
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -68,7 +72,10 @@ OPTIMIZER_BUILDERS = {"SGD": _sgd, "AdamW": _adamw}
 
 
 def build_optimizer(cfg, distiller: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of SOLVER.TYPE over `distiller.get_learnable_parameters()`, at SOLVER.LR."""
+    """The optimizer of SOLVER.TYPE over `distiller.get_learnable_parameters()`, at SOLVER.LR (DOT under SOLVER.TRAINER
+    dot / crd_dot, which validation allows with SGD only)."""
+    if cfg.SOLVER.TRAINER in DOT_TRAINERS:
+        return build_dot(cfg, distiller.get_learnable_parameters())
     return OPTIMIZER_BUILDERS[cfg.SOLVER.TYPE](cfg, distiller)
 
 
@@ -97,6 +104,12 @@ def learning_rate(cfg, epoch: int, epoch_fraction: float = 1.0) -> float:
 def lr_changes_within(cfg, epoch: int) -> bool:
     """Whether the LR of `epoch` is set step by step (cosine schedule, or an epoch of the warm-up)."""
     return cfg.SOLVER.LR_SCHEDULE == "cosine" or epoch - 1 < cfg.SOLVER.LR_WARMUP_EPOCHS
+
+
+def backward_passes(cfg) -> int:
+    """How many backward passes the update rule makes through one forward: 2 under DOT (the distillation loss with
+    the graph kept, then the task loss), else 1. A compiled forward must then keep its saved tensors alive."""
+    return 2 if cfg.SOLVER.TRAINER in DOT_TRAINERS else 1
 
 
 def summed_loss_update(optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor]) -> None:

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import distributed
 from ..errors import MdistillerError
 from . import accel
+from .optim import backward_passes
 
 
 def check_distributed(cfg, device: torch.device, world: int) -> None:
@@ -72,5 +73,5 @@ def place(distiller: nn.Module, cfg, device: torch.device) -> Placement:
         distiller = sync_batchnorm(distiller)
     module = accel.prepare_module(distiller, cfg)
     ddp = wrap_ddp(module, cfg, device) if world > 1 else None
-    forward = accel.compiled(ddp if ddp is not None else module, cfg)
+    forward = accel.compiled(ddp if ddp is not None else module, cfg, backward_passes(cfg))
     return Placement(module, ddp, forward, accel.memory_format(cfg))

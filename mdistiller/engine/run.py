@@ -23,6 +23,7 @@ from ..rng import deterministic_mode, set_seed
 from . import accel
 from .build import build_distiller, teacher_home
 from .cfg import cfg_text, dump_cfg
+from .dot import DOT_TRAINERS
 from .teacher_cache import cache_batch_needs, prepare_teacher_cache
 from .trainer import Trainer
 from .validate import validate_run
@@ -42,6 +43,7 @@ def _fmt(value: float) -> str:
 
 def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
     """EXPERIMENT.NAME (or TAG), the `KEY:VALUE` overrides, and the LS setting, so LS runs never share a folder;
+    the DOT trainer's name when neither the name nor the overrides say it (upstream's DOT tags hold "dot");
     `seed:<n>` last for the runs of a --seeds sweep."""
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
     final_values = dict(zip(opts[::2], opts[1::2]))  # a key given twice counts once, with its last value
@@ -50,6 +52,8 @@ def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
         for key, value in final_values.items()
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in _KEYS_NOT_IN_NAME)
     ]
+    if cfg.SOLVER.TRAINER in DOT_TRAINERS and not _names_trainer(name, tags, cfg.SOLVER.TRAINER):
+        tags.append(cfg.SOLVER.TRAINER)
     if cfg.EXPERIMENT.LOGIT_STAND:
         tags.append(ls_tag(cfg))
     if seed_in_name:
@@ -57,6 +61,12 @@ def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
     if tags:
         name += "," + ",".join(tags)
     return name.replace(os.sep, "_")
+
+
+def _names_trainer(name: str, tags: list[str], trainer: str) -> bool:
+    """Whether a run name (its comma-separated words) or its override tags already say the DOT trainer."""
+    words = {word.strip().lower() for word in name.split(",")}
+    return bool(words & {"dot", trainer}) or any(tag.startswith("SOLVER.TRAINER:") for tag in tags)
 
 
 def ls_tag(cfg) -> str:
@@ -67,9 +77,11 @@ def ls_tag(cfg) -> str:
 
 
 def result_log_name(cfg) -> str:
-    """`<TYPE>,<TEACHER>,<STUDENT>[,<base_temp>,<kd_weight>].txt`, the logit-standardisation repo's naming."""
+    """`<TYPE>,<TEACHER>,<STUDENT>[,<base_temp>,<kd_weight>].txt`, the logit-standardisation repo's naming; `<TYPE>+DOT`
+    under SOLVER.TRAINER dot / crd_dot (`KD+DOT,resnet32x4,resnet8x4.txt`), so DOT runs never mix with plain ones."""
     teacher = cfg.DISTILLER.TEACHER if get_distiller_class(cfg.DISTILLER.TYPE).requires_teacher else "none"
-    parts = [cfg.DISTILLER.TYPE, teacher, cfg.DISTILLER.STUDENT]
+    method = cfg.DISTILLER.TYPE + ("+DOT" if cfg.SOLVER.TRAINER in DOT_TRAINERS else "")
+    parts = [method, teacher, cfg.DISTILLER.STUDENT]
     if cfg.EXPERIMENT.LOGIT_STAND and cfg.EXPERIMENT.BASE_TEMP > 0:
         parts += [_fmt(cfg.EXPERIMENT.BASE_TEMP), _fmt(cfg.EXPERIMENT.KD_WEIGHT)]
     elif cfg.EXPERIMENT.LOGIT_STAND:
@@ -86,9 +98,11 @@ def config_hash(cfg) -> str:
     recipe.EXPERIMENT.DETERMINISTIC = False  # same computation, only reproducible to the bit
     recipe.DATASET.ROOT = recipe.DATASET.NUM_WORKERS = recipe.LOG.PREFIX = recipe.LOG.RESULTS_DIR = None
     recipe.DISTILLER.TEACHER_CKPT = ""
-    if not recipe.DISTILLER.TEACHER_CACHE:  # without a cache its storage dtype means nothing
-        recipe.DISTILLER.TEACHER_CACHE_DTYPE = "fp32"
-    recipe.DISTILLER.TEACHER_CACHE = "on" if recipe.DISTILLER.TEACHER_CACHE else ""  # where it is: not the recipe
+    # an fp32 teacher cache gives the live teacher's logits (the same recipe, where the cache lies is no part of it);
+    # fp16 storage rounds them: another recipe
+    fp16_cache = bool(recipe.DISTILLER.TEACHER_CACHE) and recipe.DISTILLER.TEACHER_CACHE_DTYPE == "fp16"
+    recipe.DISTILLER.TEACHER_CACHE = "fp16" if fp16_cache else ""
+    recipe.DISTILLER.TEACHER_CACHE_DTYPE = "fp32"
     recipe.SOLVER.CHANNELS_LAST, recipe.SOLVER.COMPILE = False, ""  # layout and compilation: same maths
     return hashlib.sha1(cfg_text(recipe).encode()).hexdigest()[:10]
 
@@ -173,6 +187,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
                 + (f" x {distributed.world_size()} processes (global batch {cfg.SOLVER.BATCH_SIZE})"
                    if distributed.world_size() > 1 else "") + ", "
                 f"extra parameters {distiller.get_extra_parameters()}, {accel.describe(cfg)}"
+                + (f", {trainer.optimizer.describe()}" if hasattr(trainer.optimizer, "describe") else "")
                 + (", deterministic algorithms" if cfg.EXPERIMENT.DETERMINISTIC else "")
             )
             if teacher_cache is not None:

@@ -23,13 +23,10 @@ from ..distillers import get_distiller_class
 from ..errors import MdistillerError
 from .build import model_builder, teacher_checkpoint_path
 from .cfg import TRAINERS, validate_cfg
+from .dot import DOT_TRAINERS, check_dot
 from .placement import check_distributed
 from .teacher_cache import cache_refusal, check_cache_files
 from .teacher_cache_identity import AUTO, auto_root
-
-# SOLVER.TRAINER values that choose the DOT optimizer's update rule; the rest of the name is upstream's trainer class
-DOT_TRAINERS = {"dot": "base", "crd_dot": "crd"}
-DOT_AVAILABLE = False  # the DOT optimizer (SOLVER.TRAINER dot) lands with its own issue
 
 
 def check_trainer(cfg, distiller_class) -> None:
@@ -38,11 +35,6 @@ def check_trainer(cfg, distiller_class) -> None:
     name = cfg.SOLVER.TRAINER
     if name not in TRAINERS:
         raise MdistillerError(f"SOLVER.TRAINER {name!r} is not one of upstream's trainers: {', '.join(TRAINERS)}")
-    if name in DOT_TRAINERS and not DOT_AVAILABLE:
-        raise MdistillerError(
-            f"SOLVER.TRAINER {name} (upstream's distillation-oriented optimizer, DOT) is not implemented yet: it would "
-            f"silently train without DOT, so it is refused; use SOLVER.TRAINER base"
-        )
     base = DOT_TRAINERS.get(name, name)
     accepted = getattr(distiller_class, "upstream_trainers", ("base",))
     if base not in accepted:
@@ -50,6 +42,8 @@ def check_trainer(cfg, distiller_class) -> None:
             f"SOLVER.TRAINER {name} is upstream's trainer for another method; DISTILLER.TYPE {cfg.DISTILLER.TYPE} "
             f"trains with {' or '.join(accepted)}"
         )
+    if name in DOT_TRAINERS:
+        check_dot(cfg, distiller_class)
 
 
 def check_recipe(cfg):
