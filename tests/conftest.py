@@ -22,7 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 # The project workspace keeps real CIFAR-10 photographs beside the checkout; a user's clone has none.
 SHARED_DATA = Path(os.environ.get("MDISTILLER_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(2)
+# The suite runs on 2 cores in two pytest-xdist workers (pyproject's addopts): one intra-op thread per worker (and per
+# subprocess a test starts), or the workers' threads would fight over the cores.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, 2 // WORKERS)
+torch.set_num_threads(THREADS)
 
 # No test may reach the network (CI has none, and a blackholed route would hang): DATASET.DOWNLOAD is on by default,
 # so a test pointing DATASET.ROOT at a folder without CIFAR would otherwise try to download it. MDISTILLER_OFFLINE
@@ -75,7 +79,7 @@ def teacher_ckpt(tmp_path_factory):
 
 def run_tool(script: str, *args: str, cwd: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python tools/<script> args...` in a subprocess (as a user would) and return the finished process."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(THREADS))
     return subprocess.run(
         [sys.executable, str(REPO / "tools" / script), *args],
         cwd=cwd or str(REPO), env=env, capture_output=True, text=True, timeout=timeout,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_overrides, run_tool
+from conftest import REPO, THREADS, run_overrides, run_tool
 
 VANILLA = str(REPO / "configs/cifar100/vanilla/resnet8.yaml")
 # The acceptance is 10 random kill points; 3 keep the default suite fast.
@@ -38,7 +38,7 @@ def _run_dir(tmp: Path) -> Path:
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1")
     with open(log, "ab") as out:  # a file, not a pipe: a killed child never blocks on a full pipe
         return subprocess.Popen([sys.executable, str(REPO / "tools" / "train.py"), *args], cwd=str(REPO), env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
@@ -157,7 +157,7 @@ def test_sigterm_saves_the_step_and_resume_is_bitwise_exact(tmp_path, cifar100_t
     command = shlex.split(hints[0].split("continue with: ", 1)[1])  # the printed command continues the run
     assert command[0] == "python"
     resumed = subprocess.run([sys.executable, *command[1:]], cwd=str(REPO), capture_output=True, text=True,
-                             timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2"))
+                             timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(THREADS)))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {run_dir / 'latest'} {resumed_at}" in resumed.stdout
     _assert_bitwise_equal(_student(run_dir), weights)

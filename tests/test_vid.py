@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mdistiller.distillers.vid import initial_log_scale, match_sizes, vid_loss
+from mdistiller.distillers._stages import pool_to_smaller as match_sizes
+from mdistiller.distillers.vid import initial_log_scale, vid_loss
 from mdistiller.errors import MdistillerError
 
 from classic_pairs import batch, build_classic

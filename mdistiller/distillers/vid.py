@@ -26,11 +26,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MdistillerError
 from ._base import Distiller, cross_entropy
+from ._stages import pool_to_smaller
 from .feature_hooks import feature_maps, model_names
 from .precision import fp32_loss
 from .probe import probe_features, probe_input_size
@@ -49,16 +49,6 @@ def vid_regressor(s_channels: int, t_channels: int) -> nn.Sequential:
 def initial_log_scale(init_pred_var: float, eps: float, channels: int) -> torch.Tensor:
     """`log(exp(INIT_PRED_VAR - EPS) - 1)` in double, times float32 ones: upstream's initial log-scale."""
     return math.log(math.exp(init_pred_var - eps) - 1.0) * torch.ones(channels)
-
-
-def match_sizes(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pool the taller of the two maps to the other's height (square output), as upstream."""
-    s_h, t_h = f_s.shape[2], f_t.shape[2]
-    if s_h > t_h:
-        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
-    elif s_h < t_h:
-        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
-    return f_s, f_t
 
 
 @fp32_loss
@@ -111,7 +101,7 @@ class VID(Distiller):
         total = 0.0
         maps = zip(feats_student["feats"][1:], feats_teacher["feats"][1:], self.regressors, self.stage_log_scales())
         for f_s, f_t, regressor, log_scale in maps:
-            f_s, f_t = match_sizes(f_s, f_t)
+            f_s, f_t = pool_to_smaller(f_s, f_t)
             total = total + vid_loss(regressor(f_s), f_t, log_scale, self.eps)
         losses = {
             "loss_ce": self.ce_weight * cross_entropy(logits_student, target),
