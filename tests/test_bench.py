@@ -59,6 +59,7 @@ def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     return result, json_path
 
 
+@pytest.mark.slow
 def test_tiny_cpu_table_has_every_row_with_positive_throughput(tiny_run):
     result, _ = tiny_run
     assert result.returncode == 0, result.stderr
@@ -88,6 +89,7 @@ def test_json_holds_device_version_date_and_rows(tiny_run):
     assert by_name["amp"]["switches"] == "bf16 autocast" and by_name["channels_last"]["switches"] == "channels_last"
 
 
+@pytest.mark.slow
 def test_imagenet_shaped_mode_times_synthetic_device_tensors():
     result = run_bench("--device", "cpu", "--cfg", "configs/imagenet/r34_r18/kd.yaml", "--steps", "1", "--warmup",
                        "1", "--opts", "DATASET.IMAGE_SIZE", "32", "SOLVER.BATCH_SIZE", "4")
@@ -99,6 +101,7 @@ def test_imagenet_shaped_mode_times_synthetic_device_tensors():
     assert "1,281,167 training images" in result.stdout
 
 
+@pytest.mark.slow
 def test_imagenet_loader_rows_time_pil_and_decode_paths_over_written_jpegs(tmp_path):
     json_path = tmp_path / "loader.json"
     result = run_bench("--device", "cpu", "--cfg", "configs/imagenet/r34_r18/kd.yaml", "--tiny", "--rows",
@@ -114,6 +117,7 @@ def test_imagenet_loader_rows_time_pil_and_decode_paths_over_written_jpegs(tmp_p
     assert rows[1]["data"].endswith("decode on cpu, 1 workers")
 
 
+@pytest.mark.slow
 def test_bad_row_name_gives_one_line_error_and_exit_code_2():
     result = run_bench("--device", "cpu", "--rows", "reference,nope")
     assert result.returncode == 2, result.stderr

@@ -26,6 +26,8 @@ from mdistiller.errors import MdistillerError
 
 from conftest import REPO, run_overrides
 
+pytestmark = pytest.mark.slow  # subprocesses / multi-process runs: the full suite runs them, `-m "not slow"` skips them
+
 VANILLA = str(REPO / "configs/cifar100/vanilla/resnet8.yaml")
 RUN_NAME = "vanilla,resnet8,SOLVER.EPOCHS:2,SOLVER.BATCH_SIZE:16"
 DIST_OK = torch.distributed.is_available() and torch.distributed.is_gloo_available()

@@ -12,6 +12,8 @@ from test_imagenet_data import write_imagenet
 
 from conftest import REPO, run_overrides, run_tool
 
+pytestmark = pytest.mark.slow  # subprocesses / multi-process runs: the full suite runs them, `-m "not slow"` skips them
+
 KD = str(REPO / "configs/imagenet/r34_r18/kd.yaml")
 VKD = str(REPO / "configs/imagenet/r34_r18/vkd.yaml")
 

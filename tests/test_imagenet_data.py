@@ -167,6 +167,7 @@ def test_an_unreadable_image_is_named(own_root, workers):
     assert "\n" not in message  # a worker's traceback is reduced to the message
 
 
+@pytest.mark.slow
 def test_skip_bad_images_skips_counts_and_reports(own_root, capsys):
     bad = _corrupt_one_image(own_root)
     cfg = imagenet_cfg(own_root, batch=2)

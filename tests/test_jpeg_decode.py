@@ -214,6 +214,7 @@ def test_gpu_decode_falls_back_to_pil_with_the_reason(root, views, device, why, 
     assert set(next(iter(train_loader))) == {*views, "target", "index"}
 
 
+@pytest.mark.slow
 def test_cli_trains_an_epoch_through_the_decode_path(tmp_path, root, monkeypatch):
     monkeypatch.setenv(DECODE_ON_CPU_ENV, "1")  # the subprocess inherits it
     torch.manual_seed(0)

@@ -146,6 +146,7 @@ def _train(tmp_path: Path, cifar100_root: str, teacher: str, config: str, *flags
     ],
     ids=["dkd", "dkd-ls", "mlkd", "ctkd-ls"],
 )
+@pytest.mark.slow
 def test_one_epoch_cli_run(config: str, flags: tuple, tmp_path: Path, cifar100_root: str, teacher_ckpt) -> None:
     run_dir, worklog = _train(tmp_path, cifar100_root, teacher_ckpt("resnet20"), config, *flags)
     assert "loss_kd" in worklog

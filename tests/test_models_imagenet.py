@@ -133,6 +133,7 @@ def test_the_vanilla_run_hint_names_the_file_the_teacher_lookup_reads(tmp_path, 
     assert teacher_home("resnet56", "cifar100") == "download_ckpts/cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth"
 
 
+@pytest.mark.slow
 def test_a_torchvision_weight_file_loads_as_teacher(tmp_path):
     from mdistiller.engine.build import build_teacher
 
@@ -222,6 +223,7 @@ def test_every_published_imagenet_config_still_loads():
 PAIR_CONFIGS = [p for p in IMAGENET_CONFIGS if p.parent.name != "deit"]  # DeiT: tests/test_vit.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PAIR_CONFIGS, ids=lambda p: "/".join(p.parts[-2:]))
 def test_imagenet_config_trains_a_cpu_smoke_step(tmp_path, path):
     """Each method's ImageNet config, with its real student and teacher at 64 px (last maps 2x2: WKD-F needs a

@@ -18,9 +18,9 @@ CLASSES = ["airplane", "automobile", "frog"]  # CIFAR-10 label ids 0, 1, 6
 LABELS = {"airplane": 0, "automobile": 1, "frog": 6}
 PER_CLASS = {"train": 700, "test": 200}
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not ARCHIVE.is_file(), reason=f"real CIFAR-10 photographs not found at {ARCHIVE} (only in the project workspace)"
-)
+), pytest.mark.slow]
 
 
 def _load_photos() -> dict:

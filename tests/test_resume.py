@@ -20,6 +20,8 @@ import torch
 
 from conftest import REPO, THREADS, run_overrides, run_tool
 
+pytestmark = pytest.mark.slow  # subprocesses / multi-process runs: the full suite runs them, `-m "not slow"` skips them
+
 VANILLA = str(REPO / "configs/cifar100/vanilla/resnet8.yaml")
 # The acceptance is 10 random kill points; 3 keep the default suite fast.
 KILL_POINTS = 10 if os.environ.get("MDISTILLER_LONG_TESTS") == "1" else 3

@@ -177,6 +177,7 @@ def test_channels_last_converts_weights_and_inputs_and_computes_the_same_step(tm
         torch.testing.assert_close(losses_fast[name], losses_plain[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile on the CPU needs a C compiler (inductor's C++ backend); none on PATH")
 def test_compile_trains_the_same_step_and_keeps_state_dict_names(tmp_path):
@@ -323,6 +324,7 @@ def train_on_pattern_task(tmp_path, batch: int, lr: float, warmup: float, seed: 
     return trainer.train()["last_acc"]
 
 
+@pytest.mark.slow
 def test_large_batch_recipe_reaches_the_batch64_accuracy_on_a_learnable_task(tmp_path):
     """The large-batch config's rule (batch x8, LR x8, per-step warm-up) against the batch-64 recipe, same epochs,
     2 seeds each: the means agree within 2 points. Batch 512 at the unscaled LR falls far short, so the comparison
@@ -342,6 +344,7 @@ def test_large_batch_recipe_reaches_the_batch64_accuracy_on_a_learnable_task(tmp
     assert unscaled < mean_small - 8, (unscaled, small)
 
 
+@pytest.mark.slow
 def test_large_batch_config_trains_through_the_cli_with_its_switches(tmp_path, cifar100_tiny_root, teacher_ckpt):
     """tools/train.py with the fast config (bf16 autocast, channels_last, warm-up; compile off to stay quick on the
     CPU): one epoch, the run log names the switches, checkpoints hold fp32 weights under their usual names."""

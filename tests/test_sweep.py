@@ -101,6 +101,7 @@ def test_ls_runs_take_the_authors_setting_from_each_config_header(ls_dry_run):
     assert dkd.opts[:2] == ["DKD.BETA", "2.0"] and dkd.name.startswith("dkd,vgg13,vgg8,DKD.BETA:2.0,LS:T2,w15")
 
 
+@pytest.mark.slow
 def test_classic_sweep_warns_for_configs_not_written_yet_and_runs_the_rest(tmp_path, capsys):
     sweep = sweep_plan.load_sweep("classic_cifar100")
     expected = [REPO / f"configs/cifar100/{m}/{p}.yaml" for m in sweep.matrix["method"] for p in sweep.matrix["pair"]]

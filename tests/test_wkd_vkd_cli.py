@@ -88,6 +88,7 @@ def _assert_ok(proc):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_cost_matrix_tool_writes_a_symmetric_zero_diagonal_matrix(cli_runs):
     proc, tmp = cli_runs["tool"]
     _assert_ok(proc)
