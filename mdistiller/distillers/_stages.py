@@ -31,6 +31,15 @@ def stage_maps(feats: dict, skipped: int) -> list[torch.Tensor]:
     return list(feats["feats"][skipped:])
 
 
+def summed(terms: Sequence[torch.Tensor], loss_name: str, needs: str = "at least one (student, teacher) map pair"
+           ) -> torch.Tensor:
+    """`terms[0] + terms[1] + ...` in that order (upstream's summation order, so results match bit for bit); one
+    clear error when the pairing left nothing to sum."""
+    if not terms:
+        raise ValueError(f"{loss_name} needs {needs}")
+    return sum(terms[1:], terms[0])
+
+
 def pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The map of larger height average-pooled to the other's (h, h), as upstream's AT and NST do (square target)."""
     s_h, t_h = f_s.shape[2], f_t.shape[2]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import MdistillerError
 from ._base import Distiller, cross_entropy
-from ._stages import maps_skipped, paired_map_shapes, stage_maps
+from ._stages import maps_skipped, paired_map_shapes, stage_maps, summed
 from .precision import fp32_loss
 from .registry import register_distiller
 
@@ -74,11 +74,8 @@ def kdsvd_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torc
             diff = (rbf(v_s, prev_s) - rbf(v_t, prev_t).detach()).pow(2)
             terms.append(finite_or_zero(diff).sum())
         prev_s, prev_t = v_s, v_t
-    if not terms:
-        raise ValueError("kdsvd_loss needs at least two (student, teacher) stage pairs")
-    batch = student_maps[0].shape[0]
-    terms = [term / batch for term in terms]
-    return sum(terms[1:], terms[0])
+    batch = student_maps[0].shape[0] if terms else 1
+    return summed([term / batch for term in terms], "kdsvd_loss", "at least two (student, teacher) stage pairs")
 
 
 @register_distiller("KDSVD")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._base import Distiller, cross_entropy
-from ._stages import maps_skipped, paired_map_shapes, pool_to_smaller, stage_maps
+from ._stages import maps_skipped, paired_map_shapes, pool_to_smaller, stage_maps, summed
 from .precision import fp32_loss
 from .registry import register_distiller
 
@@ -39,10 +39,7 @@ def nst_stage_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 @fp32_loss
 def nst_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum of `nst_stage_loss` over `zip(student_maps, teacher_maps)` (front-aligned, truncated to the shorter)."""
-    terms = [nst_stage_loss(f_s, f_t) for f_s, f_t in zip(student_maps, teacher_maps)]
-    if not terms:
-        raise ValueError("nst_loss needs at least one (student, teacher) map pair")
-    return sum(terms[1:], terms[0])
+    return summed([nst_stage_loss(f_s, f_t) for f_s, f_t in zip(student_maps, teacher_maps)], "nst_loss")
 
 
 @register_distiller("NST")
