@@ -25,7 +25,7 @@ from mdistiller.distillers import get_distiller_class
 from mdistiller.engine import teacher_cache_build
 from mdistiller.engine.build import build_distiller, build_teacher
 from mdistiller.engine.cfg import default_cfg
-from mdistiller.engine.teacher_cache import ensure_teacher_cache, prepare_teacher_cache
+from mdistiller.engine.teacher_cache import cache_batch_needs, cache_plan, ensure_teacher_cache, prepare_teacher_cache
 from mdistiller.engine.teacher_cache_build import build_cache, open_table_file, verify_table
 from mdistiller.engine.teacher_cache_identity import TABLE_FILE, read_identity, run_identity
 from mdistiller.engine.trainer import Trainer
@@ -245,6 +245,8 @@ METHODS = {
     "DKD": {"DKD__WARMUP": 1},
     "KD+LS": {"EXPERIMENT__LOGIT_STAND": True, "KD__TEMPERATURE": 2.0, "KD__LOSS__KD_WEIGHT": 9.0},
     "WKD-L": {"WKD__LOSS__WKD_LOGIT_WEIGHT": 1.0, "WKD__LOSS__CE_WEIGHT": 1.0},
+    "KD+DOT": {"SOLVER__TRAINER": "dot"},
+    "MLKD": {},  # weak view from the cache, the strong view through the live teacher
 }
 
 
@@ -252,8 +254,8 @@ def _one_epoch(cfg, tmp_path, device=CPU) -> tuple[list[dict], dict, object]:
     """Per-step losses and the final student weights of one epoch, run as run.py assembles a run."""
     set_seed(0)
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
-    needs = {"view_id": "image"} if cfg.DISTILLER.TEACHER_CACHE else {}
-    loader, _, _, classes = get_dataset(cfg, distiller_class.train_views, seed=0, device=device, needs=needs)
+    loader, _, _, classes = get_dataset(cfg, distiller_class.train_views, seed=0, device=device,
+                                        needs=cache_batch_needs(cfg, distiller_class))
     distiller = build_distiller(cfg, classes)
     table = prepare_teacher_cache(cfg, distiller, loader, device)
     trainer = Trainer(str(tmp_path), distiller, loader, None, cfg, device, teacher_cache=table)
@@ -274,13 +276,23 @@ def test_training_with_the_cache_equals_training_with_the_live_teacher(method, f
     cached_cfg = _cfg(data_root, teacher_file, fp32_cache, distiller_type, **METHODS[method])
     check_recipe(cached_cfg)
     live_losses, live_weights, _ = _one_epoch(live_cfg, tmp_path / "live")
+    distiller_class = get_distiller_class(distiller_type)
+    live_views = cache_plan(cached_cfg, distiller_class)[2]
+    teacher_forward, teacher_inputs = distiller_class.teacher_forward, []
 
-    def no_teacher(*args, **kwargs):
-        raise AssertionError("the teacher ran although the cache serves its logits")
+    def live_teacher_only_where_not_served(self, image):
+        if not live_views:
+            raise AssertionError("the teacher ran although the cache serves its logits")
+        teacher_inputs.append(image)
+        return teacher_forward(self, image)
 
-    monkeypatch.setattr(get_distiller_class(distiller_type), "teacher_forward", no_teacher)
+    monkeypatch.setattr(distiller_class, "teacher_forward", live_teacher_only_where_not_served)
     cached_losses, cached_weights, trainer = _one_epoch(cached_cfg, tmp_path / "cached")
-    assert trainer.distiller.teacher is None  # never placed on the device
+    if live_views:  # MLKD: the teacher kept, run once per step (on the strong view)
+        assert live_views == ("image_strong",) and trainer.distiller.teacher is not None
+        assert len(teacher_inputs) == len(cached_losses)
+    else:
+        assert trainer.distiller.teacher is None  # never placed on the device
     assert len(cached_losses) == len(live_losses) == 2
     for live, cached in zip(live_losses, cached_losses):
         assert live.keys() == cached.keys()
@@ -452,8 +464,11 @@ def test_the_tool_builds_where_auto_looks_and_says_how_to_use_it(tmp_path, data_
     [cache] = list((root / "teacher_cache").iterdir())
     assert f"teacher cache: {cache}" in out and "DISTILLER.TEACHER_CACHE auto" in out
     assert identity["num_images"] == 16 and identity["batch_size"] == 500
-    with pytest.raises(MdistillerError, match="cannot be enumerated"):
-        cache_tool.main(["--cfg", str(REPO / "configs/cifar100/mlkd/resnet32x4_resnet8x4.yaml"), *opts])
+    # MLKD's weak view is the standard one: its config finds the same cache (the identity names no method)
+    again = cache_tool.main(["--cfg", str(REPO / "configs/cifar100/mlkd/resnet32x4_resnet8x4.yaml"), *opts])
+    assert again["built"] == identity["built"] and len(list((root / "teacher_cache").iterdir())) == 1
+    with pytest.raises(MdistillerError, match="uses the teacher's features"):
+        cache_tool.main(["--cfg", str(REPO / "configs/cifar100/fitnet/resnet32x4_resnet8x4.yaml"), *opts])
 
 
 # ---- refused methods and data ----
@@ -461,8 +476,6 @@ REFUSALS = {
     "feature method": ({"DISTILLER__TYPE": "VKD"}, "VKD uses the teacher's features, and a cache holds logits only"),
     "WKD-F": ({"DISTILLER__TYPE": "WKD", "WKD__LOSS__WKD_FEAT_WEIGHT": 1.0}, "WKD uses the teacher's features"),
     "train-mode teacher": ({"DISTILLER__TYPE": "OFD"}, "OFD runs its teacher in train mode"),
-    "MLKD strong view": ({"DISTILLER__TYPE": "MLKD"}, "MLKD's teacher reads its image_strong view, which cannot be "
-                                                      "enumerated (the 'strong' view draws random augmentation"),
     "no teacher": ({"DISTILLER__TYPE": "NONE"}, "NONE trains without a teacher"),
     "augment": ({"DATASET__AUGMENT": "deit"}, "DATASET.AUGMENT deit replaces the crop + flip view"),
     "mixup": ({"DATASET__MIXUP__MIXUP_ALPHA": 0.8}, "DATASET.MIXUP mixes pairs of images"),
@@ -482,6 +495,39 @@ def test_what_the_cache_cannot_serve_is_refused_in_one_line(case):
     with pytest.raises(MdistillerError) as info:
         check_recipe(cfg)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_mlkd_takes_its_weak_view_from_the_cache_and_runs_the_teacher_on_the_strong_one():
+    from mdistiller.distillers import Distiller
+    from mdistiller.distillers._base import LOGITS
+
+    cfg = _cfg("./data", "", "auto", DISTILLER__TYPE="MLKD", DISTILLER__TEACHER="resnet32x4",
+               DISTILLER__STUDENT="resnet8x4")
+    check_recipe(cfg)
+    mlkd = get_distiller_class("MLKD")
+    assert cache_plan(cfg, mlkd) == (None, "image_weak", ("image_strong",))
+    assert cache_batch_needs(cfg, mlkd) == {"view_id": "image_weak"}
+
+    class StrongOnly(Distiller):
+        train_views = {"image": "strong"}
+
+        @classmethod
+        def teacher_outputs(cls, cfg):
+            return {"image": frozenset({LOGITS})}
+
+    class TwoStandardViews(StrongOnly):
+        train_views = {"a": "standard", "b": "standard"}
+
+        @classmethod
+        def teacher_outputs(cls, cfg):
+            return {"a": frozenset({LOGITS}), "b": frozenset({LOGITS})}
+
+    refusal, served, _ = cache_plan(cfg, StrongOnly)
+    assert served is None and "reads its image view, which cannot be enumerated" in refusal
+    refusal, served, _ = cache_plan(cfg, TwoStandardViews)
+    assert served is None and "reads 2 enumerable views (a, b)" in refusal
+    with pytest.raises(MdistillerError, match="cannot be enumerated"):
+        cache_batch_needs(cfg, StrongOnly)
 
 
 def test_undeclared_methods_are_refused_and_logit_methods_declare_logits():

@@ -59,7 +59,7 @@ from ..engine.build import build_kwargs, build_model, is_imagenet
 from ..engine.cfg import load_cfg
 from ..engine.dot import DOT_TRAINERS
 from ..engine.run import check_fits_data, default_device
-from ..engine.teacher_cache import TeacherLogitTable, cache_batch_needs, release_teacher
+from ..engine.teacher_cache import TeacherLogitTable, cache_batch_needs, cache_plan, release_teacher
 from ..engine.teacher_cache_build import build_cache
 from ..engine.teacher_cache_identity import STORAGE, TABLE_FILE, run_identity, table_shape
 from ..engine.trainer import Trainer
@@ -250,7 +250,7 @@ class CifarData:
         train_loader, _, num_train, num_classes = get_dataset(cfg, distiller_class.train_views,
                                                               seed=cfg.EXPERIMENT.SEED, device=device,
                                                               needs={**distiller_class.batch_needs(cfg),
-                                                                     **cache_batch_needs(cfg)})
+                                                                     **cache_batch_needs(cfg, distiller_class)})
         check_fits_data(cfg, num_train)
         batches = _full_batches(train_loader, cfg.SOLVER.BATCH_SIZE)
 
@@ -445,7 +445,8 @@ CACHE_BUILD_IMAGES = {"cuda": 2000, "cpu": 2}
 def cache_table(cfg, distiller, device: torch.device, stack: contextlib.ExitStack) -> tuple[TeacherLogitTable, dict]:
     """A teacher_cache row's table: the real build (build_cache) over the first CACHE_BUILD_IMAGES images of the
     bench's training set, under the row's precision, then widened with zero rows to the whole set; the teacher is
-    then released as in a run. Returns the table and the build's figures."""
+    then released as in a run (kept for the views it still runs on: MLKD's strong view). Returns the table and the
+    build's figures."""
     images, labels = read_train_arrays(cfg)
     count = min(CACHE_BUILD_IMAGES[device.type], len(images))
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_cache_"))
@@ -459,12 +460,14 @@ def cache_table(cfg, distiller, device: torch.device, stack: contextlib.ExitStac
     rows, classes = table_shape(full)
     with open(table_file, "r+b") as f:
         f.truncate(rows * classes * STORAGE[full["dtype"]].itemsize)  # sparse zeros
-    release_teacher(distiller)
+    live_views = cache_plan(cfg, type(distiller))[2]
+    if not live_views:
+        release_teacher(distiller)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     figures = {"cache_build_views_per_s": built["views_per_s"], "cache_build_views": count * VIEWS_PER_IMAGE,
                "cache_verify_max_abs_diff": built["verify"]["max_abs_diff"]}
-    return TeacherLogitTable(os.path.join(folder, "full"), full, device), figures
+    return TeacherLogitTable(os.path.join(folder, "full"), full, device, live_views), figures
 
 
 class RowRun:

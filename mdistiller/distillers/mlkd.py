@@ -144,7 +144,8 @@ class MLKD(Distiller):
 
     @classmethod
     def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
-        """The teacher's logits on both views (the strong one is not enumerable: the cache refuses MLKD)."""
+        """The teacher's logits on both views: the teacher-output cache serves the weak (standard) view, the strong
+        one draws augmentation operations that cannot be enumerated and keeps its live teacher."""
         return {"image_weak": frozenset({LOGITS}), "image_strong": frozenset({LOGITS})}
 
     def forward_train(
@@ -161,7 +162,7 @@ class MLKD(Distiller):
             )
         student_weak, _ = self.student(image_weak)
         student_strong, _ = self.student(image_strong)
-        teacher_weak, _ = self.teacher_forward(image_weak)
+        teacher_weak = self.teacher_logits(image_weak, batch.get("teacher_logits"))
         teacher_strong, _ = self.teacher_forward(image_strong)
         instance_logits = (*self.distill_logits(student_weak, teacher_weak),
                            *self.distill_logits(student_strong, teacher_strong))

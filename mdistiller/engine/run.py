@@ -166,7 +166,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
         train_loader, val_loader, num_train, num_classes = get_dataset(
             cfg, distiller_class.train_views, seed=cfg.EXPERIMENT.SEED, device=device,
-            needs={**distiller_class.batch_needs(cfg), **cache_batch_needs(cfg)},
+            needs={**distiller_class.batch_needs(cfg), **cache_batch_needs(cfg, distiller_class)},
         )
         check_fits_data(cfg, num_train)
         distiller = build_distiller(cfg, num_classes, num_data=num_train)

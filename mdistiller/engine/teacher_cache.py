@@ -7,10 +7,11 @@ table lookup by (sample index, view id) equals the live teacher's output. The da
 teacher forward (`Distiller.teacher_logits`), and the teacher is not even placed on the device.
 
 Refused, with the reason, before any side effect (`cache_refusal`): a method that declares teacher features or a
-train-mode teacher (`Distiller.teacher_outputs`), views that cannot be enumerated (MLKD's strong view, ImageNet's
-crops, Tiny-ImageNet's rotation, DATASET.AUGMENT), DATASET.MIXUP's mixed images, a run without a teacher. A cache
-whose identity (teacher_cache_identity.py) differs from the run's in anything that changes the teacher's output is
-refused naming the difference, once the teacher and the data are read (still before the run folder exists).
+train-mode teacher (`Distiller.teacher_outputs`), a method none of whose teacher views can be enumerated (ImageNet's
+crops, Tiny-ImageNet's rotation, DATASET.AUGMENT), DATASET.MIXUP's mixed images, a run without a teacher. MLKD takes
+its weak (standard) view's logits from the cache and keeps the live teacher for its strong view only (`cache_plan`).
+A cache whose identity (teacher_cache_identity.py) differs from the run's in anything that changes the teacher's
+output is refused naming the difference, once the teacher and the data are read (still before the run folder exists).
 """
 
 from __future__ import annotations
@@ -46,45 +47,63 @@ GPU_SHARE = 0.5  # the table goes on the GPU when it takes at most this share of
 COPY_ROWS = 1 << 20  # rows copied at a time from the memory map to the GPU or pinned memory
 
 
+def cache_plan(cfg, distiller_class) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """(why DISTILLER.TEACHER_CACHE cannot serve this config, in one line, or None; the training view whose teacher
+    logits the cache serves; the views the teacher still runs on live), from the config alone.
+
+    A logit view that cannot be enumerated (MLKD's strong view) keeps its live teacher beside a served view: the
+    cached rows equal the live teacher's on the served view, so the run is the live run."""
+    name = cfg.DISTILLER.TYPE
+    prefix = "DISTILLER.TEACHER_CACHE is set, but"
+    if not distiller_class.requires_teacher:
+        return f"{prefix} DISTILLER.TYPE {name} trains without a teacher: set DISTILLER.TEACHER_CACHE ''", None, ()
+    if cfg.DATASET.AUGMENT:
+        return (f"{prefix} DATASET.AUGMENT {cfg.DATASET.AUGMENT} replaces the crop + flip view, whose 162 views per "
+                f"image are what a cache enumerates: set DISTILLER.TEACHER_CACHE '' or DATASET.AUGMENT ''", None, ())
+    if mixing_enabled(cfg):
+        return (f"{prefix} DATASET.MIXUP mixes pairs of images, which are none of the 162 views a cache enumerates: "
+                f"set DISTILLER.TEACHER_CACHE '' or the DATASET.MIXUP values to 0", None, ())
+    served, live, unenumerable = [], [], None
+    for key, uses in distiller_class.teacher_outputs(cfg).items():
+        if TRAIN_MODE in uses or getattr(distiller_class, "teacher_train_mode", False):
+            return (f"{prefix} {name} runs its teacher in train mode (its BN statistics move, so its outputs are not "
+                    f"fixed): set DISTILLER.TEACHER_CACHE ''", None, ())
+        if FEATURES in uses:
+            return (f"{prefix} {name} uses the teacher's features, and a cache holds logits only: set "
+                    f"DISTILLER.TEACHER_CACHE ''", None, ())
+        if LOGITS not in uses:
+            continue
+        reason = view_refusal(cfg.DATASET.TYPE, distiller_class.train_views.get(key, "standard"))
+        if reason:
+            live.append(key)
+            unenumerable = unenumerable or (f"{prefix} {name}'s teacher reads its {key} view, which cannot be "
+                                            f"enumerated ({reason}): set DISTILLER.TEACHER_CACHE ''")
+        else:
+            served.append(key)
+    if not served:
+        return (unenumerable or f"{prefix} {name} reads no teacher logits on the standard view: set "
+                                f"DISTILLER.TEACHER_CACHE ''"), None, ()
+    if len(served) > 1:
+        return (f"{prefix} {name}'s teacher reads {len(served)} enumerable views ({', '.join(served)}) and a batch "
+                f"carries one view's cached logits: set DISTILLER.TEACHER_CACHE ''", None, ())
+    return None, served[0], tuple(live)
+
+
 def cache_refusal(cfg, distiller_class) -> str | None:
     """Why DISTILLER.TEACHER_CACHE cannot serve this config (one line), or None; from the config alone."""
     if not cfg.DISTILLER.TEACHER_CACHE:
         return None
-    name = cfg.DISTILLER.TYPE
-    prefix = "DISTILLER.TEACHER_CACHE is set, but"
-    if not distiller_class.requires_teacher:
-        return f"{prefix} DISTILLER.TYPE {name} trains without a teacher: set DISTILLER.TEACHER_CACHE ''"
-    if cfg.DATASET.AUGMENT:
-        return (f"{prefix} DATASET.AUGMENT {cfg.DATASET.AUGMENT} replaces the crop + flip view, whose 162 views per "
-                f"image are what a cache enumerates: set DISTILLER.TEACHER_CACHE '' or DATASET.AUGMENT ''")
-    if mixing_enabled(cfg):
-        return (f"{prefix} DATASET.MIXUP mixes pairs of images, which are none of the 162 views a cache enumerates: "
-                f"set DISTILLER.TEACHER_CACHE '' or the DATASET.MIXUP values to 0")
-    outputs = distiller_class.teacher_outputs(cfg)
-    served = []
-    for key, uses in outputs.items():
-        if TRAIN_MODE in uses or getattr(distiller_class, "teacher_train_mode", False):
-            return (f"{prefix} {name} runs its teacher in train mode (its BN statistics move, so its outputs are not "
-                    f"fixed): set DISTILLER.TEACHER_CACHE ''")
-        if FEATURES in uses:
-            return (f"{prefix} {name} uses the teacher's features, and a cache holds logits only: set "
-                    f"DISTILLER.TEACHER_CACHE ''")
-        if LOGITS not in uses:
-            continue
-        view = distiller_class.train_views.get(key, "standard")
-        reason = view_refusal(cfg.DATASET.TYPE, view)
-        if reason:
-            return (f"{prefix} {name}'s teacher reads its {key} view, which cannot be enumerated ({reason}): set "
-                    f"DISTILLER.TEACHER_CACHE ''")
-        served.append(key)
-    if served != ["image"]:
-        return f"{prefix} {name} reads no teacher logits on the standard view: set DISTILLER.TEACHER_CACHE ''"
-    return None
+    return cache_plan(cfg, distiller_class)[0]
 
 
-def cache_batch_needs(cfg) -> dict[str, object]:
-    """The batch need the cache adds to the distiller's: the standard view's view ids."""
-    return {"view_id": "image"} if cfg.DISTILLER.TEACHER_CACHE else {}
+def cache_batch_needs(cfg, distiller_class) -> dict[str, object]:
+    """The batch need the cache adds to the distiller's: the view ids of the view whose logits it serves."""
+    if not cfg.DISTILLER.TEACHER_CACHE:
+        return {}
+    refusal, served, _ = cache_plan(cfg, distiller_class)
+    if refusal:
+        raise MdistillerError(refusal)
+    return {"view_id": served}
 
 
 def check_cache_files(cfg, device) -> None:
@@ -102,8 +121,9 @@ class TeacherLogitTable:
     free memory), else in pinned host memory, else memory-mapped (always memory-mapped for a CPU run: the page cache
     holds it). `attach(batch)` adds the batch's "teacher_logits" (fp32, on the device)."""
 
-    def __init__(self, path: str, identity: dict, device):
+    def __init__(self, path: str, identity: dict, device, live_views: tuple[str, ...] = ()):
         self.path, self.identity, self.device = path, identity, torch.device(device)
+        self.live_views = live_views
         mapped = open_table_file(f"{path}/{TABLE_FILE}", identity)
         self.table, self.where = self._place(mapped)
 
@@ -147,8 +167,10 @@ class TeacherLogitTable:
 
     def describe(self) -> str:
         """Where the table is and what it holds, for the log."""
+        teacher = (f"the teacher runs on {', '.join(self.live_views)} only" if self.live_views
+                   else "the teacher is not run")
         return (f"teacher logits from the cache {self.path} ({self.identity['dtype']}, {self.nbytes / 2**30:.2f} "
-                f"GiB, {self.where}); the teacher is not run")
+                f"GiB, {self.where}); {teacher}")
 
 
 def release_teacher(distiller: nn.Module) -> None:
@@ -173,8 +195,10 @@ def prepare_teacher_cache(cfg, distiller: nn.Module, train_loader, device) -> Te
                     channels_last=bool(cfg.SOLVER.CHANNELS_LAST), source=_source(cfg))
         distiller.teacher.cpu()  # the build placed it on the device; it is released below
     refuse_if_different(path, read_identity(path), identity)
-    table = TeacherLogitTable(path, identity, device)
-    release_teacher(distiller)
+    live_views = cache_plan(cfg, type(distiller))[2]
+    table = TeacherLogitTable(path, identity, device, live_views)
+    if not live_views:
+        release_teacher(distiller)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return table
