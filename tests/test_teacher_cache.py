@@ -337,6 +337,23 @@ def test_train_cli_auto_builds_the_cache_once_then_reuses_it(tmp_path, data_root
     assert f"teacher logits from the cache {cache}" in log and "the teacher is not run" in log
 
 
+def test_train_cli_mlkd_with_the_cache_keeps_the_teacher_for_its_strong_view(tmp_path, fp32_cache, data_root,
+                                                                              teacher_file, one_thread):
+    args = ["--cfg", str(REPO / "configs/cifar100/mlkd/resnet32x4_resnet8x4.yaml"), "DATASET.ROOT", data_root,
+            "DATASET.NUM_WORKERS", "0", "LOG.PREFIX", str(tmp_path / "out"), "LOG.RESULTS_DIR", str(tmp_path / "logs"),
+            "SOLVER.EPOCHS", "1", "SOLVER.BATCH_SIZE", "8", "DISTILLER.TEACHER", "cachenet", "DISTILLER.STUDENT",
+            "cachenet", "DISTILLER.TEACHER_CKPT", teacher_file]
+    live = train_tool.main([*args, "EXPERIMENT.NAME", "live"])
+    cached = train_tool.main([*args, "EXPERIMENT.NAME", "cached", "DISTILLER.TEACHER_CACHE", fp32_cache])
+    log = (Path(cached["run_dir"]) / "log.txt").read_text()
+    assert f"teacher logits from the cache {fp32_cache}" in log and "the teacher runs on image_strong only" in log
+    assert cached["best_acc"] == live["best_acc"]
+    live_weights = torch.load(Path(live["run_dir"]) / "student_best", map_location="cpu")["model"]
+    cached_weights = torch.load(Path(cached["run_dir"]) / "student_best", map_location="cpu")["model"]
+    for key, value in live_weights.items():
+        torch.testing.assert_close(cached_weights[key], value, rtol=0, atol=1e-6)
+
+
 # ---- identity ----
 def _copy_with(cache: str, tmp_path, **changes) -> str:
     copy = tmp_path / "copy"

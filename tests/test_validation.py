@@ -17,7 +17,7 @@ from conftest import REPO, run_overrides
 VANILLA = str(REPO / "configs/cifar100/vanilla/resnet8.yaml")
 KD = str(REPO / "configs/cifar100/kd/resnet56_resnet20.yaml")
 CRD = str(REPO / "configs/cifar100/crd/resnet56_resnet20.yaml")
-MLKD = str(REPO / "configs/cifar100/mlkd/resnet56_resnet20.yaml")
+FITNET = str(REPO / "configs/cifar100/fitnet/resnet56_resnet20.yaml")
 
 
 def _damaged_copy(tmp: Path, data_root: str) -> str:
@@ -74,9 +74,9 @@ def _cases(tmp: Path, data_root: str, teacher_ckpt) -> dict[str, tuple[list[str]
         "resume without a run": (["--cfg", VANILLA, *base, "--resume"], "resume checkpoint not found"),
         "odd overrides": (["--cfg", VANILLA, *base, "SOLVER.EPOCHS"], "KEY VALUE pairs"),
         "unknown flag": (["--cfg", VANILLA, *base, "--resum"], "unknown flag --resum (did you mean --resume?)"),
-        "teacher cache for MLKD's strong view": (
-            ["--cfg", MLKD, *base, "DISTILLER.TEACHER_CACHE", "auto"],
-            "MLKD's teacher reads its image_strong view, which cannot be enumerated"),
+        "teacher cache for a feature method": (
+            ["--cfg", FITNET, *base, "DISTILLER.TEACHER_CACHE", "auto"],
+            "FITNET uses the teacher's features, and a cache holds logits only"),
         "teacher cache not built": (["--cfg", KD, *base, "DISTILLER.TEACHER_CKPT", teacher_ckpt("resnet56"),
                                      "DISTILLER.TEACHER_CACHE", str(tmp / "no_cache")], "no teacher cache at"),
     }
@@ -87,7 +87,7 @@ CASES = ["missing config", "unknown key", "unknown model", "unknown distiller", 
          "negative batch", "batch larger than the data", "decay stages", "nan policy", "unwritable LOG.PREFIX",
          "unwritable LOG.RESULTS_DIR", "DOT with AdamW", "DOT without a teacher", "DOT momentum of 1",
          "another method's trainer", "CRD mode", "CRD dims", "resume without a run", "odd overrides", "unknown flag",
-         "teacher cache for MLKD's strong view", "teacher cache not built"]
+         "teacher cache for a feature method", "teacher cache not built"]
 
 
 @pytest.mark.parametrize("case", CASES)
