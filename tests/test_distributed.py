@@ -25,6 +25,7 @@ from mdistiller.engine.placement import check_distributed
 from mdistiller.errors import MdistillerError
 
 from conftest import REPO, run_overrides
+from dot_protocol import upstream_dot_step
 
 pytestmark = pytest.mark.slow  # subprocesses / multi-process runs: the full suite runs them, `-m "not slow"` skips them
 
@@ -268,12 +269,7 @@ def test_ddp_dot_steps_equal_one_process_stepping_on_the_mean_of_the_halves_loss
         terms = [reference(**half, epoch=1)[1] for half in halves]
         loss_kd = sum(t["loss_kd"].mean() for t in terms) / 2
         loss_ce = sum(t["loss_ce"].mean() for t in terms) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss_kd.backward(retain_graph=True)
-        optimizer.step_kd()
-        optimizer.zero_grad(set_to_none=True)
-        loss_ce.backward()
-        optimizer.step()
+        upstream_dot_step(optimizer, loss_kd, loss_ce)
     for name, param in reference.named_parameters():
         if name.startswith("teacher."):
             continue

@@ -24,6 +24,7 @@ from mdistiller.errors import MdistillerError
 from mdistiller.models import cifar_model_dict
 
 from conftest import REPO, run_overrides
+from dot_protocol import upstream_dot_step
 
 CPU = torch.device("cpu")
 # small models and batches: a second intra-op thread only waits on a loaded machine
@@ -41,14 +42,9 @@ def toy(dampening: float = 0.0):
     optimizer = DistillationOrientedTrainer(list(params.values()), lr=LR, momentum=MU_T, momentum_kd=MU_K,
                                             dampening=dampening, weight_decay=WD)
 
-    def step() -> None:  # upstream's protocol, verbatim
+    def step() -> None:
         p = params
-        optimizer.zero_grad(set_to_none=True)
-        (5 * p["a"] + 7 * p["c"]).backward(retain_graph=True)
-        optimizer.step_kd()
-        optimizer.zero_grad(set_to_none=True)
-        (2 * p["a"] + 3 * p["b"]).backward()
-        optimizer.step()
+        upstream_dot_step(optimizer, 5 * p["a"] + 7 * p["c"], 2 * p["a"] + 3 * p["b"])
 
     return params, optimizer, step
 
@@ -205,14 +201,7 @@ def test_train_step_equals_upstreams_two_call_protocol_bitwise(tmp_path):
     for _ in range(3):
         ours.train_step(batch, 1)
         _, losses = theirs.distiller(**batch, epoch=1)
-        loss_ce, loss_kd = losses["loss_ce"].mean(), losses["loss_kd"].mean()
-        optimizer = theirs.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        loss_kd.backward(retain_graph=True)
-        optimizer.step_kd()
-        optimizer.zero_grad(set_to_none=True)
-        loss_ce.backward()
-        optimizer.step()
+        upstream_dot_step(theirs.optimizer, losses["loss_kd"].mean(), losses["loss_ce"].mean())
     a, b = _weights(ours), _weights(theirs)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
