@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import MdistillerError
+from .probe import probe_features
 
 
 def model_names(cfg) -> tuple[str, str]:
@@ -30,6 +31,15 @@ def feature_maps(feats: dict, key: str, method: str, role: str, names: tuple[str
     if not maps:
         raise _refuse(method, names, role, "has no feature maps (a transformer gives tokens)")
     return list(maps)
+
+
+def probed_maps(student: nn.Module, teacher: nn.Module, input_size, method: str, names: tuple[str, str],
+                key: str = "feats", upstream: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The student's and the teacher's `feats[key]` from one dry forward at `input_size` (`probe_features`, with
+    upstream's BN side effect when `upstream`), each checked by `feature_maps`."""
+    feats_s, feats_t = probe_features((student, teacher), input_size, upstream=upstream)
+    return (feature_maps(feats_s, key, method, "student", names),
+            feature_maps(feats_t, key, method, "teacher", names))
 
 
 def stage_channels(model: nn.Module, method: str, role: str, names: tuple[str, str]) -> list[int]:

@@ -25,9 +25,9 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ._base import Distiller, cross_entropy
-from .feature_hooks import feature_maps, model_names
+from .feature_hooks import model_names, probed_maps
 from .precision import fp32_loss
-from .probe import probe_features, probe_input_size
+from .probe import probe_input_size
 from .registry import register_distiller
 
 
@@ -83,9 +83,7 @@ class FitNet(Distiller):
         self.hint_layer = fitnet.HINT_LAYER
         names = s_name, t_name = model_names(cfg)
         size = probe_input_size(cfg, fitnet.INPUT_SIZE, "FITNET.INPUT_SIZE")
-        feats_s, feats_t = probe_features((student, teacher), size, upstream=fitnet.UPSTREAM_PROBE)
-        maps_s = feature_maps(feats_s, "feats", "FITNET", "student", names)
-        maps_t = feature_maps(feats_t, "feats", "FITNET", "teacher", names)
+        maps_s, maps_t = probed_maps(student, teacher, size, "FITNET", names, upstream=fitnet.UPSTREAM_PROBE)
         for role, name, maps in (("student", s_name, maps_s), ("teacher", t_name, maps_t)):
             if not -len(maps) <= self.hint_layer < len(maps):
                 raise MdistillerError(f"FITNET.HINT_LAYER {self.hint_layer} is out of range: {role} {name} has "

@@ -36,9 +36,9 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ._base import Distiller, cross_entropy
-from .feature_hooks import bn_before_relu, feature_maps, model_names, ofd_first_stage, stage_channels
+from .feature_hooks import bn_before_relu, model_names, ofd_first_stage, probed_maps, stage_channels
 from .precision import fp32_loss
-from .probe import CIFAR_INPUT_SIZE, probe_features, probe_input_size
+from .probe import CIFAR_INPUT_SIZE, probe_input_size
 from .registry import register_distiller
 
 
@@ -117,12 +117,13 @@ class OFD(Distiller):
                                   f"got {kernel}")
         names = s_name, t_name = model_names(cfg)
         # a clean dry forward: which models can serve (pre-activations present, as many as the stages listed)
-        feats_s, feats_t = probe_features((student, teacher), probe_input_size(cfg, CIFAR_INPUT_SIZE))
+        maps_s, maps_t = probed_maps(student, teacher, probe_input_size(cfg, CIFAR_INPUT_SIZE), "OFD", names,
+                                     key="preact_feats")
         self.s_first, self.t_first = ofd_first_stage(student), ofd_first_stage(teacher)
         stages = []
-        for role, name, model, feats, first in (("student", s_name, student, feats_s, self.s_first),
-                                                ("teacher", t_name, teacher, feats_t, self.t_first)):
-            maps = feature_maps(feats, "preact_feats", "OFD", role, names)[1:]
+        for role, name, model, all_maps, first in (("student", s_name, student, maps_s, self.s_first),
+                                                   ("teacher", t_name, teacher, maps_t, self.t_first)):
+            maps = all_maps[1:]
             channels = stage_channels(model, "OFD", role, names)
             if [f.shape[1] for f in maps] != channels:
                 raise MdistillerError(f"OFD: {role} {name} lists stage channels {channels} but its preact_feats[1:] "

@@ -31,9 +31,9 @@ from torch import nn
 from ..errors import MdistillerError
 from ._base import Distiller, cross_entropy
 from ._stages import pool_to_smaller
-from .feature_hooks import feature_maps, model_names
+from .feature_hooks import model_names, probed_maps
 from .precision import fp32_loss
-from .probe import probe_features, probe_input_size
+from .probe import probe_input_size
 from .registry import register_distiller
 
 
@@ -72,9 +72,8 @@ class VID(Distiller):
         self.learn_variance = bool(vid.LEARN_VARIANCE)
         names = s_name, t_name = model_names(cfg)
         size = probe_input_size(cfg, vid.INPUT_SIZE, "VID.INPUT_SIZE")
-        feats_s, feats_t = probe_features((student, teacher), size, upstream=vid.UPSTREAM_PROBE)
-        s_channels = [f.shape[1] for f in feature_maps(feats_s, "feats", "VID", "student", names)[1:]]
-        t_channels = [f.shape[1] for f in feature_maps(feats_t, "feats", "VID", "teacher", names)[1:]]
+        maps_s, maps_t = probed_maps(student, teacher, size, "VID", names, upstream=vid.UPSTREAM_PROBE)
+        s_channels, t_channels = ([f.shape[1] for f in maps[1:]] for maps in (maps_s, maps_t))
         if len(s_channels) > len(t_channels):
             raise MdistillerError(
                 f"VID pairs each of student {s_name}'s {len(s_channels)} stages with a teacher stage, but teacher "
