@@ -59,7 +59,7 @@ from ..engine.build import build_kwargs, build_model, is_imagenet
 from ..engine.cfg import load_cfg
 from ..engine.dot import DOT_TRAINERS
 from ..engine.run import check_fits_data, default_device
-from ..engine.teacher_cache import TeacherLogitTable, cache_batch_needs, cache_plan, release_teacher
+from ..engine.teacher_cache import TeacherLogitTable, cache_batch_needs, release_served_teacher
 from ..engine.teacher_cache_build import build_cache
 from ..engine.teacher_cache_identity import STORAGE, TABLE_FILE, run_identity, table_shape
 from ..engine.trainer import Trainer
@@ -460,9 +460,7 @@ def cache_table(cfg, distiller, device: torch.device, stack: contextlib.ExitStac
     rows, classes = table_shape(full)
     with open(table_file, "r+b") as f:
         f.truncate(rows * classes * STORAGE[full["dtype"]].itemsize)  # sparse zeros
-    live_views = cache_plan(cfg, type(distiller))[2]
-    if not live_views:
-        release_teacher(distiller)
+    live_views = release_served_teacher(cfg, distiller)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     figures = {"cache_build_views_per_s": built["views_per_s"], "cache_build_views": count * VIEWS_PER_IMAGE,

@@ -173,9 +173,13 @@ class TeacherLogitTable:
                 f"GiB, {self.where}); {teacher}")
 
 
-def release_teacher(distiller: nn.Module) -> None:
-    """Drop the teacher from the distiller: the cache serves its outputs, so its weights never reach the device."""
-    distiller.teacher = None
+def release_served_teacher(cfg, distiller: nn.Module) -> tuple[str, ...]:
+    """Drop the teacher from the distiller when the cache serves all it reads (its weights then never reach the
+    device); returns the views it still runs on (MLKD's strong view), for which it stays."""
+    live_views = cache_plan(cfg, type(distiller))[2]
+    if not live_views:
+        distiller.teacher = None
+    return live_views
 
 
 def prepare_teacher_cache(cfg, distiller: nn.Module, train_loader, device) -> TeacherLogitTable | None:
@@ -195,10 +199,7 @@ def prepare_teacher_cache(cfg, distiller: nn.Module, train_loader, device) -> Te
                     channels_last=bool(cfg.SOLVER.CHANNELS_LAST), source=_source(cfg))
         distiller.teacher.cpu()  # the build placed it on the device; it is released below
     refuse_if_different(path, read_identity(path), identity)
-    live_views = cache_plan(cfg, type(distiller))[2]
-    table = TeacherLogitTable(path, identity, device, live_views)
-    if not live_views:
-        release_teacher(distiller)
+    table = TeacherLogitTable(path, identity, device, release_served_teacher(cfg, distiller))
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return table
