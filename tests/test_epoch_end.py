@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from mdistiller.cli import train as train_tool
 from mdistiller.engine import epoch_end, run_checkpoints, worklog
 
@@ -78,3 +80,27 @@ def test_a_real_run_writes_worklog_students_epoch_n_best_and_latest_last(tmp_pat
     assert os.path.isfile(os.path.join(result["run_dir"], "epoch_2"))
     assert not os.path.exists(os.path.join(result["run_dir"], "epoch_1"))
 
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL: nothing after it runs, no handler catches it."""
+
+
+def test_a_run_killed_before_its_first_latest_starts_afresh_with_a_clean_worklog(tmp_path, cifar100_tiny_root,
+                                                                                 monkeypatch):
+    args = ["--cfg", VANILLA, *run_overrides(tmp_path, cifar100_tiny_root), "SOLVER.BATCH_SIZE", "16"]
+
+    def killed(trainer, end):
+        raise Killed
+
+    steps = epoch_end.EPOCH_END_STEPS
+    cut = [s.__name__ for s in steps].index("save_latest")  # killed after the worklog block and the students
+    monkeypatch.setattr(epoch_end, "EPOCH_END_STEPS", (*steps[:cut], killed))
+    with pytest.raises(Killed):
+        train_tool.main(args)
+    monkeypatch.setattr(epoch_end, "EPOCH_END_STEPS", steps)
+    run_dir = next((tmp_path / "output").glob("*/*"))
+    assert not (run_dir / "latest").exists() and (run_dir / "student_latest").exists()
+    assert [b["epoch"] for b in worklog.read(str(run_dir))] == [1]
+    result = train_tool.main(args)  # no `latest`: a fresh run, as a user (or a sweep) starts it again
+    text = (run_dir / "worklog.txt").read_text()
+    assert result["run_dir"] == str(run_dir) and text.count("epoch: 1") == 1 and text.count("best_acc\t") == 1

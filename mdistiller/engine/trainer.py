@@ -219,9 +219,10 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
         if resume:
             self.checkpoints.resume()
-            if self.is_main:
-                worklog.truncate_from(self.run_dir, self.checkpoints.start_epoch)
         if self.is_main:
+            # what a killed run wrote past `latest`; a fresh start (start_epoch 1) drops the blocks of a run killed
+            # before its first `latest` (the run folder held no `latest`, so nothing needed --resume)
+            worklog.truncate_from(self.run_dir, self.checkpoints.start_epoch)
             remove_stale_temp_files(self.run_dir)  # left by a write that a SIGKILL cut short
         writers = worklog.MetricWriters(self.run_dir, self.cfg, self.checkpoints.start_epoch if resume else None,
                                         enabled=self.is_main)
