@@ -3,11 +3,11 @@
 Each data set, view and batch need registers itself where it is defined (registry.py): `DATASETS` maps DATASET.TYPE
 to its builder `(cfg, DataRequest) -> (train set, test set, class count)` and what else the type provides;
 `TRAIN_VIEWS`, `IMAGENET_VIEWS` and `TINY_IMAGENET_VIEWS` hold each family's version of a view by name. A distiller
-declares `train_views = {"image": "standard"}` (the default) or e.g. `{"image_weak": "standard", "image_strong":
-"strong"}`, each data set builds its own version of the named views, and every training batch is a dict holding one
+declares `train_views={"image": "standard"}` in its Declaration (the default) or e.g. `{"image_weak":
+"standard", "image_strong": "strong"}`, each data set builds its own version of the named views, and every training batch is a dict holding one
 tensor per batch key plus "target" and "index".
 
-A distiller may also need more in each training batch (its `batch_needs(cfg)`, names registered in BATCH_NEEDS):
+A distiller may also need more in each training batch (its `Declaration.batch_needs`, names registered in BATCH_NEEDS):
 CRD's "contrastive_index" (contrastive.py) is served by ImageArrayDataset and the ImageNet / Tiny-ImageNet folders per
 item, and by the device-resident CIFAR loader per global batch; the teacher cache's "view_id" (teacher_views.py) by
 the CIFAR sets on both paths.
