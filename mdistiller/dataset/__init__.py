@@ -4,8 +4,8 @@ Each data set, view and batch need registers itself where it is defined (registr
 to its builder `(cfg, DataRequest) -> (train set, test set, class count)` and what else the type provides;
 `TRAIN_VIEWS`, `IMAGENET_VIEWS` and `TINY_IMAGENET_VIEWS` hold each family's version of a view by name. A distiller
 declares `train_views={"image": "standard"}` in its Declaration (the default) or e.g. `{"image_weak":
-"standard", "image_strong": "strong"}`, each data set builds its own version of the named views, and every training batch is a dict holding one
-tensor per batch key plus "target" and "index".
+"standard", "image_strong": "strong"}`, each data set builds its own version of the named views, and every
+training batch is a dict holding one tensor per batch key plus "target" and "index".
 
 A distiller may also need more in each training batch (its `Declaration.batch_needs`, names registered in BATCH_NEEDS):
 CRD's "contrastive_index" (contrastive.py) is served by ImageArrayDataset and the ImageNet / Tiny-ImageNet folders per
