@@ -345,7 +345,7 @@ def build_recipe(config: str, flags: Sequence[str], opts: Sequence[str]):
 
 def missing_teacher(cfg) -> str:
     """Why the teacher of cfg's run is not on disk ("" when it is, or when the method needs none)."""
-    if not get_distiller_class(cfg.DISTILLER.TYPE).requires_teacher:
+    if not get_distiller_class(cfg.DISTILLER.TYPE).declares.requires_teacher:
         return ""
     try:
         path = teacher_checkpoint_path(cfg)

@@ -198,7 +198,7 @@ class Trainer:
         if self.world > 1:
             stats.reduce()
             # each rank's BN statistics moved with its own shard: evaluate (on every rank) what rank 0 saves
-            synced = set(getattr(self.distiller, "rank_synced_buffers", ()))  # kept equal by the method itself
+            synced = set(self.distiller.declares.rank_synced_buffers)  # kept equal by the method itself
             buffers = [b for n, b in self.distiller.named_buffers() if not n.startswith("teacher.") and n not in synced]
             distributed.broadcast_tensors(buffers)
         if stats.steps == 0:
