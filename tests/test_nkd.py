@@ -1,6 +1,6 @@
 """NKD loss: a hand computation, the target term with a one-hot teacher, the label column's removal, the
 cross-entropy (not KL) non-target term, soft labels, gradients (none to the teacher through p_t[y]), fp32 under
-bf16, and bad inputs."""
+bf16, and bad inputs; the distiller on soft labels and its refusal of SDD's NKD configs (DKD.* keys)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mdistiller.distillers.nkd import nkd_loss, nkd_terms
+from mdistiller.distillers import get_distiller_class
+from mdistiller.distillers.nkd import NKD, nkd_loss, nkd_terms
+from mdistiller.engine.cfg import default_cfg
+from mdistiller.engine.validate import check_recipe
 from mdistiller.errors import MdistillerError
+from mdistiller.models import cifar_model_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,3 +158,50 @@ def test_bad_inputs_give_one_line_errors(target, temperature, message) -> None:
     with pytest.raises(MdistillerError, match=message) as info:
         nkd_loss(torch.zeros(4, 5), torch.zeros(4, 5), target, temperature, 1.5)
     assert "\n" not in str(info.value) and str(info.value).startswith("NKD:")
+
+
+# ---- the distiller ----
+def _nkd_cfg(**dkd):
+    cfg = default_cfg()
+    cfg.DISTILLER.TYPE, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT = "NKD", "resnet8", "resnet8"
+    for key, value in dkd.items():
+        cfg.DKD[key] = value
+    return cfg
+
+
+def test_dkd_keys_at_their_defaults_are_ours() -> None:
+    cfg = _nkd_cfg(CE_WEIGHT=1.0, ALPHA=1.0, BETA=8.0, T=4.0, WARMUP=20)  # written out, but the defaults
+    assert NKD.hparams(cfg) == {"ce_weight": 1.0, "temperature": 1.0, "gamma": 1.5}
+
+
+@pytest.mark.parametrize("dkd, named", [
+    ({"BETA": 1.5}, "DKD.BETA 1.5"),
+    ({"T": 1.0, "WARMUP": 5}, "DKD.T 1.0, DKD.WARMUP 5"),
+    ({"CE_WEIGHT": 0.5}, "DKD.CE_WEIGHT 0.5"),
+])
+def test_a_config_with_dkd_keys_is_sdds_nkd_and_refused_in_one_line(dkd, named) -> None:
+    with pytest.raises(MdistillerError) as info:
+        check_recipe(_nkd_cfg(**dkd))
+    message = str(info.value)
+    assert f"DISTILLER.TYPE NKD with {named} is SDD's NKD" in message and "\n" not in message
+    assert "use DISTILLER.TYPE SDD_NKD with SDD.M [1], DKD.T 1.0, DKD.BETA 1.5" in message
+
+
+def test_the_distiller_trains_on_soft_labels() -> None:
+    torch.manual_seed(0)
+    student, teacher = cifar_model_dict["resnet8"][0](num_classes=5), cifar_model_dict["resnet8"][0](num_classes=5)
+    distiller = get_distiller_class("NKD")(student, teacher, ce_weight=1.0, temperature=2.0, gamma=1.5).train()
+    image = torch.randn(4, 3, 32, 32)
+    soft = torch.tensor([[0.7, 0.3, 0, 0, 0], [0, 0.2, 0.8, 0, 0], [0.1, 0, 0, 0.9, 0], [0, 0, 0.4, 0, 0.6]])
+    with torch.no_grad():
+        z_t = teacher.eval()(image)[0]
+    z_s, losses = distiller(image=image, target=soft, teacher_logits=z_t, epoch=1)
+    torch.testing.assert_close(losses["loss_ce"], F.cross_entropy(z_s, soft), rtol=0, atol=0)  # CE with probabilities
+    hard = torch.tensor([0, 2, 3, 4])
+    torch.testing.assert_close(losses["loss_kd"], nkd_loss(z_s, z_t, hard, 2.0, 1.5), rtol=0, atol=0)
+    cfg = _nkd_cfg()
+    cfg.DATASET.MIXUP.MIXUP_ALPHA = 0.8
+    check_recipe(cfg)  # DATASET.MIXUP is accepted for NKD
+    cfg.DISTILLER.TYPE = "RLD"
+    with pytest.raises(MdistillerError, match="soft labels, which RLD cannot train on"):
+        check_recipe(cfg)  # RLD's masks index the label

@@ -1,6 +1,6 @@
 """RLD losses: SCD and MCD against hand computations (a wrong teacher top-1 and a tie with the label included),
 closed forms (MCD 0 for a label the teacher ranks last; SCD with top-1 == label is DKD's TCKD), gradients (none to
-the masked classes), fp32 under bf16, and bad inputs."""
+the masked classes), fp32 under bf16, and bad inputs; the authors' flags: the LS mapping and --same-t."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import math
 import pytest
 import torch
 
+from mdistiller.cli import train as train_tool
 from mdistiller.distillers.dkd import dkd_terms
 from mdistiller.distillers.rld import mcd_loss, rld_loss, scd_loss
+from mdistiller.engine.run import run_name
 from mdistiller.errors import MdistillerError
+
+from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,3 +165,54 @@ def test_bad_inputs_give_one_line_errors(target, alpha_t, t, message) -> None:
     with pytest.raises(MdistillerError, match=message) as info:
         rld_loss(torch.zeros(4, 5), torch.zeros(4, 5), target, 1.0, 8.0, alpha_t, t)
     assert "\n" not in str(info.value) and str(info.value).startswith("RLD:")
+
+
+# ---- the authors' flags (tools/train.py) ----
+RLD_CONFIG = str(REPO / "configs/cifar100/rld/resnet32x4_resnet8x4.yaml")
+
+
+def _cfg(*argv: str):
+    args = train_tool.parse_args(["--cfg", RLD_CONFIG, *argv])
+    return train_tool.build_cfg(args), args
+
+
+def _rld(cfg) -> tuple:
+    return cfg.RLD.ALPHA, cfg.RLD.BETA, cfg.RLD.T, cfg.RLD.ALPHA_T, cfg.RLD.CE_WEIGHT, cfg.RLD.WARMUP
+
+
+def test_no_flags_train_the_authors_defaults() -> None:
+    cfg, args = _cfg()
+    assert cfg.EXPERIMENT.LOGIT_STAND is False and _rld(cfg) == (1.0, 8.0, 4.0, 1.0, 1.0, 20)
+    assert run_name(cfg, args.opts) == "rld,res32x4,res8x4"
+
+
+def test_logit_stand_flags_scale_the_weights_and_set_both_temperatures() -> None:
+    cfg, args = _cfg("--logit-stand", "--base-temp", "3", "--kd-weight", "5", "RLD.ALPHA", "2.0", "RLD.T", "7.0")
+    assert cfg.EXPERIMENT.LOGIT_STAND is True and (cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT) == (3.0, 5.0)
+    # overrides first, then the flags: ALPHA 2 * 5, BETA 8 * 5, T = ALPHA_T = 3 (the override T 7 is replaced)
+    assert _rld(cfg) == (10.0, 40.0, 3.0, 3.0, 1.0, 20)
+    assert "LS:T3,w5" in run_name(cfg, args.opts)
+    defaults, _ = _cfg("--logit-stand")
+    assert _rld(defaults) == (9.0, 72.0, 2.0, 2.0, 1.0, 20)  # --base-temp 2 --kd-weight 9
+
+
+def test_same_t_sets_alpha_t_to_t_and_is_recorded_in_the_run_name() -> None:
+    cfg, args = _cfg("--same-t", "RLD.ALPHA", "1.", "RLD.BETA", "8.", "RLD.T", "4.")  # the authors' README command
+    assert _rld(cfg) == (1.0, 8.0, 4.0, 4.0, 1.0, 20)
+    assert run_name(cfg, args.opts).endswith(",RLD.ALPHA_T:4")
+    other, args = _cfg("RLD.T", "6.0", "RLD.ALPHA_T", "0.5", "--same-t")  # a flag after the overrides: the same
+    assert (other.RLD.T, other.RLD.ALPHA_T) == (6.0, 6.0) and "RLD.ALPHA_T:6" in run_name(other, args.opts)
+    assert "RLD.ALPHA_T:0.5" not in run_name(other, args.opts)  # the override it replaced is not named
+
+
+def test_same_t_applies_after_the_logit_stand_flags() -> None:
+    cfg, _ = _cfg("--same-t", "--logit-stand", "--base-temp", "3", "--kd-weight", "2", "RLD.ALPHA_T", "9.0")
+    assert _rld(cfg) == (2.0, 16.0, 3.0, 3.0, 1.0, 20)
+
+
+def test_same_t_is_refused_for_another_method() -> None:
+    path = str(REPO / "configs/cifar100/dkd/resnet32x4_resnet8x4.yaml")
+    with pytest.raises(MdistillerError, match="--same-t sets RLD.ALPHA_T = RLD.T and applies to DISTILLER.TYPE RLD "
+                                              "only, not DKD") as info:
+        train_tool.build_cfg(train_tool.parse_args(["--cfg", path, "--same-t"]))
+    assert "\n" not in str(info.value)

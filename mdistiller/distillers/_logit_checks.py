@@ -1,4 +1,5 @@
-"""Input checks and working precision shared by the pure logit losses of DIST, TTM/WTTM, NKD and RLD.
+"""Input checks and working precision shared by the pure logit losses of DIST, TTM/WTTM, NKD and RLD, and the
+one-line refusal of logit standardisation for the methods whose authors never use it.
 
 Each check raises a one-line `MdistillerError` naming the method, so a wrong call fails before any arithmetic.
 """
@@ -49,3 +50,9 @@ def hard_labels(method: str, target: torch.Tensor, logits: torch.Tensor, soft_ok
         return target.argmax(dim=1)
     wanted = f"({batch},) integer labels" + (f" or ({batch}, {classes}) soft labels" if soft_ok else "")
     raise MdistillerError(f"{method}: target must be {wanted}, got {target.dtype} {tuple(target.shape)}")
+
+
+def logit_stand_refusal(method: str) -> str:
+    """The one line refusing `--logit-stand` (EXPERIMENT.LOGIT_STAND) for a method whose authors never use it."""
+    return (f"{method} does not take logit standardisation (its authors never use it): leave out --logit-stand and "
+            f"keep EXPERIMENT.LOGIT_STAND False")

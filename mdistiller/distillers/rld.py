@@ -20,6 +20,12 @@ Authors' code: zju-SWJ/RLD `mdistiller/distillers/RLD.py`. Reproduced as there:
   the reference's form would give NaN at the masked classes (moot when the teacher has no gradient).
 Logit standardisation is not part of these functions: the caller z-scores both logits first when it is on (the
 mask and the teacher's top-1 are then read from the standardised teacher logits, as in the reference).
+
+The distiller `RLD` (the authors' name and keys): `loss_ce = CE_WEIGHT * CE` on the raw logits, `loss_kd =
+min(epoch / WARMUP, 1) * rld_loss` on the (optionally z-scored) logits. Keys `RLD.{CE_WEIGHT 1.0, ALPHA 1.0, BETA 8.0,
+ALPHA_T 1.0, T 4.0, WARMUP 20}`. The authors' flags: `--logit-stand --base-temp tau --kd-weight w` switch
+EXPERIMENT.LOGIT_STAND on and set `ALPHA *= w`, `BETA *= w`, `T = tau`, `ALPHA_T = tau`; then `--same-t` sets
+`ALPHA_T = T` (`rld_same_t`).
 """
 
 from __future__ import annotations
@@ -27,9 +33,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import MdistillerError
+from ._base import Declaration, Distiller, cross_entropy, logits_on
 from ._logit_checks import check_logit_pair, check_positive, hard_labels, working_precision
-from .dkd import target_mask
+from .config import Key, config_section
+from .dkd import dkd_warmup, target_mask
 from .precision import fp32_loss
+from .registry import get_distiller_class, register_distiller
 
 # The reference's fill for the masked classes of MCD (finite, so a fully masked row is uniform, not NaN).
 MCD_MASK_FILL = -1e9
@@ -91,3 +101,70 @@ def rld_loss(
     return alpha * scd_loss(student_logits, teacher_logits, target, alpha_temperature) + beta * mcd_loss(
         student_logits, teacher_logits, target, temperature
     )
+
+
+config_section("RLD", {
+    "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels (raw logits)"),
+    "ALPHA": Key(1.0, "weight of the sample-confidence term SCD"),
+    "BETA": Key(8.0, "weight of the masked-correlation term MCD"),
+    "ALPHA_T": Key(1.0, "temperature of SCD (scaled by ALPHA_T^2); --same-t sets it to RLD.T"),
+    "T": Key(4.0, "temperature of MCD (scaled by T^2)"),
+    "WARMUP": Key(20, "epochs of the linear warm-up min(epoch / WARMUP, 1) of the RLD term"),
+})
+
+
+def rld_logit_stand(cfg, base_temp: float, kd_weight: float) -> None:
+    """`--logit-stand --base-temp tau --kd-weight w`: RLD.ALPHA and RLD.BETA times w, RLD.T = RLD.ALPHA_T = tau."""
+    cfg.RLD.ALPHA = float(cfg.RLD.ALPHA * kd_weight)
+    cfg.RLD.BETA = float(cfg.RLD.BETA * kd_weight)
+    cfg.RLD.T = float(base_temp)
+    cfg.RLD.ALPHA_T = float(base_temp)
+
+
+def rld_same_t(cfg) -> None:
+    """The authors' `--same-t` (applied after the LS flags): RLD.ALPHA_T = RLD.T; refused for any other method."""
+    if get_distiller_class(cfg.DISTILLER.TYPE) is not RLD:
+        raise MdistillerError(f"--same-t sets RLD.ALPHA_T = RLD.T and applies to DISTILLER.TYPE RLD only, not "
+                              f"{cfg.DISTILLER.TYPE}: leave it out")
+    cfg.RLD.ALPHA_T = float(cfg.RLD.T)
+
+
+@register_distiller("RLD")
+class RLD(Distiller):
+    """`CE_WEIGHT * CE + min(epoch / WARMUP, 1) * (ALPHA * SCD(ALPHA_T) + BETA * MCD(T))`; with logit
+    standardisation SCD and MCD compare z-scored logits, CE the raw ones."""
+
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("RLD",),
+        teacher_reads=logits_on("image"),
+        logit_stand=rld_logit_stand,
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        rld = cfg.RLD
+        check_positive("RLD", **{"RLD.ALPHA_T": rld.ALPHA_T, "RLD.T": rld.T})
+        return {"ce_weight": rld.CE_WEIGHT, "alpha": rld.ALPHA, "beta": rld.BETA, "alpha_temperature": rld.ALPHA_T,
+                "temperature": rld.T, "warmup": rld.WARMUP}
+
+    def setup(self, ce_weight: float, alpha: float, beta: float, alpha_temperature: float, temperature: float,
+              warmup: float) -> None:
+        self.ce_weight = ce_weight
+        self.alpha = alpha
+        self.beta = beta
+        self.alpha_temperature = alpha_temperature
+        self.temperature = temperature
+        self.warmup = warmup
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, *, epoch: int, **batch):
+        logits_student, _ = self.student(image)
+        logits_teacher = self.teacher_logits(image, batch.get("teacher_logits"))
+        student_kd, teacher_kd = self.distill_logits(logits_student, logits_teacher)
+        losses = {
+            "loss_ce": self.ce_weight * cross_entropy(logits_student, target),
+            "loss_kd": dkd_warmup(epoch, self.warmup) * rld_loss(
+                student_kd, teacher_kd, target, self.alpha, self.beta, self.alpha_temperature, self.temperature),
+        }
+        return logits_student, losses
