@@ -260,7 +260,7 @@ def _one_epoch(cfg, tmp_path, device=CPU) -> tuple[list[dict], dict, object]:
     table = prepare_teacher_cache(cfg, distiller, loader, device)
     trainer = Trainer(str(tmp_path), distiller, loader, None, cfg, device, teacher_cache=table)
     trainer.distiller.train()
-    state = trainer.epoch_state(1, len(loader))
+    state = trainer.epoch_progress(1, len(loader))
     losses = []
     for step, batch in enumerate(loader, 1):
         _, terms = trainer.train_step(batch, 1, step, state)
@@ -306,14 +306,14 @@ def test_resume_crosses_between_cached_and_live_runs(fp32_cache, data_root, teac
     """`latest` of a cached run holds no teacher; of a live run it does: each resumes as the other."""
     _, _, live = _one_epoch(_cfg(data_root, teacher_file), tmp_path / "live")
     _, _, cached = _one_epoch(_cfg(data_root, teacher_file, fp32_cache), tmp_path / "cached")
-    assert any(k.startswith("teacher.") for k in live.state.trainer_state(1)["model"])
-    assert not any(k.startswith("teacher.") for k in cached.state.trainer_state(1)["model"])
+    assert any(k.startswith("teacher.") for k in live.checkpoints.trainer_state(1)["model"])
+    assert not any(k.startswith("teacher.") for k in cached.checkpoints.trainer_state(1)["model"])
     for source, target in ((live, cached), (cached, live)):
-        source.state.save(source.state.trainer_state(1), "latest")
-        target.run_dir = target.state.run_dir = source.run_dir
+        source.checkpoints.save(source.checkpoints.trainer_state(1), "latest")
+        target.run_dir = target.checkpoints.run_dir = source.run_dir
         teacher_before = {k: v.clone() for k, v in target.distiller.state_dict().items() if k.startswith("teacher.")}
-        target.state.resume()
-        assert target.state.start_epoch == 2
+        target.checkpoints.resume()
+        assert target.checkpoints.start_epoch == 2
         for key, value in source.distiller.student.state_dict().items():
             assert torch.equal(target.distiller.student.state_dict()[key], value)
         after = {k: v for k, v in target.distiller.state_dict().items() if k.startswith("teacher.")}

@@ -483,7 +483,7 @@ class RowRun:
         self.trainer = Trainer(run_dir, distiller, None, None, cfg, device, teacher_cache=self.table)
         self.trainer.distiller.train()
         # the state training keeps for an epoch: same statistics, non-finite watch, per-step LR and host reads
-        self.epoch = self.trainer.epoch_state(1, max(self.epoch_images // cfg.SOLVER.BATCH_SIZE, 1))
+        self.epoch = self.trainer.epoch_progress(1, max(self.epoch_images // cfg.SOLVER.BATCH_SIZE, 1))
         self.steps = 0
 
     def step(self) -> int:

@@ -21,7 +21,8 @@ Ours, not upstream's: nothing reads the host during a step (K comes from the bat
 from `params` when it is built or loaded, Z is set on the device, so a step never waits for the GPU); the CRD head
 (embeddings, scores, loss, memory update) is computed in fp32 under SOLVER.AMP; under torchrun every rank updates its
 memory with the rows of the whole global batch and Z is the ranks' mean, so the memories stay equal (and DDP does not
-broadcast them: `rank_synced_buffers`); CRD.FEAT.STUDENT_DIM / TEACHER_DIM 0 (our default) are read from the models.
+broadcast them: `Declaration.rank_synced_buffers`); CRD.FEAT.STUDENT_DIM / TEACHER_DIM 0 (our default) are read
+from the models.
 """
 
 from __future__ import annotations
