@@ -1,7 +1,7 @@
 """Train a teacher (DISTILLER.TYPE NONE) or distil a student, as a config describes.
 
     python tools/train.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml [--resume] [--seeds 0,1,2]
-        [--logit-stand [--base-temp 2] [--kd-weight 9]] [KEY VALUE ...]
+        [--logit-stand [--base-temp 2] [--kd-weight 9]] [--same-t] [KEY VALUE ...]
 
 SIGTERM or Ctrl-C stops after the current step, saves `latest` there, prints the command that continues the run and
 exits with 143 (SIGTERM) or 130 (SIGINT).
@@ -19,6 +19,7 @@ import shlex
 import sys
 
 from .. import distributed
+from ..distillers.rld import rld_same_t
 from ..engine.build import apply_logit_stand_flags
 from ..engine.cfg import load_cfg
 from ..engine.guards import TrainingInterrupted
@@ -39,7 +40,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 FLAG_TAKES_VALUE = {"--cfg": True, "--resume": False, "--seeds": True, "--logit-stand": False, "--base-temp": True,
-                    "--kd-weight": True}
+                    "--kd-weight": True, "--same-t": False}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--logit-stand", action="store_true", help="logit standardisation (z-score) on the logits")
     parser.add_argument("--base-temp", type=float, default=2.0, help="temperature with --logit-stand")
     parser.add_argument("--kd-weight", type=float, default=9.0, help="distillation weight with --logit-stand")
+    parser.add_argument("--same-t", action="store_true", help="RLD: RLD.ALPHA_T = RLD.T (after --logit-stand)")
     parser.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. SOLVER.EPOCHS 10")
     return parser
 
@@ -85,11 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_cfg(args: argparse.Namespace):
-    """Defaults <- --cfg <- KEY VALUE overrides <- LS flags; frozen. (The run validates it, with everything else, before
-    any side effect: engine/validate.py.)"""
+    """Defaults <- --cfg <- KEY VALUE overrides <- LS flags <- --same-t; frozen. (The run validates it, with everything
+    else, before any side effect: engine/validate.py.) --same-t is recorded as the override `RLD.ALPHA_T <T>` in
+    `args.opts`, so the run name says it as config.yaml does."""
     cfg = load_cfg(args.cfg, args.opts or [])
     if args.logit_stand:
         apply_logit_stand_flags(cfg, args.base_temp, args.kd_weight)
+    if args.same_t:
+        rld_same_t(cfg)
+        args.opts = [*(args.opts or []), "RLD.ALPHA_T", f"{cfg.RLD.ALPHA_T:g}"]
     cfg.freeze()
     return cfg
 
