@@ -1,0 +1,151 @@
+"""SDD (Wei et al., CVPR 2024): scale-decoupled distillation over pooled regions (spec recent.md §5), pure losses.
+
+Region logits are (B, C, N): the classifier applied to each region vector of `spatial_pyramid`. The losses flatten
+them region-major (row `n * B + b`, as the reference's permute(2, 0, 1) + reshape) and weight each row by
+`region_weights`, then return `sum(weight * row) / (N * B)` (shicaiwei123/SDD-CVPR2024 `KD.py`, `SDD_DKD.py`,
+`SDD_nkd.py`). Region 0 must be the global region (scale 1 first), as the reference's row weights assume.
+
+"Right" in the row weights is the TEACHER's prediction on that row (argmax of its region logits) against the label,
+and "global" is the teacher's prediction on region 0 of the same sample; the student's logits play no part.
+
+With N = 1 (`M = [1]`, pass `logits.unsqueeze(2)`) every row weight is 1 and each loss is its plain batch-mean form
+(KD, mdistiller's DKD, NKD with the label column kept): the reference's `M == '[1]'` branches.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MdistillerError
+from .dkd import dkd_terms
+from .precision import fp32_loss
+
+ALLOWED_SCALES = (1, 2, 4)
+COMPLEMENTARY_WEIGHT = 2.0  # hard-coded in the reference
+
+
+def check_scales(scales: Sequence[int]) -> tuple[int, ...]:
+    """`scales` as a tuple, refused unless a non-empty, strictly increasing subset of (1, 2, 4) (SDD.M)."""
+    values = tuple(scales)
+    if (
+        not values
+        or any(isinstance(s, bool) or not isinstance(s, int) or s not in ALLOWED_SCALES for s in values)
+        or list(values) != sorted(set(values))
+    ):
+        raise MdistillerError(
+            f"SDD scales (SDD.M) must be a strictly increasing subset of [1, 2, 4], such as [1, 2, 4] or [1, 2]; "
+            f"got {list(values)}"
+        )
+    return values
+
+
+def spatial_pyramid(prepool_map: torch.Tensor, scales: Sequence[int] = (1, 2, 4)) -> torch.Tensor:
+    """Region vectors (B, D, N) of a pre-pool map (B, D, H, W): P4 = avgpool(X, 4x4), P2 and P1 pooled from P4."""
+    scales = check_scales(scales)
+    if prepool_map.dim() != 4:
+        raise MdistillerError(f"SDD needs a pre-pool map (B, D, H, W), got shape {tuple(prepool_map.shape)}")
+    p4 = F.adaptive_avg_pool2d(prepool_map, 4)
+    pooled = {4: p4, 2: F.adaptive_avg_pool2d(p4, 2), 1: F.adaptive_avg_pool2d(p4, 1)}
+    return torch.cat([pooled[s].flatten(2) for s in scales], dim=2)  # row-major within a scale
+
+
+def region_rows(region_logits: torch.Tensor) -> torch.Tensor:
+    """(B, C, N) region logits as (N * B, C) rows, region-major (row n * B + b)."""
+    if region_logits.dim() != 3:
+        raise MdistillerError(f"SDD region logits must be (B, C, N), got shape {tuple(region_logits.shape)}")
+    batch, classes, regions = region_logits.shape
+    return region_logits.permute(2, 0, 1).reshape(regions * batch, classes)
+
+
+def _check_pair(region_s: torch.Tensor, region_t: torch.Tensor, target: torch.Tensor) -> None:
+    if region_s.shape != region_t.shape or region_s.dim() != 3:
+        raise MdistillerError(
+            f"SDD needs student and teacher region logits of one shape (B, C, N), got {tuple(region_s.shape)} and "
+            f"{tuple(region_t.shape)}"
+        )
+    if target.shape != (region_s.shape[0],):
+        raise MdistillerError(f"SDD targets must be ({region_s.shape[0]},) labels, got shape {tuple(target.shape)}")
+
+
+@torch.no_grad()
+def region_weights(teacher_region_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Row weights (N * B,): 2 where the teacher's local and global predictions disagree on rightness, else 1."""
+    rows = region_rows(teacher_region_logits)
+    regions = teacher_region_logits.shape[2]
+    right = rows.argmax(dim=1) == target.repeat(regions)
+    global_right = right[: target.shape[0]].repeat(regions)  # region 0 of each sample; its own rows XOR to False
+    return torch.where(right ^ global_right, COMPLEMENTARY_WEIGHT, 1.0).float()
+
+
+def _weighted_mean(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (rows * weights).sum() / rows.shape[0]
+
+
+@fp32_loss
+def sdd_kd_loss(
+    region_s: torch.Tensor, region_t: torch.Tensor, target: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """SD-KD: `sum_rows weight * T^2 KL(p_t || p_s) / (N * B)` over region rows, NaN KL entries set to 0 (fp32)."""
+    _check_pair(region_s, region_t, target)
+    log_p_s = F.log_softmax(region_rows(region_s.float()) / temperature, dim=1)
+    p_t = F.softmax(region_rows(region_t.detach().float()) / temperature, dim=1)
+    kl = F.kl_div(log_p_s, p_t, reduction="none") * temperature**2
+    kl = torch.where(torch.isnan(kl), torch.zeros_like(kl), kl)  # the reference zeroes NaN entries (KD only)
+    return _weighted_mean(kl.sum(1), region_weights(region_t, target))
+
+
+@fp32_loss
+def sdd_dkd_loss(
+    region_s: torch.Tensor,
+    region_t: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> torch.Tensor:
+    """SD-DKD: `sum_rows weight * (alpha TCKD + beta NCKD) / (N * B)`, per-row DKD terms at T (fp32)."""
+    _check_pair(region_s, region_t, target)
+    regions = region_s.shape[2]
+    tckd, nckd = dkd_terms(
+        region_rows(region_s.float()), region_rows(region_t.detach().float()), target.repeat(regions), temperature
+    )
+    return _weighted_mean(alpha * tckd + beta * nckd, region_weights(region_t, target))
+
+
+@fp32_loss
+def nkd_keep_label_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float, gamma: float
+) -> torch.Tensor:
+    """Per-row NKD as SDD's reference: `-p_t[y] log p_s[y] - gamma T^2 sum_c q_t,c log q_s,c`, label column KEPT."""
+    z_s = student_logits.float()
+    z_t = teacher_logits.detach().float()
+    label = target.view(-1, 1)
+    target_part = -F.softmax(z_t, dim=1).gather(1, label) * F.log_softmax(z_s, dim=1).gather(1, label)
+    soft = (F.softmax(z_t / temperature, dim=1) * F.log_softmax(z_s / temperature, dim=1)).sum(1)
+    return target_part.squeeze(1) - gamma * temperature**2 * soft
+
+
+@fp32_loss
+def sdd_nkd_loss(
+    region_s: torch.Tensor, region_t: torch.Tensor, target: torch.Tensor, temperature: float, gamma: float
+) -> torch.Tensor:
+    """SD-NKD: `sum_rows weight * NKD_row / (N * B)`, NKD with the label column kept (SDD's reference) (fp32)."""
+    _check_pair(region_s, region_t, target)
+    regions = region_s.shape[2]
+    rows = nkd_keep_label_rows(region_rows(region_s), region_rows(region_t), target.repeat(regions), temperature, gamma)
+    return _weighted_mean(rows, region_weights(region_t, target))
+
+
+def finite_or_zero(loss: torch.Tensor, sync: bool = False) -> torch.Tensor:
+    """The reference's whole-loss guard: a NaN/inf loss becomes 0.
+
+    `sync=False` (no host read): `where(isfinite(loss), loss, 0)`, the same value; its gradient is 0 unless an
+    intermediate's backward itself yields NaN (e.g. log(0) inside TCKD), which the trainer's NAN_POLICY then reports.
+    `sync=True` reads the host as the reference does and returns a detached 0, so that term sends no gradient at all.
+    """
+    if sync:
+        return loss if bool(torch.isfinite(loss).all()) else torch.zeros((), dtype=loss.dtype, device=loss.device)
+    return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
