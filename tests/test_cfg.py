@@ -100,7 +100,7 @@ def test_our_config_loads_and_builds_its_models(path):
     from mdistiller.distillers import get_distiller_class
 
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
-    names = [cfg.DISTILLER.STUDENT] + ([cfg.DISTILLER.TEACHER] if distiller_class.requires_teacher else [])
+    names = [cfg.DISTILLER.STUDENT] + ([cfg.DISTILLER.TEACHER] if distiller_class.declares.requires_teacher else [])
     from mdistiller.models.vit import TIMM_NAMES
 
     if any(name in TIMM_NAMES for name in names) and importlib.util.find_spec("timm") is None:

@@ -430,7 +430,7 @@ def test_device_loader_is_deterministic_resumable_and_shards_the_global_batch():
 def test_get_dataset_serves_the_need_on_the_dataloader_path_only_for_training(cifar100_tiny_root):
     cfg = default_cfg()
     cfg.DATASET.ROOT, cfg.DATASET.NUM_WORKERS, cfg.SOLVER.BATCH_SIZE = cifar100_tiny_root, 0, 16
-    needs = CRD.batch_needs(_with(cfg, "CRD.NCE.K", 20))
+    needs = CRD.batch_needs_of(_with(cfg, "CRD.NCE.K", 20))
     assert needs == {"contrastive_index": {"k": 20, "mode": "exact"}}
     train, val, num_train, _ = get_dataset(cfg, seed=0, needs=needs)
     batch = next(iter(train))
@@ -623,7 +623,7 @@ def test_tiny_imagenet_serves_the_need_like_upstreams_folder(tmp_path):
     from test_tiny_imagenet_data import tiny_cfg, write_tiny_imagenet
 
     cfg = tiny_cfg(write_tiny_imagenet(str(tmp_path)), batch=6)
-    train, _, _, _ = get_dataset(cfg, seed=0, needs=CRD.batch_needs(_with(cfg, "CRD.NCE.K", 5)))
+    train, _, _, _ = get_dataset(cfg, seed=0, needs=CRD.batch_needs_of(_with(cfg, "CRD.NCE.K", 5)))
     batch = next(iter(train))
     rows, targets = batch["contrastive_index"], torch.as_tensor(train.dataset.targets)
     assert train.dataset.contrastive.branch == "with" and rows.shape == (6, 6)

@@ -97,7 +97,7 @@ def test_each_switch_trains_the_same_steps_as_eager_fp32(tmp_path, switches, tol
 def test_a_nan_is_found_at_the_next_scheduled_read_and_named_by_its_own_step(tmp_path):
     trainer = _trainer(tmp_path, _cfg())
     assert trainer.sync_every == PROGRESS_EVERY  # on CUDA the flag is read every 20 steps, not every step
-    state = trainer.epoch_state(1, 40)
+    state = trainer.epoch_progress(1, 40)
     bad = _batch(seed=3)
     bad["image"][0, 0, 0, 0] = float("nan")
     with pytest.raises(MdistillerError, match=r"non-finite loss at epoch 1, step 3/40"):

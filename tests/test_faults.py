@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mdistiller.cli import run_cli
-from mdistiller.distillers import Distiller, distiller_dict, register_distiller
+from mdistiller.distillers import Declaration, Distiller, distiller_dict, register_distiller
 from mdistiller.distillers._base import cross_entropy
 from mdistiller.errors import MdistillerError
 
@@ -39,10 +39,9 @@ if "TEST_FAULTS" not in distiller_dict:
     class FaultDouble(Distiller):
         """Cross-entropy plus an `loss_aux` term that is NaN at the steps in NAN_AT; sends itself signals."""
 
-        requires_teacher = False
+        declares = Declaration(loss_terms=("loss_ce", "loss_aux"), requires_teacher=False)
 
-        def __init__(self, student, teacher=None, cfg=None):
-            super().__init__(student, None, cfg)
+        def setup(self) -> None:
             self.calls: dict[int, int] = {}
 
         def forward_train(self, image, target, epoch=None, **batch):

@@ -77,7 +77,7 @@ def test_config_loads_and_builds(config: str) -> None:
     cfg = load_cfg(str(REPO / config))
     method = Path(config).parent.name
     assert cfg.DISTILLER.TYPE == method.upper()
-    assert get_distiller_class(cfg.DISTILLER.TYPE).supports_logit_stand
+    assert get_distiller_class(cfg.DISTILLER.TYPE).declares.logit_stand is not None
     assert Path(config).stem == f"{cfg.DISTILLER.TEACHER}_{cfg.DISTILLER.STUDENT}"
     assert cfg.SOLVER.EPOCHS == 240 and cfg.SOLVER.WEIGHT_DECAY == 0.0005 and cfg.SOLVER.BATCH_SIZE == 64
     assert cfg.SOLVER.LR_DECAY_STAGES == [150, 180, 210]

@@ -132,8 +132,8 @@ def test_distiller_four_forwards_and_gradients(per_sample: bool) -> None:
 def test_kd_ours_is_an_alias_of_mlkd(capsys) -> None:
     assert get_distiller_class("KD_ours") is MLKD
     assert "warning: DISTILLER.TYPE KD_ours is read as MLKD" in capsys.readouterr().err
-    assert MLKD.train_views == {"image_weak": "standard", "image_strong": "strong"}
-    assert MLKD.supports_logit_stand
+    assert MLKD.declares.train_views == {"image_weak": "standard", "image_strong": "strong"}
+    assert MLKD.declares.logit_stand is not None
 
 
 def test_two_view_batches_from_the_data_path(cifar100_root: str) -> None:
@@ -142,7 +142,7 @@ def test_two_view_batches_from_the_data_path(cifar100_root: str) -> None:
     cfg.DATASET.NUM_WORKERS = 0
     cfg.SOLVER.BATCH_SIZE = 8
     torch.manual_seed(0)
-    train_loader, val_loader, num_train, num_classes = get_dataset(cfg, MLKD.train_views, seed=0)
+    train_loader, val_loader, num_train, num_classes = get_dataset(cfg, MLKD.declares.train_views, seed=0)
     batch = next(iter(train_loader))
     assert {"image_weak", "image_strong", "target", "index"} <= set(batch)
     assert "image" not in batch

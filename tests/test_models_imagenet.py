@@ -158,7 +158,7 @@ def test_imagenet_config_loads_and_builds_its_models_on_meta(path):
     cfg = load_cfg(str(path))
     validate_cfg(cfg)
     names = [cfg.DISTILLER.STUDENT] + ([cfg.DISTILLER.TEACHER]
-                                       if get_distiller_class(cfg.DISTILLER.TYPE).requires_teacher else [])
+                                       if get_distiller_class(cfg.DISTILLER.TYPE).declares.requires_teacher else [])
     if VIT_NAMES & set(names) and not HAS_TIMM:
         pytest.skip('timm is not installed (pip install -e ".[vit]"): the DeiT/RegNetY models cannot be built')
     assert cfg.DATASET.TYPE == "imagenet" and cfg.DATASET.NUM_CLASSES == 1000
@@ -243,8 +243,8 @@ def test_imagenet_config_trains_a_cpu_smoke_step(tmp_path, path):
     trainer = Trainer(str(tmp_path), distiller, [], [], cfg, torch.device("cpu"))
     trainer.distiller.train()
     image, target = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
-    batch = {key: image for key in distiller_class.train_views} | {"target": target, "index": torch.arange(4)}
-    if "contrastive_index" in distiller_class.batch_needs(cfg):  # CRD: rows as the ImageNet folder draws them
+    batch = {key: image for key in distiller_class.declares.train_views} | {"target": target, "index": torch.arange(4)}
+    if "contrastive_index" in distiller_class.batch_needs_of(cfg):  # CRD: rows as the ImageNet folder draws them
         sampler = ContrastiveSampler(torch.arange(40) % 10, cfg.CRD.NCE.K, replacement="always")
         batch["contrastive_index"] = sampler.draw(batch["index"], target)
     before = [p.detach().clone() for p in trainer.distiller.student.parameters()]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdistiller.distillers.probe import map_shapes, probe_features, probe_input_size
+from mdistiller.distillers.probe import Setting, map_shapes, probe_features, probe_input_size
 from mdistiller.engine.cfg import default_cfg
 from mdistiller.errors import MdistillerError
 from mdistiller.models import cifar_model_dict
@@ -72,8 +72,8 @@ def test_fitnet_and_vid_probe_is_clean_by_default_and_upstream_behind_the_switch
 
 def test_probe_input_size_follows_the_data_set():
     cfg = default_cfg()
-    assert probe_input_size(cfg, (32, 32)) == (32, 32)
+    assert probe_input_size(Setting.from_cfg(cfg), (32, 32)) == (32, 32)
     cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE = "imagenet", 160
-    assert probe_input_size(cfg, (32, 32)) == (160, 160)
+    assert probe_input_size(Setting.from_cfg(cfg), (32, 32)) == (160, 160)
     with pytest.raises(MdistillerError, match=r"FITNET.INPUT_SIZE \(224, 224\) differs from the training size 160"):
-        probe_input_size(cfg, (224, 224), "FITNET.INPUT_SIZE")
+        probe_input_size(Setting.from_cfg(cfg), (224, 224), "FITNET.INPUT_SIZE")

@@ -226,7 +226,7 @@ def test_the_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatc
     if distiller_type == "MLKD":
         batch = {"image_weak": batch["image"], "image_strong": batch["image"].flip(3), "target": batch["target"],
                  "index": batch["index"]}
-    if "contrastive_index" in get_distiller_class(distiller_type).batch_needs(cfg):  # CRD: drawn as the data path does
+    if "contrastive_index" in get_distiller_class(distiller_type).batch_needs_of(cfg):  # CRD: as the data path draws
         labels = torch.arange(64) % 10
         batch["contrastive_index"] = ContrastiveSampler(labels, cfg.CRD.NCE.K).draw(batch["index"], labels[:8])
 

@@ -68,7 +68,7 @@ def test_ls_table_dry_run_counts_112_recipes_times_the_seeds(ls_dry_run):
     result, out = ls_dry_run
     plan = result["plan"]
     assert plan.recipes == 14 * 4 * 2 == 112
-    assert len(plan.runs) == 112 * 3 and all(s.status == "todo" for s in result["states"].values())
+    assert len(plan.runs) == 112 * 3 and all(s.status == "todo" for s in result["statuses"].values())
     assert "112 recipes x seeds 0,1,2 = 336 runs; 0 finished, 0 to resume, 336 to start; 336 remain" in out
     assert out.count("tools/train.py --cfg") == 336
     # exactly the paper's 14 pairs x 4 methods, each without and with LS
@@ -237,7 +237,7 @@ def test_finished_runs_are_skipped_and_a_second_sweep_does_nothing(two_by_two, t
     monkeypatch.setattr(sweep_cli, "LocalQueue", queue)
     first = sweep_cli.main([path, *_where(tmp_path)])
     assert sorted(j.key for j in queue.jobs) == sorted(r.run_dir for r in (plan.runs[0], plan.runs[2]))
-    assert all(s.status == "done" for s in first["states"].values())
+    assert all(s.status == "done" for s in first["statuses"].values())
     queue.jobs.clear()
     second = sweep_cli.main([path, *_where(tmp_path)])
     assert queue.jobs == [] and "nothing to do" in capsys.readouterr().out
@@ -484,12 +484,12 @@ def test_ctrl_c_of_the_sweep_leaves_a_resumable_run_and_resume_finishes_it(tmp_p
     assert info.value.code == 130
     err = capsys.readouterr().err
     assert "continue with: " in err and "--resume" in err
-    assert sweep_plan.run_state(run).status == "started", "stopped mid-run: `latest`, no result"
+    assert sweep_plan.run_status(run).status == "started", "stopped mid-run: `latest`, no result"
     assert "interrupted by SIGTERM" in Path(run.log_path).read_text()
     with pytest.raises(MdistillerError, match="pass --resume"):
         sweep_cli.main([path, *overrides])
     result = sweep_cli.main([path, "--resume", *overrides])
-    assert result["states"][run.run_dir].status == "done"
+    assert result["statuses"][run.run_dir].status == "done"
     run_log = Path(run.log_path).read_text()
     assert "resumed from" in run_log and run_log.count(" start ") == 2
     worklog = Path(run.run_dir, "worklog.txt").read_text()
@@ -516,7 +516,7 @@ runs:
     assert teacher.is_teacher and teacher.name == "vanilla,resnet8,SOLVER.EPOCHS:1,SOLVER.BATCH_SIZE:16,seed:0"
     assert student.teacher_run == teacher.run_dir
     assert {d: o.status for d, o in result["outcomes"].items()} == {teacher.run_dir: "done", student.run_dir: "done"}
-    assert all(s.status == "done" for s in result["states"].values())
+    assert all(s.status == "done" for s in result["statuses"].values())
     student_log = Path(student.log_path).read_text()
     assert f"DISTILLER.TEACHER_CKPT {os.path.abspath(teacher.run_dir)}/student_best" in student_log
     assert Path(teacher.log_path).stat().st_mtime <= Path(student.run_dir, "config.yaml").stat().st_mtime

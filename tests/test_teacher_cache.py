@@ -21,7 +21,7 @@ from mdistiller.dataset import get_dataset, standard_train_transform
 from mdistiller.dataset.cifar import CIFAR_FORMATS, read_cifar_split
 from mdistiller.dataset.device_cifar import VIEWS_PER_IMAGE, DeviceCifarLoader, decode_views, encode_views
 from mdistiller.dataset.teacher_views import RecordedCropFlip, data_fingerprint, pil_view, views_of
-from mdistiller.distillers import get_distiller_class
+from mdistiller.distillers import Declaration, Distiller, get_distiller_class, logits_on
 from mdistiller.engine import teacher_cache_build
 from mdistiller.engine.build import build_distiller, build_teacher
 from mdistiller.engine.cfg import default_cfg
@@ -254,13 +254,13 @@ def _one_epoch(cfg, tmp_path, device=CPU) -> tuple[list[dict], dict, object]:
     """Per-step losses and the final student weights of one epoch, run as run.py assembles a run."""
     set_seed(0)
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
-    loader, _, _, classes = get_dataset(cfg, distiller_class.train_views, seed=0, device=device,
+    loader, _, _, classes = get_dataset(cfg, distiller_class.declares.train_views, seed=0, device=device,
                                         needs=cache_batch_needs(cfg, distiller_class))
     distiller = build_distiller(cfg, classes)
     table = prepare_teacher_cache(cfg, distiller, loader, device)
     trainer = Trainer(str(tmp_path), distiller, loader, None, cfg, device, teacher_cache=table)
     trainer.distiller.train()
-    state = trainer.epoch_state(1, len(loader))
+    state = trainer.epoch_progress(1, len(loader))
     losses = []
     for step, batch in enumerate(loader, 1):
         _, terms = trainer.train_step(batch, 1, step, state)
@@ -306,14 +306,14 @@ def test_resume_crosses_between_cached_and_live_runs(fp32_cache, data_root, teac
     """`latest` of a cached run holds no teacher; of a live run it does: each resumes as the other."""
     _, _, live = _one_epoch(_cfg(data_root, teacher_file), tmp_path / "live")
     _, _, cached = _one_epoch(_cfg(data_root, teacher_file, fp32_cache), tmp_path / "cached")
-    assert any(k.startswith("teacher.") for k in live.state.trainer_state(1)["model"])
-    assert not any(k.startswith("teacher.") for k in cached.state.trainer_state(1)["model"])
+    assert any(k.startswith("teacher.") for k in live.checkpoints.trainer_state(1)["model"])
+    assert not any(k.startswith("teacher.") for k in cached.checkpoints.trainer_state(1)["model"])
     for source, target in ((live, cached), (cached, live)):
-        source.state.save(source.state.trainer_state(1), "latest")
-        target.run_dir = target.state.run_dir = source.run_dir
+        source.checkpoints.save(source.checkpoints.trainer_state(1), "latest")
+        target.run_dir = target.checkpoints.run_dir = source.run_dir
         teacher_before = {k: v.clone() for k, v in target.distiller.state_dict().items() if k.startswith("teacher.")}
-        target.state.resume()
-        assert target.state.start_epoch == 2
+        target.checkpoints.resume()
+        assert target.checkpoints.start_epoch == 2
         for key, value in source.distiller.student.state_dict().items():
             assert torch.equal(target.distiller.student.state_dict()[key], value)
         after = {k: v for k, v in target.distiller.state_dict().items() if k.startswith("teacher.")}
@@ -515,8 +515,6 @@ def test_what_the_cache_cannot_serve_is_refused_in_one_line(case):
 
 
 def test_mlkd_takes_its_weak_view_from_the_cache_and_runs_the_teacher_on_the_strong_one():
-    from mdistiller.distillers import Distiller
-    from mdistiller.distillers._base import LOGITS
 
     cfg = _cfg("./data", "", "auto", DISTILLER__TYPE="MLKD", DISTILLER__TEACHER="resnet32x4",
                DISTILLER__STUDENT="resnet8x4")
@@ -526,18 +524,12 @@ def test_mlkd_takes_its_weak_view_from_the_cache_and_runs_the_teacher_on_the_str
     assert cache_batch_needs(cfg, mlkd) == {"view_id": "image_weak"}
 
     class StrongOnly(Distiller):
-        train_views = {"image": "strong"}
-
-        @classmethod
-        def teacher_outputs(cls, cfg):
-            return {"image": frozenset({LOGITS})}
+        declares = Declaration(loss_terms=("loss_kd",), distillation_terms=("loss_kd",),
+                               train_views={"image": "strong"}, teacher_reads=logits_on("image"))
 
     class TwoStandardViews(StrongOnly):
-        train_views = {"a": "standard", "b": "standard"}
-
-        @classmethod
-        def teacher_outputs(cls, cfg):
-            return {"a": frozenset({LOGITS}), "b": frozenset({LOGITS})}
+        declares = Declaration(loss_terms=("loss_kd",), distillation_terms=("loss_kd",),
+                               train_views={"a": "standard", "b": "standard"}, teacher_reads=logits_on("a", "b"))
 
     refusal, served, _ = cache_plan(cfg, StrongOnly)
     assert served is None and "reads its image view, which cannot be enumerated" in refusal
@@ -548,14 +540,11 @@ def test_mlkd_takes_its_weak_view_from_the_cache_and_runs_the_teacher_on_the_str
 
 
 def test_undeclared_methods_are_refused_and_logit_methods_declare_logits():
-    from mdistiller.distillers import Distiller
-
-    class Undeclared(Distiller):
-        pass
-
-    assert Undeclared.teacher_outputs(default_cfg()) == {"image": frozenset({"logits", "features"})}
+    undeclared = Declaration(loss_terms=("loss_ce", "loss_kd"))  # says nothing of what it reads
+    assert undeclared.teacher_uses({}) == {"image": frozenset({"logits", "features"})}
     for name in ("KD", "DKD", "CTKD"):
-        assert get_distiller_class(name).teacher_outputs(default_cfg()) == {"image": frozenset({"logits"})}
+        cls = get_distiller_class(name)
+        assert cls.declares.teacher_uses(cls.hparams(default_cfg())) == {"image": frozenset({"logits"})}
 
 
 def test_the_imagenet_data_path_refuses_view_ids():

@@ -20,6 +20,7 @@ from mdistiller.dataset.tiny_imagenet import (
 )
 from mdistiller.engine.cfg import default_cfg
 from mdistiller.errors import MdistillerError
+from mdistiller.log import run_log
 
 # Official wnids.txt is not sorted; class indices follow the sorted train folder names, as in ImageFolder.
 WNIDS = ("n02124075", "n01443537", "n04067472", "n01629819")
@@ -288,3 +289,14 @@ def test_an_image_that_is_not_64_pixels_is_named(own_root):
     cfg.DATASET.SKIP_BAD_IMAGES = True
     loader = get_dataset(cfg)[0]
     assert sum(len(b["target"]) for b in loader) == 8 and loader.skipped_files == [path]
+
+
+def test_gpu_decode_note_goes_through_the_logger_to_the_console_and_the_run_log(tiny_root, tmp_path, capsys):
+    cfg = tiny_cfg(tiny_root)
+    cfg.DATASET.GPU_DECODE = True
+    with run_log(str(tmp_path)) as path:
+        get_dataset(cfg)
+    note = "DATASET.GPU_DECODE applies to ImageNet: Tiny-ImageNet's 64 px JPEGs are decoded with PIL in the workers"
+    assert f"[mdistiller] {note}" in capsys.readouterr().out
+    with open(path) as f:
+        assert f"INFO {note}" in f.read()

@@ -28,6 +28,7 @@ from mdistiller.distillers.ot import (
     wkd_target_loss,
 )
 from mdistiller.distillers.wkd import build_projector, final_linear
+from mdistiller.engine.build import apply_logit_stand_flags
 from mdistiller.engine.cfg import default_cfg
 from mdistiller.errors import MdistillerError
 from mdistiller.models import cifar_model_dict
@@ -265,7 +266,7 @@ def test_missing_cka_file_names_the_tool_command(tmp_path):
 
 def test_wkd_refuses_logit_stand():
     with pytest.raises(MdistillerError, match="--logit-stand"):
-        get_distiller_class("WKD").apply_logit_stand_flags(_wkd_cfg(), 2.0, 9.0)
+        apply_logit_stand_flags(_wkd_cfg(DISTILLER__TYPE="WKD"), 2.0, 9.0)
 
 
 # ---- WKD-F ----
@@ -368,12 +369,12 @@ def test_linear_cka_distance_properties():
 
 
 def test_logit_stand_flag_is_refused_with_the_reason():
-    from mdistiller.distillers import get_distiller_class
-    from mdistiller.engine.cfg import default_cfg
     from mdistiller.errors import MdistillerError
 
+    cfg = default_cfg()
+    cfg.DISTILLER.TYPE = "WKD"
     with pytest.raises(MdistillerError, match="--logit-stand is not defined for WKD"):
-        get_distiller_class("WKD").apply_logit_stand_flags(default_cfg(), 2.0, 9.0)
+        apply_logit_stand_flags(cfg, 2.0, 9.0)
 
 
 def test_authors_imagenet_wkd_f_config_builds_at_the_data_sets_image_size():

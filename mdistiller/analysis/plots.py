@@ -105,7 +105,7 @@ def config_label(cfg: dict) -> str:
     method = str(flat.get("DISTILLER.TYPE", "?"))
     student = str(flat.get("DISTILLER.STUDENT", "?"))
     cls = distiller_dict.get(method)
-    needs_teacher = cls.requires_teacher if cls is not None else method != "NONE"
+    needs_teacher = cls.declares.requires_teacher if cls is not None else method != "NONE"
     ls = None
     if flat.get("EXPERIMENT.LOGIT_STAND"):
         base_temp = float(flat.get("EXPERIMENT.BASE_TEMP") or 0)

@@ -247,9 +247,9 @@ class CifarData:
         """(endless iterator of full training batches, epoch size, training-set size, class count, close) for one
         row; the batches carry what the distiller's batch_needs ask for."""
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
-        train_loader, _, num_train, num_classes = get_dataset(cfg, distiller_class.train_views,
+        train_loader, _, num_train, num_classes = get_dataset(cfg, distiller_class.declares.train_views,
                                                               seed=cfg.EXPERIMENT.SEED, device=device,
-                                                              needs={**distiller_class.batch_needs(cfg),
+                                                              needs={**distiller_class.batch_needs_of(cfg),
                                                                      **cache_batch_needs(cfg, distiller_class)})
         check_fits_data(cfg, num_train)
         batches = _full_batches(train_loader, cfg.SOLVER.BATCH_SIZE)
@@ -289,7 +289,7 @@ class ImageNetData:
         "contrastive_index" need is drawn as the ImageNet folder draws it (over the full training-set size)."""
         num_classes = cfg.DATASET.NUM_CLASSES or 1000
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
-        needs = distiller_class.batch_needs(cfg)
+        needs = distiller_class.batch_needs_of(cfg)
         check_batch_needs(needs)
         size, batch = cfg.DATASET.IMAGE_SIZE, cfg.SOLVER.BATCH_SIZE
         generator = torch.Generator(device=device)
@@ -302,7 +302,7 @@ class ImageNetData:
         pool = []
         for _ in range(2):
             item = {key: torch.randn(batch, 3, size, size, generator=generator, device=device)
-                    for key in distiller_class.train_views}
+                    for key in distiller_class.declares.train_views}
             item["target"] = torch.randint(0, num_classes, (batch,), generator=generator, device=device)
             item["index"] = torch.arange(batch, device=device)
             if sampler is not None:
@@ -369,7 +369,7 @@ def _decode_on(device: torch.device, cfg) -> Iterator[None]:
 
 def time_loader_row(row: Row, cfg, data: JpegFolderData, device: torch.device, steps: int, warmup: int) -> dict:
     """Iterate the row's training loader alone: `warmup` full batches, then `steps` timed ones."""
-    views = get_distiller_class(cfg.DISTILLER.TYPE).train_views
+    views = get_distiller_class(cfg.DISTILLER.TYPE).declares.train_views
     set_seed(cfg.EXPERIMENT.SEED)
     with _decode_on(device, cfg), contextlib.redirect_stdout(sys.stderr):  # the loader's one-line notes
         train_loader, _, num_train, _ = get_dataset(cfg, views, seed=cfg.EXPERIMENT.SEED, device=device)
@@ -419,7 +419,7 @@ def build_random_distiller(cfg, num_classes: int, num_data: int | None = None) -
     size = cfg.DATASET.IMAGE_SIZE
     student = build_model(cfg.DISTILLER.STUDENT, num_classes, cfg.DATASET.TYPE, size)
     teacher = None
-    if distiller_class.requires_teacher:
+    if distiller_class.declares.requires_teacher:
         teacher = build_model(cfg.DISTILLER.TEACHER, num_classes, cfg.DATASET.TYPE, size).eval()
     return distiller_class(student, teacher, cfg, **build_kwargs(distiller_class, num_data))
 
@@ -483,7 +483,7 @@ class RowRun:
         self.trainer = Trainer(run_dir, distiller, None, None, cfg, device, teacher_cache=self.table)
         self.trainer.distiller.train()
         # the state training keeps for an epoch: same statistics, non-finite watch, per-step LR and host reads
-        self.epoch = self.trainer.epoch_state(1, max(self.epoch_images // cfg.SOLVER.BATCH_SIZE, 1))
+        self.epoch = self.trainer.epoch_progress(1, max(self.epoch_images // cfg.SOLVER.BATCH_SIZE, 1))
         self.steps = 0
 
     def step(self) -> int:
@@ -548,7 +548,7 @@ def data_path_of(cfg, device: torch.device) -> str:
     if is_imagenet(cfg.DATASET.TYPE):
         return "synthetic device tensors"
     cached = ", cached teacher logits" if cfg.DISTILLER.TEACHER_CACHE else ""
-    if uses_device_resident_data(cfg, get_distiller_class(cfg.DISTILLER.TYPE).train_views, device):
+    if uses_device_resident_data(cfg, get_distiller_class(cfg.DISTILLER.TYPE).declares.train_views, device):
         return f"GPU-resident (augmented on the GPU){cached}"
     return f"DataLoader ({cfg.DATASET.NUM_WORKERS} workers, PIL transforms){cached}"
 

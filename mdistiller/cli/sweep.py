@@ -42,7 +42,7 @@ from .launchers import (
     wait_for,
 )
 from .report import write_text
-from .sweep_plan import Plan, Run, RunState, load_sweep, plan_sweep, run_state
+from .sweep_plan import Plan, Run, RunStatus, load_sweep, plan_sweep, run_status
 from .train import parse_seeds
 
 TRAIN_MODULE = "mdistiller.cli.train"
@@ -152,15 +152,15 @@ def sweep_command(argv: Sequence[str], resume: bool = True) -> str:
 
 # ---- report ----
 
-def status_text(state: RunState) -> str:
-    if state.status == "started":
-        return "interrupted (continues with --resume)" + (f", exit {state.exit_code}" if state.exit_code else "")
-    if state.status == "failed":
-        return f"failed (exit {state.exit_code})"
+def status_text(status: RunStatus) -> str:
+    if status.status == "started":
+        return "interrupted (continues with --resume)" + (f", exit {status.exit_code}" if status.exit_code else "")
+    if status.status == "failed":
+        return f"failed (exit {status.exit_code})"
     return "not run yet"
 
 
-def sweep_report(plan: Plan, states: dict[str, RunState], out_dir: str, metric: str = "best",
+def sweep_report(plan: Plan, statuses: dict[str, RunStatus], out_dir: str, metric: str = "best",
                  published: bool = False) -> str:
     """The markdown report of exactly the sweep's runs (also written with its CSV to out_dir)."""
     results, missing = results_of_runs([run.ref for run in plan.runs])
@@ -175,15 +175,15 @@ def sweep_report(plan: Plan, states: dict[str, RunState], out_dir: str, metric: 
         csv_text = to_csv(table)
     else:
         lines += ["No finished run yet.", ""]
-    unfinished = [run for run in plan.runs if states[run.run_dir].status in ("failed", "started")]
+    unfinished = [run for run in plan.runs if statuses[run.run_dir].status in ("failed", "started")]
     if unfinished:
         lines += ["## Runs that did not finish", ""]
         for run in unfinished:
-            state = states[run.run_dir]
-            last = f": {state.last_line}" if state.last_line else ""
-            lines.append(f"- {run.name} — {status_text(state)}{last} ({run.log_path})")
+            status = statuses[run.run_dir]
+            last = f": {status.last_line}" if status.last_line else ""
+            lines.append(f"- {run.name} — {status_text(status)}{last} ({run.log_path})")
         lines.append("")
-    not_run = sum(states[run.run_dir].status == "todo" for run in plan.runs)
+    not_run = sum(statuses[run.run_dir].status == "todo" for run in plan.runs)
     if not_run:
         lines += [f"{not_run} run(s) not started yet.", ""]
     figure = results_figure(table, os.path.join(out_dir, "results.png")) if table is not None else None
@@ -198,9 +198,9 @@ def sweep_report(plan: Plan, states: dict[str, RunState], out_dir: str, metric: 
 
 # ---- the sweep ----
 
-def summary(plan: Plan, states: dict[str, RunState]) -> str:
+def summary(plan: Plan, statuses: dict[str, RunStatus]) -> str:
     """`sweep NAME: 112 recipes x seeds 0,1,2 = 336 runs; 0 finished, 0 to resume, 336 to start; 336 remain`."""
-    counts = {s: sum(st.status == s for st in states.values()) for s in ("done", "started", "failed", "todo")}
+    counts = {s: sum(st.status == s for st in statuses.values()) for s in ("done", "started", "failed", "todo")}
     students = [run for run in plan.runs if not run.is_teacher]
     seeds_of: dict[tuple[str, str], list[int]] = {}
     for run in students:
@@ -217,19 +217,19 @@ def summary(plan: Plan, states: dict[str, RunState]) -> str:
             f"{counts['failed'] + counts['todo']} to start; {len(plan.runs) - counts['done']} remain")
 
 
-def print_plan(plan: Plan, states: dict[str, RunState]) -> None:
+def print_plan(plan: Plan, statuses: dict[str, RunStatus]) -> None:
     for run in plan.runs:
-        state = states[run.run_dir]
-        tag = {"done": "finished", "started": "resume", "failed": "retry", "todo": "start"}[state.status]
+        status = statuses[run.run_dir]
+        tag = {"done": "finished", "started": "resume", "failed": "retry", "todo": "start"}[status.status]
         if run.is_teacher:
             tag += " (teacher)"
         after = f"   [after teacher {os.path.basename(run.teacher_run)}]" if run.teacher_run else ""
-        print(f"  {tag:<18} {run.name}   {display_command(run, state.status == 'started')}{after}")
+        print(f"  {tag:<18} {run.name}   {display_command(run, status.status == 'started')}{after}")
 
 
-def check_can_start(plan: Plan, states: dict[str, RunState], resume: bool, train_teachers: bool) -> None:
+def check_can_start(plan: Plan, statuses: dict[str, RunStatus], resume: bool, train_teachers: bool) -> None:
     """Refuse, before starting anything, runs that would fail: interrupted ones without --resume, missing teachers."""
-    started = [run for run in plan.runs if states[run.run_dir].status == "started"]
+    started = [run for run in plan.runs if statuses[run.run_dir].status == "started"]
     if started and not resume:
         raise MdistillerError(f"{len(started)} run(s) of sweep {plan.sweep.name} were interrupted (e.g. "
                               f"{started[0].run_dir} holds `latest`): pass --resume to continue them")
@@ -248,7 +248,7 @@ def missing_teachers_text(plan: Plan, train_teachers: bool) -> str:
             f"{hint}")
 
 
-def launch_local(plan: Plan, todo: list[Run], states: dict[str, RunState], args) -> tuple[dict[str, Outcome], bool]:
+def launch_local(plan: Plan, todo: list[Run], statuses: dict[str, RunStatus], args) -> tuple[dict[str, Outcome], bool]:
     if args.nproc_per_run < 1:
         raise MdistillerError(f"--nproc-per-run must be at least 1, got {args.nproc_per_run}")
     if args.nproc_per_run > 1 and args.per_gpu > 1:
@@ -263,7 +263,7 @@ def launch_local(plan: Plan, todo: list[Run], states: dict[str, RunState], args)
     keys = {run.run_dir for run in todo}
     jobs = []
     for run in todo:
-        job = run_job(run, args.nproc_per_run, states[run.run_dir].status == "started", args.teacher_cache)
+        job = run_job(run, args.nproc_per_run, statuses[run.run_dir].status == "started", args.teacher_cache)
         job.after = run.teacher_run if run.teacher_run in keys else ""
         jobs.append(job)
     outcomes = queue.run(jobs)
@@ -361,45 +361,45 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not plan.runs:
         raise MdistillerError(f"sweep {sweep.name} ({sweep.path}) matches no config file")
     cache: dict = {}
-    states = {run.run_dir: run_state(run, cache) for run in plan.runs}
+    statuses = {run.run_dir: run_status(run, cache) for run in plan.runs}
     out_dir = args.out or os.path.join(plan.runs[-1].cfg.LOG.PREFIX, "sweeps", sweep.name)
     metric = "last" if args.last else "best"
     if args.report:
-        text = sweep_report(plan, states, out_dir, metric, args.published)
+        text = sweep_report(plan, statuses, out_dir, metric, args.published)
         print(text, end="")
         print(f"report written to {os.path.join(out_dir, 'report.md')}")
-        return {"plan": plan, "states": states, "report": text}
-    print(summary(plan, states), flush=True)
+        return {"plan": plan, "statuses": statuses, "report": text}
+    print(summary(plan, statuses), flush=True)
     if args.dry_run:
-        print_plan(plan, states)
+        print_plan(plan, statuses)
         missing = missing_teachers_text(plan, args.train_missing_teachers)
         if missing:
             print(f"warning: {missing}", file=sys.stderr)
-        return {"plan": plan, "states": states}
-    check_can_start(plan, states, args.resume, args.train_missing_teachers)
-    todo = [run for run in plan.runs if states[run.run_dir].remains]
+        return {"plan": plan, "statuses": statuses}
+    check_can_start(plan, statuses, args.resume, args.train_missing_teachers)
+    todo = [run for run in plan.runs if statuses[run.run_dir].remains]
     if not todo:
         print(f"nothing to do: every run of sweep {sweep.name} has its result")
         outcomes: dict[str, Outcome] | None = {}
         interrupted = False
     elif args.launcher == "local":
-        outcomes, interrupted = launch_local(plan, todo, states, args)
+        outcomes, interrupted = launch_local(plan, todo, statuses, args)
     else:
         outcomes, interrupted = launch_slurm_and_wait(plan, todo, args, out_dir), False
         if outcomes is None:
-            return {"plan": plan, "states": states}
-    states = {run.run_dir: run_state(run, {}) for run in plan.runs}
+            return {"plan": plan, "statuses": statuses}
+    statuses = {run.run_dir: run_status(run, {}) for run in plan.runs}
     if interrupted:
         print(f"interrupted: the runs saved their state; continue with: {sweep_command(argv)}", file=sys.stderr)
         raise SystemExit(130)
-    text = sweep_report(plan, states, out_dir, metric, args.published)
+    text = sweep_report(plan, statuses, out_dir, metric, args.published)
     print(text, end="")
     print(f"report written to {os.path.join(out_dir, 'report.md')}")
-    failed = [run for run in todo if states[run.run_dir].remains]
+    failed = [run for run in todo if statuses[run.run_dir].remains]
     if failed:
         print(f"{len(failed)} run(s) did not finish (listed above); rerun the sweep to retry them", file=sys.stderr)
         raise SystemExit(1)
-    return {"plan": plan, "states": states, "outcomes": outcomes, "report": text}
+    return {"plan": plan, "statuses": statuses, "outcomes": outcomes, "report": text}
 
 
 def entry_point() -> None:

@@ -1,5 +1,5 @@
 """A sweep file -> the runs it stands for, each with its frozen config built exactly as tools/train.py builds it, and
-each run's state read from its run folder and its result log (a sweep keeps no state of its own).
+each run's status read from its run folder and its result log (a sweep keeps no state of its own).
 
 A sweep file (YAML):
 
@@ -345,7 +345,7 @@ def build_recipe(config: str, flags: Sequence[str], opts: Sequence[str]):
 
 def missing_teacher(cfg) -> str:
     """Why the teacher of cfg's run is not on disk ("" when it is, or when the method needs none)."""
-    if not get_distiller_class(cfg.DISTILLER.TYPE).requires_teacher:
+    if not get_distiller_class(cfg.DISTILLER.TYPE).declares.requires_teacher:
         return ""
     try:
         path = teacher_checkpoint_path(cfg)
@@ -424,7 +424,7 @@ def plan_sweep(sweep: Sweep, cli_opts: Sequence[str] = (), seeds: Sequence[int] 
     results: dict[str, list[ResultLine]] = {}
     for run in runs:
         why = missing_teacher(run.cfg)
-        if not why or run_state(run, results).status == "done":  # a finished run needs its teacher no more
+        if not why or run_status(run, results).status == "done":  # a finished run needs its teacher no more
             continue
         name = run.cfg.DISTILLER.TEACHER
         if run.cfg.DISTILLER.TEACHER_CKPT or not train_missing_teachers:
@@ -476,10 +476,10 @@ def unique_runs(runs: list[Run]) -> list[Run]:
     return out
 
 
-# ---- state, read from the run folders and result logs ----
+# ---- status, read from the run folders and result logs ----
 
 @dataclass
-class RunState:
+class RunStatus:
     """Where a run stands: done (a result line), started (a `latest` checkpoint, no result), failed or to do."""
 
     status: str  # "done" | "started" | "failed" | "todo"
@@ -511,17 +511,17 @@ def read_run_log(path: str) -> tuple[int | None, str]:
     return exit_code, last
 
 
-def run_state(run: Run, results_cache: dict[str, list[ResultLine]] | None = None) -> RunState:
-    """The run's state from its result log and its folder."""
+def run_status(run: Run, results_cache: dict[str, list[ResultLine]] | None = None) -> RunStatus:
+    """The run's status from its result log and its folder."""
     cache = results_cache if results_cache is not None else {}
     if run.result_file not in cache:
         cache[run.result_file] = read_result_file(run.result_file)
     line = find_result(cache[run.result_file], run.ref)
     exit_code, last = read_run_log(run.log_path)
     if line is not None:
-        return RunState("done", line, exit_code, last)
+        return RunStatus("done", line, exit_code, last)
     if os.path.exists(os.path.join(run.run_dir, "latest")):
-        return RunState("started", None, exit_code, last)
+        return RunStatus("started", None, exit_code, last)
     if exit_code not in (None, 0, *INTERRUPTED_CODES):  # stopped before it saved anything: simply to do again
-        return RunState("failed", None, exit_code, last)
-    return RunState("todo", None, exit_code, last)
+        return RunStatus("failed", None, exit_code, last)
+    return RunStatus("todo", None, exit_code, last)

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..dataset import DATASET_BUILDERS, TRAIN_VIEWS, num_classes_of, register_view, test_transform
+from ..dataset import DATASETS, DataRequest, num_classes_of
 from ..distillers.ot import linear_cka_distance
 from ..engine.build import build_teacher
 from ..engine.cfg import default_cfg, load_cfg, merge_opts
@@ -36,9 +36,6 @@ from ..engine.checkpoint import save_checkpoint
 from ..engine.run import default_device
 from ..errors import MdistillerError
 from . import run_cli
-
-if "test" not in TRAIN_VIEWS:  # the training images without augmentation
-    register_view("test")(test_transform)
 
 FEATURES = {
     "feats": lambda logits, feats: feats["feats"][-1].flatten(2).transpose(1, 2),  # B x HW x C
@@ -118,10 +115,8 @@ def main(argv: list[str] | None = None) -> str:
     num_classes = num_classes_of(cfg)
     device = default_device()
     teacher = build_teacher(cfg, num_classes).to(device).eval()
-    if cfg.DATASET.TYPE not in DATASET_BUILDERS:
-        known = ", ".join(sorted(DATASET_BUILDERS))
-        raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {known}")
-    train_set, _, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, {"image": "test"})
+    # the training images without augmentation (every data set's "test" view)
+    train_set, _, _ = DATASETS.get(cfg.DATASET.TYPE).build(cfg, DataRequest({"image": "test"}))
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=False, num_workers=cfg.DATASET.NUM_WORKERS,
                         pin_memory=device.type == "cuda")
     feats, present, per_class = class_features(teacher, loader, num_classes, args.feature, args.max_per_class, device)

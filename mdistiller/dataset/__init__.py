@@ -1,156 +1,62 @@
-"""Data sets and loaders. A distiller names the training views it needs; this module builds them.
+"""Data sets and loaders. A distiller names the training views it needs; this package builds them.
 
-`TRAIN_VIEWS` maps a view name to a function `(mean, std) -> transform` for the 32x32 CIFAR sets; `IMAGENET_VIEWS`
-maps the same names to `(mean, std, image_size) -> transform` for ImageNet (registered by imagenet.py) and
-`TINY_IMAGENET_VIEWS` to `(mean, std) -> transform` for Tiny-ImageNet's 64x64 images (tiny_imagenet.py). A distiller
-declares `train_views = {"image": "standard"}` (the default) or e.g. `{"image_weak": "standard", "image_strong":
-"strong"}`, each data set builds its own version of the named views, and every training batch is a dict holding one
-tensor per batch key plus "target" and "index".
+Each data set, view and batch need registers itself where it is defined (registry.py): `DATASETS` maps DATASET.TYPE
+to its builder `(cfg, DataRequest) -> (train set, test set, class count)` and what else the type provides;
+`TRAIN_VIEWS`, `IMAGENET_VIEWS` and `TINY_IMAGENET_VIEWS` hold each family's version of a view by name. A distiller
+declares `train_views={"image": "standard"}` in its Declaration (the default) or e.g. `{"image_weak":
+"standard", "image_strong": "strong"}`, each data set builds its own version of the named views, and every
+training batch is a dict holding one tensor per batch key plus "target" and "index".
 
-A distiller may also need more in each training batch (its `batch_needs(cfg)`, names listed in BATCH_NEEDS): CRD's
-"contrastive_index" (contrastive.py) is served by ImageArrayDataset and the ImageNet / Tiny-ImageNet folders per item,
-and by the device-resident CIFAR loader per global batch.
+A distiller may also need more in each training batch (its `Declaration.batch_needs`, names registered in BATCH_NEEDS):
+CRD's "contrastive_index" (contrastive.py) is served by ImageArrayDataset and the ImageNet / Tiny-ImageNet folders per
+item, and by the device-resident CIFAR loader per global batch; the teacher cache's "view_id" (teacher_views.py) by
+the CIFAR sets on both paths.
+
+Every module of this package is imported below (import_submodules), so a new data set, view or need is a new module
+that registers itself: no list to edit here.
 """
 
 from __future__ import annotations
 
 import functools
 import random
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
-from torchvision import transforms
 
 from .. import distributed
 from ..errors import MdistillerError
-from .cifar import CIFAR_FORMATS, check_cifar_present, ensure_cifar, read_cifar_split
-from .contrastive import ContrastiveSampler
-from .device_cifar import DeviceCifarLoader
+from .cifar_sets import ImageArrayDataset, standard_train_transform, test_transform
+from .contrastive import contrastive_sampler
+from .registry import (
+    BATCH_NEEDS,
+    DATASETS,
+    IMAGENET_VIEWS,
+    TINY_IMAGENET_VIEWS,
+    TRAIN_VIEWS,
+    DataRequest,
+    DatasetType,
+    Registry,
+    import_submodules,
+    register_dataset,
+)
+from .teacher_views import view_refusal
 
-ViewBuilder = Callable[[tuple, tuple], Callable]
+import_submodules(__name__, __path__)
 
-
-def standard_train_transform(mean: tuple, std: tuple) -> Callable:
-    """RandomCrop(32, padding 4) + horizontal flip + normalise: the CIFAR recipe of every table."""
-    return transforms.Compose([
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-
-
-def test_transform(mean: tuple, std: tuple) -> Callable:
-    """Normalise only."""
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
-TRAIN_VIEWS: dict[str, ViewBuilder] = {"standard": standard_train_transform}
-# ImageNet-sized views by the same names: `(mean, std, image_size) -> transform` (filled by imagenet.py).
-IMAGENET_VIEWS: dict[str, Callable[[tuple, tuple, int], Callable]] = {}
-# Tiny-ImageNet views by the same names: `(mean, std) -> transform` (filled by tiny_imagenet.py).
-TINY_IMAGENET_VIEWS: dict[str, ViewBuilder] = {}
-VIEW_REGISTRIES: dict[str, dict[str, Callable]] = {
-    "cifar": TRAIN_VIEWS, "imagenet": IMAGENET_VIEWS, "tiny_imagenet": TINY_IMAGENET_VIEWS,
-}
-
-
-def register_view(name: str, family: str = "cifar") -> Callable[[ViewBuilder], ViewBuilder]:
-    """Decorator: make a training view available to distillers by name, for the CIFAR sets (builders `(mean, std)`),
-    with family "imagenet" for ImageNet (builders `(mean, std, image_size)`), with family "tiny_imagenet" for
-    Tiny-ImageNet (builders `(mean, std)`)."""
-    registry = VIEW_REGISTRIES[family]
-
-    def wrap(builder: ViewBuilder) -> ViewBuilder:
-        registry[name] = builder
-        return builder
-
-    return wrap
-
-
-from . import augment  # noqa: E402, F401  (registers the "strong" view; needs register_view above)
-from .teacher_views import recorded_standard_transform, view_refusal  # noqa: E402
-
-
-class ImageArrayDataset(Dataset):
-    """uint8 HWC images in memory; each item is a dict of transformed views plus target and index (and
-    "contrastive_index" once `contrastive` is set, see serve_batch_needs)."""
-
-    contrastive: ContrastiveSampler | None = None
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, views: Mapping[str, Callable]):
-        self.images = images
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.views = dict(views)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def class_labels(self) -> torch.Tensor:
-        """The class of every sample, in index order."""
-        return self.labels
-
-    def __getitem__(self, index: int) -> dict:
-        item = {}
-        if self.contrastive is not None:  # drawn before the views: from the RNG state at the item's start
-            item["contrastive_index"] = self.contrastive.draw_one(index, self.labels[index])
-        image = Image.fromarray(self.images[index])
-        for key, transform in self.views.items():
-            view = transform(image)
-            if isinstance(view, tuple):  # a view that also says how it was drawn: (tensor, {"view_id": ...})
-                view, drawn = view
-                item.update(drawn)
-            item[key] = view
-        item["target"] = self.labels[index]
-        item["index"] = index
-        return item
-
-
-def _build_views(view_names: Mapping[str, str], mean: tuple, std: tuple,
-                 record_key: str | None = None) -> dict[str, Callable]:
-    views = {}
-    for key, name in view_names.items():
-        if name not in TRAIN_VIEWS:
-            raise MdistillerError(f"unknown training view {name!r}; known: {', '.join(sorted(TRAIN_VIEWS))}")
-        views[key] = recorded_standard_transform(mean, std) if key == record_key else TRAIN_VIEWS[name](mean, std)
-    return views
-
-
-def build_cifar_datasets(cfg, train_views: Mapping[str, str], device=None,
-                         record_views: str | None = None) -> tuple[Dataset, Dataset, int]:
-    """Train and test datasets of DATASET.TYPE (cifar100 / cifar10) and the class count (`device`: unused, the
-    builders' common signature). `record_views`: the batch key whose view ids the items also carry ("view_id")."""
-    fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
-    folder = ensure_cifar(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD)
-    train_images, train_labels = read_cifar_split(cfg.DATASET.TYPE, folder, train=True)
-    test_images, test_labels = read_cifar_split(cfg.DATASET.TYPE, folder, train=False)
-    train_set = ImageArrayDataset(train_images, train_labels,
-                                  _build_views(train_views, fmt.mean, fmt.std, record_views))
-    test_set = ImageArrayDataset(test_images, test_labels, {"image": test_transform(fmt.mean, fmt.std)})
-    return train_set, test_set, fmt.num_classes
-
-
-# DATASET.TYPE -> (cfg, train_views, device=None) -> (train set, test set, class count)
-DATASET_BUILDERS: dict[str, Callable] = {"cifar100": build_cifar_datasets, "cifar10": build_cifar_datasets}
-# Data sets whose class count is read from the files (ImageNet: its class folders): DATASET.TYPE -> cfg -> count.
-CLASS_COUNTERS: dict[str, Callable] = {}
-# Data sets that can build their test split alone (without scanning the training set): DATASET.TYPE -> cfg -> set.
-TEST_SET_BUILDERS: dict[str, Callable] = {}
+__all__ = [
+    "BATCH_NEEDS", "DATASETS", "IMAGENET_VIEWS", "TINY_IMAGENET_VIEWS", "TRAIN_VIEWS", "DataRequest", "DatasetType",
+    "ImageArrayDataset", "Registry", "ShardedBatchSampler", "check_batch_needs", "check_data", "contrastive_sampler",
+    "eval_loader", "get_dataset", "get_test_set", "num_classes_of", "register_dataset", "serve_batch_needs",
+    "shutdown_workers", "standard_train_transform", "test_transform", "uses_device_resident_data", "with_augment",
+]
 
 
 def num_classes_of(cfg) -> int:
     """The class count of DATASET.TYPE, checked against DATASET.NUM_CLASSES when that is set."""
-    known = {name: fmt.num_classes for name, fmt in CIFAR_FORMATS.items()}
-    if cfg.DATASET.TYPE in CLASS_COUNTERS:
-        count = CLASS_COUNTERS[cfg.DATASET.TYPE](cfg)
-    elif cfg.DATASET.TYPE not in known:
-        names = ", ".join(sorted([*known, *CLASS_COUNTERS]))
-        raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {names}")
-    else:
-        count = known[cfg.DATASET.TYPE]
+    count = DATASETS.get(cfg.DATASET.TYPE).num_classes(cfg)
     if cfg.DATASET.NUM_CLASSES not in (0, count):
         raise MdistillerError(
             f"DATASET.NUM_CLASSES is {cfg.DATASET.NUM_CLASSES} but {cfg.DATASET.TYPE} has {count} classes"
@@ -210,24 +116,15 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return full + (1 if rest >= self.world_size else 0)
 
 
-def _device_resident_loaders(cfg, train_set: ImageArrayDataset, test_set: ImageArrayDataset, device, seed: int,
-                             rank: int, world_size: int, needs: Mapping[str, object], record_views: bool = False):
-    fmt = CIFAR_FORMATS[cfg.DATASET.TYPE]
-    train = DeviceCifarLoader(train_set.images, train_set.labels.numpy(), cfg.SOLVER.BATCH_SIZE, fmt.mean, fmt.std,
-                              device, train=True, seed=seed, rank=rank, world_size=world_size,
-                              contrastive=contrastive_sampler(train_set, needs, device), record_views=record_views)
-    test = DeviceCifarLoader(test_set.images, test_set.labels.numpy(), cfg.DATASET.TEST.BATCH_SIZE, fmt.mean,
-                             fmt.std, device, train=False, seed=seed, rank=rank, world_size=world_size)
-    return train, test
-
-
 def uses_device_resident_data(cfg, train_views: Mapping[str, str], device) -> bool:
-    """DATASET.DEVICE_RESIDENT applies to CIFAR on CUDA when the distiller needs only the standard view."""
+    """DATASET.DEVICE_RESIDENT applies on CUDA to a data set with device loaders (CIFAR) when the distiller needs only
+    the standard view."""
     return (
         bool(cfg.DATASET.DEVICE_RESIDENT)
         and device is not None
         and torch.device(device).type == "cuda"
-        and cfg.DATASET.TYPE in CIFAR_FORMATS
+        and cfg.DATASET.TYPE in DATASETS
+        and DATASETS.get(cfg.DATASET.TYPE).device_loaders is not None
         and dict(train_views) == {"image": "standard"}
     )
 
@@ -236,16 +133,6 @@ def with_augment(train_views: Mapping[str, str], cfg) -> dict[str, str]:
     """The views to build: DATASET.AUGMENT (a view name, e.g. "deit") replaces the "standard" view when set."""
     chosen = cfg.DATASET.AUGMENT
     return {key: chosen if chosen and name == "standard" else name for key, name in train_views.items()}
-
-
-# What a distiller may ask the training batches to carry besides its views, "target" and "index" (its
-# `batch_needs(cfg)`, a dict need -> parameters); every data path serves each need or refuses it in one line.
-BATCH_NEEDS: tuple[str, ...] = (
-    "contrastive_index",  # CRD: {"k": negatives per sample, "mode": "exact" | "relax"}; see contrastive.py
-    # the teacher-output cache: which of CIFAR's 162 enumerable views each image is (teacher_views.py); parameter:
-    # the batch key of the standard view. CIFAR serves it on both paths; the other data sets refuse it.
-    "view_id",
-)
 
 
 def _view_id_key(cfg, needs: Mapping[str, object], train_views: Mapping[str, str]) -> str | None:
@@ -267,21 +154,9 @@ def check_batch_needs(needs: Mapping[str, object]) -> None:
     """A need no data path knows is a one-line error (a distiller asking for something the data cannot give)."""
     unknown = sorted(set(needs) - set(BATCH_NEEDS))
     if unknown:
-        raise MdistillerError(f"the data path cannot serve {', '.join(unknown)} (known batch needs: "
+        hint = BATCH_NEEDS.did_you_mean(unknown[0])
+        raise MdistillerError(f"the data path cannot serve {', '.join(unknown)}{hint} (known batch needs: "
                               f"{', '.join(BATCH_NEEDS) or 'none'})")
-
-
-def contrastive_sampler(train_set: Dataset, needs: Mapping[str, object], device=None) -> ContrastiveSampler | None:
-    """The sampler of the "contrastive_index" need over `train_set`'s labels (on `device`), or None without the need.
-    The data set's `contrastive_replacement` ("always" for the ImageNet folders, as upstream) sets the rule."""
-    spec = needs.get("contrastive_index")
-    if spec is None:
-        return None
-    if not hasattr(train_set, "class_labels"):
-        raise MdistillerError(f"the training set ({type(train_set).__name__}) cannot serve contrastive_index")
-    labels = train_set.class_labels().to(device or "cpu")
-    return ContrastiveSampler(labels, spec["k"], spec.get("mode", "exact"),
-                              getattr(train_set, "contrastive_replacement", "when_needed"))
 
 
 def serve_batch_needs(train_set: Dataset, needs: Mapping[str, object]) -> None:
@@ -307,17 +182,14 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
     world_size = distributed.world_size() if world_size is None else world_size
     needs = dict(needs or {})
     check_batch_needs(needs)
-    if cfg.DATASET.TYPE not in DATASET_BUILDERS:
-        known = ", ".join(sorted(DATASET_BUILDERS))
-        raise MdistillerError(f"unknown DATASET.TYPE {cfg.DATASET.TYPE!r}; known: {known}")
+    dataset_type = DATASETS.get(cfg.DATASET.TYPE)
     train_views = with_augment(train_views or {"image": "standard"}, cfg)
-    record_key = _view_id_key(cfg, needs, train_views)
+    request = DataRequest(train_views, device, _view_id_key(cfg, needs, train_views))
     num_classes = num_classes_of(cfg)
-    recording = {"record_views": record_key} if record_key else {}  # only the CIFAR builder takes it
-    train_set, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, train_views, device=device, **recording)
+    train_set, test_set, _ = dataset_type.build(cfg, request)
     if uses_device_resident_data(cfg, train_views, device):
-        train_loader, val_loader = _device_resident_loaders(cfg, train_set, test_set, device, seed, rank, world_size,
-                                                            needs, record_views=record_key is not None)
+        train_loader, val_loader = dataset_type.device_loaders(cfg, train_set, test_set, request, needs, seed, rank,
+                                                               world_size)
         return train_loader, val_loader, len(train_set), num_classes
     serve_batch_needs(train_set, needs)
     workers = cfg.DATASET.NUM_WORKERS
@@ -366,19 +238,12 @@ def check_data(cfg) -> None:
     """That the data of DATASET.TYPE is there (or will be downloaded), without reading it: a missing folder, an
     unknown type or a class count that contradicts DATASET.NUM_CLASSES is a one-line error before any side effect."""
     num_classes_of(cfg)
-    if cfg.DATASET.TYPE in CIFAR_FORMATS:
-        check_cifar_present(cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.DOWNLOAD)
+    check = DATASETS.get(cfg.DATASET.TYPE).check
+    if check is not None:
+        check(cfg)
 
 
 def get_test_set(cfg) -> Dataset:
     """The test split of cfg.DATASET with the test transform (for tools/eval.py)."""
     num_classes_of(cfg)
-    if cfg.DATASET.TYPE in TEST_SET_BUILDERS:
-        return TEST_SET_BUILDERS[cfg.DATASET.TYPE](cfg)
-    _, test_set, _ = DATASET_BUILDERS[cfg.DATASET.TYPE](cfg, {"image": "standard"})
-    return test_set
-
-
-from . import imagenet  # noqa: E402, F401, I001  (registers DATASET.TYPE imagenet and its views; needs the tables)
-from . import deit_views  # noqa: E402, F401  (registers the ImageNet "deit" view; needs register_view)
-from . import tiny_imagenet  # noqa: E402, F401  (registers DATASET.TYPE tiny_imagenet; needs imagenet's folder)
+    return DATASETS.get(cfg.DATASET.TYPE).test_set(cfg)

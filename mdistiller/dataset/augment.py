@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from torchvision import transforms
 
-from . import register_view
+from .registry import TRAIN_VIEWS
 
 MAX_LEVEL = 10  # magnitudes are given on FixMatch's 0..10 scale
 CUTOUT_FILL = (125, 123, 114)
@@ -137,7 +137,7 @@ class FixMatchRandAugment:
         return f"{type(self).__name__}(n={self.n}, m={self.m}, cutout_fraction={self.cutout_fraction})"
 
 
-@register_view("strong")
+@TRAIN_VIEWS.register("strong")
 def strong_train_transform(mean: tuple, std: tuple) -> Callable:
     """RandomCrop(32, padding 4) + flip + RandAugment(2, 10) + Cutout + normalise: MLKD's strong view."""
     return transforms.Compose([

@@ -22,9 +22,13 @@ draws K (K + 1 for "relax") 62-bit integers and maps them onto the other classes
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
+from torch.utils.data import Dataset
 
 from ..errors import MdistillerError
+from .registry import BATCH_NEEDS
 
 MODES = ("exact", "relax")
 REPLACEMENT_RULES = ("when_needed", "always")
@@ -32,6 +36,9 @@ REPLACEMENT_RULES = ("when_needed", "always")
 # million) are uniform to within 1e-12.
 _WIDE = 2**62
 _EXCLUDED = 2.0  # a key above every uniform draw in [0, 1): never among the K smallest
+
+BATCH_NEEDS.register("contrastive_index", 'CRD\'s positive and K negatives per sample: {"k": K, "mode": "exact" | '
+                                          '"relax"}; served per item (DataLoader sets) or per batch (device CIFAR)')
 
 
 class ContrastiveSampler:
@@ -108,3 +115,16 @@ class ContrastiveSampler:
         position = position + count * (position >= start)  # ... laid out in `order` around the class's own group
         positive = self.order[start[:, 0] + wide[:, 0] % count[:, 0]] if relax else None
         return positive, self.order[position]
+
+
+def contrastive_sampler(train_set: Dataset, needs: Mapping[str, object], device=None) -> ContrastiveSampler | None:
+    """The sampler of the "contrastive_index" need over `train_set`'s labels (on `device`), or None without the need.
+    The data set's `contrastive_replacement` ("always" for the ImageNet folders, as upstream) sets the rule."""
+    spec = needs.get("contrastive_index")
+    if spec is None:
+        return None
+    if not hasattr(train_set, "class_labels"):
+        raise MdistillerError(f"the training set ({type(train_set).__name__}) cannot serve contrastive_index")
+    labels = train_set.class_labels().to(device or "cpu")
+    return ContrastiveSampler(labels, spec["k"], spec.get("mode", "exact"),
+                              getattr(train_set, "contrastive_replacement", "when_needed"))

@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import MdistillerError
-from . import register_view
+from .registry import IMAGENET_VIEWS
 
 DEIT_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 DEIT_COLOR_JITTER = 0.3
 DEIT_RANDOM_ERASING = 0.25
 
 
-@register_view("deit", family="imagenet")
+@IMAGENET_VIEWS.register("deit")
 def deit_train_transform(mean: tuple, std: tuple, image_size: int = 224) -> Callable:
     """DeiT's training transform at `image_size` (timm's create_transform)."""
     try:

@@ -28,10 +28,10 @@ from torchvision.datasets import ImageFolder
 
 from ..errors import MdistillerError
 from ..log import get_logger
-from . import CLASS_COUNTERS, DATASET_BUILDERS, IMAGENET_VIEWS, TEST_SET_BUILDERS, register_view
 from .augment import CUTOUT_FILL, cutout
 from .contrastive import ContrastiveSampler
 from .jpeg_decode import collate_encoded, decode_batch, draw_crop, read_encoded
+from .registry import IMAGENET_VIEWS, DataRequest, register_dataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,7 +106,7 @@ def image_size_of(cfg) -> int:
     return size
 
 
-@register_view("standard", family="imagenet")
+@IMAGENET_VIEWS.register("standard")
 def imagenet_train_transform(mean: tuple, std: tuple, image_size: int = 224) -> Callable:
     """RandomResizedCrop(S) + horizontal flip + normalise."""
     return transforms.Compose([
@@ -117,7 +117,7 @@ def imagenet_train_transform(mean: tuple, std: tuple, image_size: int = 224) -> 
     ])
 
 
-@register_view("test", family="imagenet")
+@IMAGENET_VIEWS.register("test")
 def imagenet_test_transform(mean: tuple, std: tuple, image_size: int = 224) -> Callable:
     """Resize(S * 256 / 224) + CenterCrop(S) + normalise (Resize(256) + CenterCrop(224) at S = 224)."""
     return transforms.Compose([
@@ -176,7 +176,7 @@ class RangeRandAugment:
         return f"{type(self).__name__}(n={self.n}, max_cutout_fraction={self.max_cutout_fraction})"
 
 
-@register_view("strong", family="imagenet")
+@IMAGENET_VIEWS.register("strong")
 def imagenet_strong_transform(mean: tuple, std: tuple, image_size: int = 224) -> Callable:
     """RandomResizedCrop(S) + flip + RangeRandAugment(2) + Cutout + normalise: MLKD's ImageNet strong view."""
     return transforms.Compose([
@@ -190,14 +190,7 @@ def imagenet_strong_transform(mean: tuple, std: tuple, image_size: int = 224) ->
 
 def build_imagenet_views(view_names: Mapping[str, str], image_size: int) -> dict[str, Callable]:
     """Batch key -> ImageNet transform for the view names a distiller declares."""
-    views = {}
-    for key, name in view_names.items():
-        if name not in IMAGENET_VIEWS:
-            raise MdistillerError(
-                f"training view {name!r} has no ImageNet version; ImageNet views: {', '.join(sorted(IMAGENET_VIEWS))}"
-            )
-        views[key] = IMAGENET_VIEWS[name](IMAGENET_MEAN, IMAGENET_STD, image_size)
-    return views
+    return {key: IMAGENET_VIEWS.get(name)(IMAGENET_MEAN, IMAGENET_STD, image_size) for key, name in view_names.items()}
 
 
 # ---- data set and loader ----
@@ -388,14 +381,15 @@ def build_imagenet_test_set(cfg) -> ImageNetFolder:
                           cfg.DATASET.SKIP_BAD_IMAGES)
 
 
-def build_imagenet_datasets(cfg, train_views: Mapping[str, str],
-                            device=None) -> tuple[ImageNetFolder, ImageNetFolder, int]:
-    """Train set (the distiller's views; decoded on `device` with DATASET.GPU_DECODE), val set (test transform)
+@register_dataset("imagenet", num_classes=imagenet_num_classes, test_set=build_imagenet_test_set)
+def build_imagenet_datasets(cfg, request: DataRequest) -> tuple[ImageNetFolder, ImageNetFolder, int]:
+    """Train set (the requested views; decoded on request.device with DATASET.GPU_DECODE), val set (test transform)
     and the class count."""
     classes = check_layout(cfg.DATASET.ROOT)
-    views = build_imagenet_views(train_views, image_size_of(cfg))
+    views = build_imagenet_views(request.train_views, image_size_of(cfg))
     folder = split_folder(cfg.DATASET.ROOT, "train")
-    blocker = gpu_decode_blocker(cfg, train_views, device) if cfg.DATASET.GPU_DECODE else None
+    device = request.device
+    blocker = gpu_decode_blocker(cfg, request.train_views, device) if cfg.DATASET.GPU_DECODE else None
     if blocker:
         log.info(f"DATASET.GPU_DECODE: decoding with PIL in the workers instead: {blocker}")
     if cfg.DATASET.GPU_DECODE and not blocker:
@@ -404,8 +398,3 @@ def build_imagenet_datasets(cfg, train_views: Mapping[str, str],
     else:
         train_set = ImageNetFolder(folder, views, cfg.DATASET.SKIP_BAD_IMAGES)
     return train_set, build_imagenet_test_set(cfg), len(classes)
-
-
-DATASET_BUILDERS["imagenet"] = build_imagenet_datasets
-CLASS_COUNTERS["imagenet"] = imagenet_num_classes
-TEST_SET_BUILDERS["imagenet"] = build_imagenet_test_set

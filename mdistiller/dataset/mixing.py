@@ -2,7 +2,7 @@
 
 Applied by the trainer to each training batch on the device, after loading: the images are mixed in place and
 "target" becomes a (B, C) float tensor of soft labels. Only distillers whose losses take soft labels
-(`Distiller.accepts_soft_targets`: cross-entropy with probabilities, KL to the teacher) can train on them; the others
+(`Declaration.accepts_soft_targets`: cross-entropy with probabilities, KL to the teacher) can train on them; the others
 are refused when the run is built. timm is the optional `[vit]` extra; it is imported only when mixing is on.
 """
 

@@ -21,9 +21,13 @@ from torchvision import transforms
 
 from .cifar import CIFAR_FORMATS, ensure_cifar, read_cifar_split
 from .device_cifar import PAD, SIZE, VIEWS_PER_IMAGE, DeviceCifarLoader, crop_flip, decode_views, normalize_uint8
+from .registry import BATCH_NEEDS
 
 PAD_FILL = 0  # RandomCrop's fill: black uint8 pixels, i.e. -mean/std after normalisation
 ENUMERABLE_VIEWS = ("standard",)  # the CIFAR views made of a crop offset and a flip only
+
+BATCH_NEEDS.register("view_id", "which of CIFAR's 162 enumerable views each image is, for the teacher-output cache; "
+                                "parameter: the batch key of the standard view (the other data sets refuse it)")
 
 # Why a data set's training views cannot be enumerated (DATASET.TYPE -> reason), for the cache's refusals.
 NOT_ENUMERABLE = {

@@ -25,16 +25,17 @@ from typing import Callable, Mapping
 
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from tqdm import tqdm
 
 from ..errors import MdistillerError
-from . import CLASS_COUNTERS, DATASET_BUILDERS, TEST_SET_BUILDERS, TINY_IMAGENET_VIEWS, register_view
+from ..log import get_logger
 from .imagenet import ImageNetFolder, class_difference, class_folders
+from .registry import TINY_IMAGENET_VIEWS, DataRequest, register_dataset
 
 TINY_IMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
 TINY_IMAGENET_STD = (0.2302, 0.2265, 0.2262)
 TINY_IMAGENET_SIZE = 64
 FOLDER = "tiny-imagenet-200"
+log = get_logger(__name__)
 LAYOUT = ("<DATASET.ROOT>/tiny-imagenet-200/{train/<wnid>/images/*.JPEG, val/images/*.JPEG + "
           "val/val_annotations.txt} (the official zip unpacked)")
 VAL_LAYOUTS = "val/images/*.JPEG with val/val_annotations.txt (the official zip) or val/<wnid>/*.JPEG (sorted)"
@@ -159,7 +160,7 @@ def check_options(cfg) -> None:
 
 # ---- transforms ----
 
-@register_view("standard", family="tiny_imagenet")
+@TINY_IMAGENET_VIEWS.register("standard")
 def tiny_imagenet_train_transform(mean: tuple, std: tuple) -> Callable:
     """RandomRotation(20) (uniform in [-20, 20] degrees, nearest, black corners) + horizontal flip + normalise."""
     return transforms.Compose([
@@ -170,7 +171,7 @@ def tiny_imagenet_train_transform(mean: tuple, std: tuple) -> Callable:
     ])
 
 
-@register_view("test", family="tiny_imagenet")
+@TINY_IMAGENET_VIEWS.register("test")
 def tiny_imagenet_test_transform(mean: tuple, std: tuple) -> Callable:
     """Normalise only (the images are already 64x64)."""
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
@@ -178,13 +179,8 @@ def tiny_imagenet_test_transform(mean: tuple, std: tuple) -> Callable:
 
 def build_tiny_imagenet_views(view_names: Mapping[str, str]) -> dict[str, Callable]:
     """Batch key -> Tiny-ImageNet transform for the view names a distiller declares."""
-    views = {}
-    for key, name in view_names.items():
-        if name not in TINY_IMAGENET_VIEWS:
-            raise MdistillerError(f"training view {name!r} has no Tiny-ImageNet version; Tiny-ImageNet views: "
-                                  f"{', '.join(sorted(TINY_IMAGENET_VIEWS))}")
-        views[key] = TINY_IMAGENET_VIEWS[name](TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)
-    return views
+    return {key: TINY_IMAGENET_VIEWS.get(name)(TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)
+            for key, name in view_names.items()}
 
 
 # ---- data sets ----
@@ -227,20 +223,15 @@ def build_tiny_imagenet_test_set(cfg) -> TinyImageNetFolder:
                               cfg.DATASET.SKIP_BAD_IMAGES)
 
 
-def build_tiny_imagenet_datasets(cfg, train_views: Mapping[str, str],
-                                 device=None) -> tuple[TinyImageNetFolder, TinyImageNetFolder, int]:
-    """Train set (the distiller's views), val set (test transform) and the class count (`device`: unused)."""
+@register_dataset("tiny_imagenet", num_classes=tiny_imagenet_num_classes, test_set=build_tiny_imagenet_test_set)
+def build_tiny_imagenet_datasets(cfg, request: DataRequest) -> tuple[TinyImageNetFolder, TinyImageNetFolder, int]:
+    """Train set (the requested views), val set (test transform) and the class count (request.device: unused)."""
     check_options(cfg)
     if cfg.DATASET.GPU_DECODE:
-        tqdm.write("[mdistiller] DATASET.GPU_DECODE applies to ImageNet: Tiny-ImageNet's 64 px JPEGs are decoded "
-                   "with PIL in the workers")
+        log.info("DATASET.GPU_DECODE applies to ImageNet: Tiny-ImageNet's 64 px JPEGs are decoded with PIL in the "
+                 "workers")
     layout = check_layout(cfg.DATASET.ROOT)
-    views = build_tiny_imagenet_views(train_views)
+    views = build_tiny_imagenet_views(request.train_views)
     train_set = TinyImageNetFolder(os.path.join(layout.folder, "train"), views, layout.classes, None,
                                    cfg.DATASET.SKIP_BAD_IMAGES)
     return train_set, build_tiny_imagenet_test_set(cfg), len(layout.classes)
-
-
-DATASET_BUILDERS["tiny_imagenet"] = build_tiny_imagenet_datasets
-CLASS_COUNTERS["tiny_imagenet"] = tiny_imagenet_num_classes
-TEST_SET_BUILDERS["tiny_imagenet"] = build_tiny_imagenet_test_set

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ..models.imagenet.mobilenetv1 import MobileNetV1
-from .probe import CIFAR_INPUT_SIZE, map_shapes, probe_features, probe_input_size
+from .probe import CIFAR_INPUT_SIZE, Setting, map_shapes, probe_features, probe_input_size
 
 
 def maps_skipped(model: nn.Module) -> int:
@@ -56,13 +56,13 @@ def model_map_shapes(model: nn.Module, input_size: Sequence[int]) -> list[tuple[
     return map_shapes(probe_features([model], input_size)[0])
 
 
-def paired_map_shapes(student: nn.Module, teacher: nn.Module, cfg, method: str, minimum: int = 1
+def paired_map_shapes(student: nn.Module, teacher: nn.Module, setting: Setting, method: str, minimum: int = 1
                       ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(student shape, teacher shape) of each stage pair the method will compare, read by a side-effect-free dry
     forward; a model without enough feature maps (a ViT has none) is refused in one line naming model and method."""
-    size = probe_input_size(cfg, CIFAR_INPUT_SIZE, "the feature-map probe")
+    size = probe_input_size(setting, CIFAR_INPUT_SIZE, "the feature-map probe")
     shapes = []
-    for role, model, name in (("student", student, cfg.DISTILLER.STUDENT), ("teacher", teacher, cfg.DISTILLER.TEACHER)):
+    for role, model, name in (("student", student, setting.student), ("teacher", teacher, setting.teacher)):
         all_maps = model_map_shapes(model, size)
         maps = all_maps[maps_skipped(model):]
         if len(maps) < minimum or any(len(s) != 4 for s in maps):
@@ -75,11 +75,11 @@ def paired_map_shapes(student: nn.Module, teacher: nn.Module, cfg, method: str, 
     return list(zip(shapes[0], shapes[1]))
 
 
-def last_map_shapes(student: nn.Module, teacher: nn.Module, cfg, method: str) -> tuple[tuple, tuple]:
+def last_map_shapes(student: nn.Module, teacher: nn.Module, setting: Setting, method: str) -> tuple[tuple, tuple]:
     """Shapes of `feats[-1]` of student and teacher; a model without feature maps is refused in one line."""
-    size = probe_input_size(cfg, CIFAR_INPUT_SIZE, "the feature-map probe")
+    size = probe_input_size(setting, CIFAR_INPUT_SIZE, "the feature-map probe")
     shapes = []
-    for role, model, name in (("student", student, cfg.DISTILLER.STUDENT), ("teacher", teacher, cfg.DISTILLER.TEACHER)):
+    for role, model, name in (("student", student, setting.student), ("teacher", teacher, setting.teacher)):
         maps = model_map_shapes(model, size)
         if not maps:
             raise MdistillerError(

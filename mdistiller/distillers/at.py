@@ -18,9 +18,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
 from ._stages import maps_skipped, paired_map_shapes, pool_to_smaller, stage_maps, summed
+from .config import Key, config_section
 from .precision import fp32_loss
+from .probe import DEFAULT_SETTING, Setting
 from .registry import register_distiller
 
 
@@ -42,17 +44,38 @@ def at_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.T
     return summed([at_stage_loss(f_s, f_t, p) for f_s, f_t in zip(student_maps, teacher_maps)], "at_loss")
 
 
+config_section("AT", {
+    "P": Key(2, "exponent of the attention map (sum over channels of |f|^P)"),
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(1000.0, "weight of the attention term"),
+    },
+})
+
+
 @register_distiller("AT")
 class AT(Distiller):
     """`CE_WEIGHT * CE + FEAT_WEIGHT * at_loss(feats_s[1:], feats_t[1:], P)`; see the module docstring."""
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        self.p = cfg.AT.P
-        self.ce_weight = cfg.AT.LOSS.CE_WEIGHT
-        self.feat_weight = cfg.AT.LOSS.FEAT_WEIGHT
-        self.student_skip, self.teacher_skip = maps_skipped(student), maps_skipped(teacher)
-        paired_map_shapes(student, teacher, cfg, "AT")
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("AT",),
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {"p": cfg.AT.P, "ce_weight": cfg.AT.LOSS.CE_WEIGHT, "feat_weight": cfg.AT.LOSS.FEAT_WEIGHT,
+                "setting": Setting.from_cfg(cfg)}
+
+    def setup(self, p: float = 2, ce_weight: float = 1.0, feat_weight: float = 1000.0,
+              setting: Setting = DEFAULT_SETTING) -> None:
+        self.p = p
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.setting = setting
+        self.student_skip, self.teacher_skip = maps_skipped(self.student), maps_skipped(self.teacher)
+        paired_map_shapes(self.student, self.teacher, setting, "AT")
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         logits_student, feats_student = self.student(image)

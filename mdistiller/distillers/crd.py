@@ -21,7 +21,8 @@ Ours, not upstream's: nothing reads the host during a step (K comes from the bat
 from `params` when it is built or loaded, Z is set on the device, so a step never waits for the GPU); the CRD head
 (embeddings, scores, loss, memory update) is computed in fp32 under SOLVER.AMP; under torchrun every rank updates its
 memory with the rows of the whole global batch and Z is the ranks' mean, so the memories stay equal (and DDP does not
-broadcast them: `rank_synced_buffers`); CRD.FEAT.STUDENT_DIM / TEACHER_DIM 0 (our default) are read from the models.
+broadcast them: `Declaration.rank_synced_buffers`); CRD.FEAT.STUDENT_DIM / TEACHER_DIM 0 (our default) are read
+from the models.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from torch import nn
 
 from .. import distributed
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
+from .config import Key, config_section
 from .precision import fp32_loss
-from .probe import CIFAR_INPUT_SIZE, probe_features, probe_input_size
+from .probe import CIFAR_INPUT_SIZE, DEFAULT_SETTING, Setting, probe_features, probe_input_size
 from .registry import register_distiller
 from .vkd import pooled_feature
 
@@ -163,75 +165,97 @@ class ContrastMemory(nn.Module):
             memory.index_copy_(0, y, l2_normalize(rows))
 
 
-def embedding_dims(student: nn.Module, teacher: nn.Module, cfg) -> tuple[int, int]:
-    """(STUDENT_DIM, TEACHER_DIM): the models' pooled_feat sizes, read by a dry forward (eval mode, zero input: no
-    RNG draw, no BN statistics moved); a non-zero configured value must equal them."""
-    feats_s, feats_t = probe_features((student, teacher), probe_input_size(cfg, CIFAR_INPUT_SIZE))
+def embedding_dims(student: nn.Module, teacher: nn.Module, setting: Setting, configured: tuple[int, int] = (0, 0)
+                   ) -> tuple[int, int]:
+    """(student, teacher) pooled_feat sizes, read by a dry forward (eval mode, zero input: no RNG draw, no BN
+    statistics moved); a non-zero configured value (CRD.FEAT.STUDENT_DIM / TEACHER_DIM) must equal them."""
+    feats_s, feats_t = probe_features((student, teacher), probe_input_size(setting, CIFAR_INPUT_SIZE))
     student_dim, teacher_dim = pooled_feature(feats_s).shape[-1], pooled_feature(feats_t).shape[-1]
-    feat = cfg.CRD.FEAT
-    for key, configured, actual in (("STUDENT_DIM", feat.STUDENT_DIM, student_dim),
-                                    ("TEACHER_DIM", feat.TEACHER_DIM, teacher_dim)):
-        if configured and configured != actual:
+    for key, given, actual in (("STUDENT_DIM", configured[0], student_dim),
+                               ("TEACHER_DIM", configured[1], teacher_dim)):
+        if given and given != actual:
             raise MdistillerError(
-                f"CRD.FEAT.{key} {configured} does not match the models: student {cfg.DISTILLER.STUDENT} pools "
-                f"{student_dim} features, teacher {cfg.DISTILLER.TEACHER} {teacher_dim}; set CRD.FEAT.STUDENT_DIM "
+                f"CRD.FEAT.{key} {given} does not match the models: student {setting.student} pools "
+                f"{student_dim} features, teacher {setting.teacher} {teacher_dim}; set CRD.FEAT.STUDENT_DIM "
                 f"{student_dim} CRD.FEAT.TEACHER_DIM {teacher_dim}, or 0 to read them from the models"
             )
     return student_dim, teacher_dim
 
 
-def check_crd_cfg(cfg) -> None:
-    """CRD's keys, before anything is built."""
-    crd = cfg.CRD
-    if crd.MODE not in MODES:
-        raise MdistillerError(f"CRD.MODE {crd.MODE!r} is not one of {', '.join(MODES)}")
-    for key, value in (("CRD.NCE.K", crd.NCE.K), ("CRD.FEAT.DIM", crd.FEAT.DIM)):
-        if value <= 0:
-            raise MdistillerError(f"{key} must be positive, got {value}")
-    for key, value in (("CRD.FEAT.STUDENT_DIM", crd.FEAT.STUDENT_DIM), ("CRD.FEAT.TEACHER_DIM", crd.FEAT.TEACHER_DIM)):
-        if value < 0:
-            raise MdistillerError(f"{key} must be >= 0 (0: read from the model), got {value}")
-    if not 0 <= crd.NCE.MOMENTUM < 1:
-        raise MdistillerError(f"CRD.NCE.MOMENTUM must be in [0, 1), got {crd.NCE.MOMENTUM}")
-    if crd.NCE.TEMPERATURE <= 0:
-        raise MdistillerError(f"CRD.NCE.TEMPERATURE must be positive, got {crd.NCE.TEMPERATURE}")
+config_section("CRD", {
+    "MODE": Key("exact", "the positive is the sample itself (exact) or a sample of its class (relax)", MODES),
+    "FEAT": {
+        "DIM": Key(128, "embedding size of both heads"),
+        "STUDENT_DIM": Key(0, "ours: 0 = the student's pooled_feat size, read by a dry forward; else must equal it"),
+        "TEACHER_DIM": Key(0, "ours: likewise for the teacher"),
+    },
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(0.8, "weight of the contrastive term"),
+    },
+    "NCE": {
+        "K": Key(16384, "negatives per sample, from other classes (drawn by the data path)"),
+        "MOMENTUM": Key(0.5, "momentum of the memory update"),
+        "TEMPERATURE": Key(0.07, "NCE temperature"),
+    },
+})
+
+
+def crd_batch_needs(hparams) -> dict[str, object]:
+    """CRD's negatives: K indices per sample, exact or relaxed positives."""
+    return {"contrastive_index": {"k": int(hparams["nce_k"]), "mode": hparams["mode"]}}
 
 
 @register_distiller("CRD")
 class CRD(Distiller):
     """`CE_WEIGHT * CE + FEAT_WEIGHT * (NCE(student vs teacher memory) + NCE(teacher vs student memory))`; see the
     module docstring. Built as upstream's `CRD(student, teacher, cfg, num_data)` (the builder passes num_data, the
-    training-set size, because CRD lists it in `build_needs`)."""
+    training-set size, because CRD declares it in `build_needs`)."""
 
-    upstream_trainers = ("base", "crd")  # upstream's CRDTrainer only passes the indices, which our batches carry
-    build_needs = ("num_data",)
-    rank_synced_buffers = ("contrast.params", "contrast.memory_v1", "contrast.memory_v2")
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("CRD",),
+        batch_needs=crd_batch_needs,
+        build_needs=("num_data",),
+        extra_modules=("embed_s", "embed_t", "contrast", "criterion_s", "criterion_t"),
+        upstream_trainers=("base", "crd"),  # upstream's CRDTrainer only passes the indices, which our batches carry
+        rank_synced_buffers=("contrast.params", "contrast.memory_v1", "contrast.memory_v2"),
+    )
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg, num_data: int):
-        super().__init__(student, teacher, cfg)
-        check_crd_cfg(cfg)
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        crd = cfg.CRD
+        for key, value in (("CRD.NCE.K", crd.NCE.K), ("CRD.FEAT.DIM", crd.FEAT.DIM)):
+            if value <= 0:
+                raise MdistillerError(f"{key} must be positive, got {value}")
+        for key, value in (("CRD.FEAT.STUDENT_DIM", crd.FEAT.STUDENT_DIM),
+                           ("CRD.FEAT.TEACHER_DIM", crd.FEAT.TEACHER_DIM)):
+            if value < 0:
+                raise MdistillerError(f"{key} must be >= 0 (0: read from the model), got {value}")
+        if not 0 <= crd.NCE.MOMENTUM < 1:
+            raise MdistillerError(f"CRD.NCE.MOMENTUM must be in [0, 1), got {crd.NCE.MOMENTUM}")
+        if crd.NCE.TEMPERATURE <= 0:
+            raise MdistillerError(f"CRD.NCE.TEMPERATURE must be positive, got {crd.NCE.TEMPERATURE}")
+        return {"mode": crd.MODE, "feat_dim": crd.FEAT.DIM, "dims": (crd.FEAT.STUDENT_DIM, crd.FEAT.TEACHER_DIM),
+                "ce_weight": crd.LOSS.CE_WEIGHT, "feat_weight": crd.LOSS.FEAT_WEIGHT, "nce_k": crd.NCE.K,
+                "nce_momentum": crd.NCE.MOMENTUM, "nce_temperature": crd.NCE.TEMPERATURE,
+                "rank_batch": cfg.SOLVER.BATCH_SIZE // distributed.world_size(), "setting": Setting.from_cfg(cfg)}
+
+    def setup(self, num_data: int, mode: str = "exact", feat_dim: int = 128, dims: tuple[int, int] = (0, 0),
+              ce_weight: float = 1.0, feat_weight: float = 0.8, nce_k: int = 16384, nce_momentum: float = 0.5,
+              nce_temperature: float = 0.07, rank_batch: int = 64, setting: Setting = DEFAULT_SETTING) -> None:
         if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data <= 0:
             raise MdistillerError(f"CRD needs num_data, the training-set size (a positive int), got {num_data!r}")
-        crd = cfg.CRD
-        self.ce_weight = crd.LOSS.CE_WEIGHT
-        self.feat_weight = crd.LOSS.FEAT_WEIGHT
-        student_dim, teacher_dim = embedding_dims(student, teacher, cfg)
-        rank_batch = cfg.SOLVER.BATCH_SIZE // distributed.world_size()
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        student_dim, teacher_dim = embedding_dims(self.student, self.teacher, setting, dims)
         # attribute names and order as upstream: its checkpoints load strictly
-        self.embed_s = Embed(student_dim, crd.FEAT.DIM)
-        self.embed_t = Embed(teacher_dim, crd.FEAT.DIM)
-        self.contrast = ContrastMemory(crd.FEAT.DIM, num_data, crd.NCE.K, crd.NCE.TEMPERATURE, crd.NCE.MOMENTUM,
-                                       rank_batch)
+        self.embed_s = Embed(student_dim, feat_dim)
+        self.embed_t = Embed(teacher_dim, feat_dim)
+        self.contrast = ContrastMemory(feat_dim, num_data, nce_k, nce_temperature, nce_momentum, rank_batch)
         self.criterion_s = ContrastLoss(num_data)
         self.criterion_t = ContrastLoss(num_data)
-
-    @classmethod
-    def check_cfg(cls, cfg) -> None:
-        check_crd_cfg(cfg)
-
-    @classmethod
-    def batch_needs(cls, cfg) -> dict[str, object]:
-        return {"contrastive_index": {"k": int(cfg.CRD.NCE.K), "mode": cfg.CRD.MODE}}
 
     @fp32_loss
     def crd_loss(self, f_s: torch.Tensor, f_t: torch.Tensor, index: torch.Tensor,
@@ -245,7 +269,7 @@ class CRD(Distiller):
                       contrastive_index: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, dict]:
         if index is None or contrastive_index is None:
             raise MdistillerError("CRD trains on batches with 'index' and 'contrastive_index' (the data path adds them "
-                                  "when get_dataset receives CRD.batch_needs(cfg))")
+                                  "when get_dataset receives CRD's declared batch needs)")
         logits_student, feats_student = self.student(image)
         _, feats_teacher = self.teacher_forward(image)
         loss_kd = self.crd_loss(feats_student["pooled_feat"], feats_teacher["pooled_feat"], index.view(-1),

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ..models.common import classifier
-from ._base import LOGITS, Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy, logits_on
+from .config import Key, config_section
 from .dkd import dkd_loss
 from .kd import kd_loss
 from .precision import fp32_loss
@@ -104,49 +105,72 @@ class InstanceTemperature(nn.Module):
         return temperature_from(raw, self.t_start, self.t_end).reshape(-1)
 
 
+config_section("CTKD", {
+    "BASE": Key("KD", "the wrapped loss: KD (KD.LOSS.*) or DKD (DKD.*); either case"),
+    "T_START": Key(1.0, "temperature = T_START + T_END * sigmoid(theta)"),
+    "T_END": Key(20.0, "see T_START"),
+    "INIT": Key(1.0, "initial theta (the global temperature's parameter)"),
+    "COSINE_EPOCHS": Key(10, "epochs of the cosine schedule of lambda; 10 on CIFAR, 5 on ImageNet"),
+    "LAMBDA_MAX": Key(1.0, "|lambda| reached after COSINE_EPOCHS"),
+    "INSTANCE": Key(False, "True: a per-sample temperature from an MLP over [teacher, student] logits"),
+    "MLP_HIDDEN": Key(256, "hidden width of the instance-temperature MLP"),
+})
+
+
+def ctkd_logit_stand(cfg, base_temp: float, kd_weight: float) -> None:
+    """The learned temperature replaces tau; the weight scales the wrapped loss as it would without CTKD."""
+    cfg.KD.LOSS.KD_WEIGHT = float(kd_weight)
+    if cfg.CTKD.BASE.upper() == "DKD":
+        cfg.DKD.ALPHA = float(cfg.DKD.ALPHA * kd_weight)
+        cfg.DKD.BETA = float(cfg.DKD.BETA * kd_weight)
+
+
 @register_distiller("CTKD")
 class CTKD(Distiller):
     """KD (or DKD) at a learned, adversarially scheduled temperature."""
 
-    supports_logit_stand = True
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("CTKD", "KD", "DKD"),
+        teacher_reads=logits_on("image"),
+        extra_modules=("temperature_module",),
+        logit_stand=ctkd_logit_stand,
+    )
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        self.base = cfg.CTKD.BASE.upper()
-        if self.base not in ("KD", "DKD"):
-            raise MdistillerError(f"CTKD.BASE must be 'KD' or 'DKD', got {cfg.CTKD.BASE!r}")
-        if self.base == "KD":
-            self.ce_weight = cfg.KD.LOSS.CE_WEIGHT
-            self.kd_weight = cfg.KD.LOSS.KD_WEIGHT
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        ctkd = cfg.CTKD
+        base = ctkd.BASE.upper()
+        if base not in ("KD", "DKD"):
+            raise MdistillerError(f"CTKD.BASE must be 'KD' or 'DKD', got {ctkd.BASE!r}")
+        if base == "KD":
+            weights = {"ce_weight": cfg.KD.LOSS.CE_WEIGHT, "kd_weight": cfg.KD.LOSS.KD_WEIGHT}
         else:
-            self.ce_weight = cfg.DKD.CE_WEIGHT
-            self.alpha = cfg.DKD.ALPHA
-            self.beta = cfg.DKD.BETA
-        self.cosine_epochs = cfg.CTKD.COSINE_EPOCHS
-        self.lambda_max = cfg.CTKD.LAMBDA_MAX
-        self.instance = bool(cfg.CTKD.INSTANCE)
-        if self.instance:
-            self.temperature_module = InstanceTemperature(
-                classifier(student).out_features, cfg.CTKD.MLP_HIDDEN, cfg.CTKD.T_START, cfg.CTKD.T_END
-            )
+            weights = {"ce_weight": cfg.DKD.CE_WEIGHT, "alpha": cfg.DKD.ALPHA, "beta": cfg.DKD.BETA}
+        return {"base": base, **weights, "t_start": ctkd.T_START, "t_end": ctkd.T_END, "init": ctkd.INIT,
+                "cosine_epochs": ctkd.COSINE_EPOCHS, "lambda_max": ctkd.LAMBDA_MAX, "instance": bool(ctkd.INSTANCE),
+                "mlp_hidden": ctkd.MLP_HIDDEN}
+
+    def setup(self, base: str, ce_weight: float, kd_weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
+              t_start: float = 1.0, t_end: float = 20.0, init: float = 1.0, cosine_epochs: float = 10,
+              lambda_max: float = 1.0, instance: bool = False, mlp_hidden: int = 256) -> None:
+        if base not in ("KD", "DKD"):
+            raise MdistillerError(f"CTKD.BASE must be 'KD' or 'DKD', got {base!r}")
+        self.base = base
+        self.ce_weight, self.kd_weight, self.alpha, self.beta = ce_weight, kd_weight, alpha, beta
+        self.cosine_epochs = cosine_epochs
+        self.lambda_max = lambda_max
+        self.instance = instance
+        if instance:
+            self.temperature_module = InstanceTemperature(classifier(self.student).out_features, mlp_hidden,
+                                                          t_start, t_end)
         else:
-            self.temperature_module = GlobalTemperature(cfg.CTKD.T_START, cfg.CTKD.T_END, cfg.CTKD.INIT)
+            self.temperature_module = GlobalTemperature(t_start, t_end, init)
         self._lambda = ctkd_lambda(0, self.cosine_epochs, self.lambda_max)
         self._metric_epoch = None
         self._temperature_sum = None
         self._temperature_count = 0
-
-    @classmethod
-    def apply_logit_stand_flags(cls, cfg, base_temp: float, kd_weight: float) -> None:
-        # the learned temperature replaces base_temp; the weight scales the wrapped loss as it would without CTKD
-        cfg.KD.LOSS.KD_WEIGHT = float(kd_weight)
-        if cfg.CTKD.BASE.upper() == "DKD":
-            cfg.DKD.ALPHA = float(cfg.DKD.ALPHA * kd_weight)
-            cfg.DKD.BETA = float(cfg.DKD.BETA * kd_weight)
-
-    @classmethod
-    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
-        return {"image": frozenset({LOGITS})}
 
     def temperature(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, lambda_: float) -> torch.Tensor:
         """The temperature for this batch: 0-d (global) or (B,) (instance)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import LOGITS, Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy, logits_on
+from .config import Key, config_section
 from .precision import fp32_loss
 from .registry import register_distiller
 
@@ -68,29 +69,46 @@ def dkd_warmup(epoch: float, warmup: float) -> float:
     return min(float(epoch) / float(warmup), 1.0)
 
 
+config_section("DKD", {
+    "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+    "ALPHA": Key(1.0, "weight of the target-class term TCKD"),
+    "BETA": Key(8.0, "weight of the non-target-class term NCKD"),
+    "T": Key(4.0, "temperature of both terms (each scaled by T^2)"),
+    "WARMUP": Key(20, "epochs of the linear warm-up min(epoch / WARMUP, 1) of the DKD term"),
+})
+
+
+def dkd_logit_stand(cfg, base_temp: float, kd_weight: float) -> None:
+    """`--logit-stand`: DKD.ALPHA and DKD.BETA times w, DKD.T = tau."""
+    cfg.DKD.ALPHA = float(cfg.DKD.ALPHA * kd_weight)
+    cfg.DKD.BETA = float(cfg.DKD.BETA * kd_weight)
+    cfg.DKD.T = float(base_temp)
+
+
 @register_distiller("DKD")
 class DKD(Distiller):
     """`CE_WEIGHT * CE + min(epoch / WARMUP, 1) * (ALPHA * TCKD + BETA * NCKD)` at temperature DKD.T."""
 
-    supports_logit_stand = True
-
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        self.ce_weight = cfg.DKD.CE_WEIGHT
-        self.alpha = cfg.DKD.ALPHA
-        self.beta = cfg.DKD.BETA
-        self.temperature = cfg.DKD.T
-        self.warmup = cfg.DKD.WARMUP
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("DKD",),
+        teacher_reads=logits_on("image"),
+        logit_stand=dkd_logit_stand,
+    )
 
     @classmethod
-    def apply_logit_stand_flags(cls, cfg, base_temp: float, kd_weight: float) -> None:
-        cfg.DKD.ALPHA = float(cfg.DKD.ALPHA * kd_weight)
-        cfg.DKD.BETA = float(cfg.DKD.BETA * kd_weight)
-        cfg.DKD.T = float(base_temp)
+    def from_config(cls, cfg) -> dict:
+        dkd = cfg.DKD
+        return {"ce_weight": dkd.CE_WEIGHT, "alpha": dkd.ALPHA, "beta": dkd.BETA, "temperature": dkd.T,
+                "warmup": dkd.WARMUP}
 
-    @classmethod
-    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
-        return {"image": frozenset({LOGITS})}
+    def setup(self, ce_weight: float, alpha: float, beta: float, temperature: float, warmup: float) -> None:
+        self.ce_weight = ce_weight
+        self.alpha = alpha
+        self.beta = beta
+        self.temperature = temperature
+        self.warmup = warmup
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, *, epoch: int, **batch):
         logits_student, _ = self.student(image)

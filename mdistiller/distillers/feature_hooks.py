@@ -11,11 +11,6 @@ from ..errors import MdistillerError
 from .probe import probe_features
 
 
-def model_names(cfg) -> tuple[str, str]:
-    """(student, teacher) names as the config gives them, for messages."""
-    return str(cfg.DISTILLER.STUDENT), str(cfg.DISTILLER.TEACHER)
-
-
 def _refuse(method: str, names: tuple[str, str], role: str, why: str) -> MdistillerError:
     name = names[0] if role == "student" else names[1]
     return MdistillerError(f"{method} cannot distil student {names[0]} from teacher {names[1]}: {role} {name} {why}; "

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy
-from .feature_hooks import model_names, probed_maps
+from ._base import Declaration, Distiller, cross_entropy
+from .config import Key, config_section
+from .feature_hooks import probed_maps
 from .precision import fp32_loss
-from .probe import probe_input_size
+from .probe import DEFAULT_SETTING, Setting, probe_input_size
 from .registry import register_distiller
 
 
@@ -71,19 +72,44 @@ def fitnet_loss(regressed: torch.Tensor, teacher_map: torch.Tensor) -> torch.Ten
     return F.mse_loss(regressed.float(), teacher_map.float())
 
 
+config_section("FITNET", {
+    "HINT_LAYER": Key(2, "feats index of the hint (stem = 0)"),
+    "INPUT_SIZE": Key((32, 32), "input of the dry forward that reads the hint shapes"),
+    "UPSTREAM_PROBE": Key(False, "ours: True = upstream's shape probe (noise image in train mode: BN running stats "
+                                 "move); False = a zero image in eval mode, no side effect"),
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(100.0, "weight of the hint regression"),
+    },
+})
+
+
 @register_distiller("FITNET")
 class FitNet(Distiller):
     """Hint regression on feats[HINT_LAYER]; see the module docstring."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
-        super().__init__(student, teacher, cfg)
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("FITNET",),
+        extra_modules=("conv_reg",),
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
         fitnet = cfg.FITNET
-        self.ce_weight = fitnet.LOSS.CE_WEIGHT
-        self.feat_weight = fitnet.LOSS.FEAT_WEIGHT
-        self.hint_layer = fitnet.HINT_LAYER
-        names = s_name, t_name = model_names(cfg)
-        size = probe_input_size(cfg, fitnet.INPUT_SIZE, "FITNET.INPUT_SIZE")
-        maps_s, maps_t = probed_maps(student, teacher, size, "FITNET", names, upstream=fitnet.UPSTREAM_PROBE)
+        return {"ce_weight": fitnet.LOSS.CE_WEIGHT, "feat_weight": fitnet.LOSS.FEAT_WEIGHT,
+                "hint_layer": fitnet.HINT_LAYER, "input_size": tuple(fitnet.INPUT_SIZE),
+                "upstream_probe": bool(fitnet.UPSTREAM_PROBE), "setting": Setting.from_cfg(cfg)}
+
+    def setup(self, ce_weight: float = 1.0, feat_weight: float = 100.0, hint_layer: int = 2, input_size=(32, 32),
+              upstream_probe: bool = False, setting: Setting = DEFAULT_SETTING) -> None:
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.hint_layer = hint_layer
+        names = s_name, t_name = setting.names
+        size = probe_input_size(setting, input_size, "FITNET.INPUT_SIZE")
+        maps_s, maps_t = probed_maps(self.student, self.teacher, size, "FITNET", names, upstream=upstream_probe)
         for role, name, maps in (("student", s_name, maps_s), ("teacher", t_name, maps_t)):
             if not -len(maps) <= self.hint_layer < len(maps):
                 raise MdistillerError(f"FITNET.HINT_LAYER {self.hint_layer} is out of range: {role} {name} has "

@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
 from ._stages import maps_skipped, paired_map_shapes, stage_maps, summed
+from .config import Key, config_section
 from .precision import fp32_loss
+from .probe import DEFAULT_SETTING, Setting
 from .registry import register_distiller
 
 STUDENT_EXTRA_VECTORS = 3  # the student keeps K + 3 singular vectors for the teacher's K to choose from
@@ -78,24 +80,45 @@ def kdsvd_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torc
     return summed([term / batch for term in terms], "kdsvd_loss", "at least two (student, teacher) stage pairs")
 
 
+config_section("KDSVD", {
+    "K": Key(1, "singular vectors the teacher keeps"),
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(1.0, "weight of the SVD term"),
+    },
+})
+
+
 @register_distiller("KDSVD")
 class KDSVD(Distiller):
     """`CE_WEIGHT * CE + FEAT_WEIGHT * kdsvd_loss(feats_s[1:], feats_t[1:], K)`; see the module docstring."""
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        self.k = cfg.KDSVD.K
-        self.ce_weight = cfg.KDSVD.LOSS.CE_WEIGHT
-        self.feat_weight = cfg.KDSVD.LOSS.FEAT_WEIGHT
-        if self.k < 1:
-            raise MdistillerError(f"KDSVD.K must be >= 1 (singular vectors the teacher keeps), got {self.k}")
-        self.student_skip, self.teacher_skip = maps_skipped(student), maps_skipped(teacher)
-        pairs = paired_map_shapes(student, teacher, cfg, "KDSVD", minimum=2)
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("KDSVD",),
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        if cfg.KDSVD.K < 1:
+            raise MdistillerError(f"KDSVD.K must be >= 1 (singular vectors the teacher keeps), got {cfg.KDSVD.K}")
+        return {"k": cfg.KDSVD.K, "ce_weight": cfg.KDSVD.LOSS.CE_WEIGHT, "feat_weight": cfg.KDSVD.LOSS.FEAT_WEIGHT,
+                "setting": Setting.from_cfg(cfg)}
+
+    def setup(self, k: int = 1, ce_weight: float = 1.0, feat_weight: float = 1.0,
+              setting: Setting = DEFAULT_SETTING) -> None:
+        self.k = k
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.setting = setting
+        self.student_skip, self.teacher_skip = maps_skipped(self.student), maps_skipped(self.teacher)
+        pairs = paired_map_shapes(self.student, self.teacher, setting, "KDSVD", minimum=2)
         for stage, (s_shape, t_shape) in enumerate(pairs, 1):
             if s_shape[3] != t_shape[3]:
                 raise MdistillerError(
                     f"KDSVD compares singular vectors over the map width, which differs at stage {stage}: student "
-                    f"{cfg.DISTILLER.STUDENT} {s_shape[3]} vs teacher {cfg.DISTILLER.TEACHER} {t_shape[3]} columns; "
+                    f"{setting.student} {s_shape[3]} vs teacher {setting.teacher} {t_shape[3]} columns; "
                     f"pick a pair with equal stage sizes or another method (AT/NST pool the larger map)"
                 )
 

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MdistillerError
-from ._base import LOGITS, Distiller, cross_entropy
-from .kd import kd_loss
+from ._base import Declaration, Distiller, cross_entropy, logits_on
+from .config import Key, config_section
+from .kd import kd_logit_stand, kd_loss
 from .precision import fp32_loss
 from .registry import register_distiller
 
@@ -122,31 +123,38 @@ def mlkd_losses(
     return {"loss_kd": loss_kd_weak + loss_kd_strong, "loss_cc": loss_cc, "loss_bc": loss_bc}
 
 
+# MLKD (Jin et al., CVPR 2023) reads KD.TEMPERATURE and KD.LOSS.*; this switch is ours.
+config_section("MLKD", {
+    "PER_SAMPLE_MASK": Key(False, "False: the reference (a mask scales a batch-mean term); True: the paper's masking"),
+})
+
+
 @register_distiller("MLKD", ("KD_ours", "the logit-standardisation repo's ImageNet configs name MLKD KD_ours"))
 class MLKD(Distiller):
     """CE on both views (each times KD.LOSS.CE_WEIGHT) + multi-level logit terms (each times KD.LOSS.KD_WEIGHT)."""
 
-    supports_logit_stand = True
-    train_views = {"image_weak": "standard", "image_strong": "strong"}
-    upstream_trainers = ("base", "ours", "aug")  # the LS repo names its two-view trainer "ours" (and "aug")
-
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        self.temperature = cfg.KD.TEMPERATURE
-        self.ce_weight = cfg.KD.LOSS.CE_WEIGHT
-        self.kd_weight = cfg.KD.LOSS.KD_WEIGHT
-        self.per_sample_mask = bool(cfg.MLKD.PER_SAMPLE_MASK)
-
-    @classmethod
-    def apply_logit_stand_flags(cls, cfg, base_temp: float, kd_weight: float) -> None:
-        cfg.KD.TEMPERATURE = float(base_temp)
-        cfg.KD.LOSS.KD_WEIGHT = float(kd_weight)
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd", "loss_cc", "loss_bc"),
+        distillation_terms=("loss_kd", "loss_cc", "loss_bc"),
+        config_sections=("KD", "MLKD"),
+        train_views={"image_weak": "standard", "image_strong": "strong"},
+        # the teacher's logits on both views: the teacher-output cache serves the weak (standard) view, the strong
+        # one draws augmentation operations that cannot be enumerated and keeps its live teacher
+        teacher_reads=logits_on("image_weak", "image_strong"),
+        logit_stand=kd_logit_stand,
+        upstream_trainers=("base", "ours", "aug"),  # the LS repo names its two-view trainer "ours" (and "aug")
+    )
 
     @classmethod
-    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
-        """The teacher's logits on both views: the teacher-output cache serves the weak (standard) view, the strong
-        one draws augmentation operations that cannot be enumerated and keeps its live teacher."""
-        return {"image_weak": frozenset({LOGITS}), "image_strong": frozenset({LOGITS})}
+    def from_config(cls, cfg) -> dict:
+        return {"temperature": cfg.KD.TEMPERATURE, "ce_weight": cfg.KD.LOSS.CE_WEIGHT,
+                "kd_weight": cfg.KD.LOSS.KD_WEIGHT, "per_sample_mask": bool(cfg.MLKD.PER_SAMPLE_MASK)}
+
+    def setup(self, temperature: float, ce_weight: float, kd_weight: float, per_sample_mask: bool = False) -> None:
+        self.temperature = temperature
+        self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
+        self.per_sample_mask = per_sample_mask
 
     def forward_train(
         self,
@@ -158,7 +166,7 @@ class MLKD(Distiller):
         if image_weak is None or image_strong is None:
             raise MdistillerError(
                 "MLKD trains on two views: forward_train needs image_weak and image_strong "
-                f"(the data set must build MLKD.train_views = {dict(self.train_views)})"
+                f"(the data set must build the views {dict(self.declares.train_views)})"
             )
         student_weak, _ = self.student(image_weak)
         student_strong, _ = self.student(image_strong)

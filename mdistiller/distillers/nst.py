@@ -16,9 +16,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
 from ._stages import maps_skipped, paired_map_shapes, pool_to_smaller, stage_maps, summed
+from .config import Key, config_section
 from .precision import fp32_loss
+from .probe import DEFAULT_SETTING, Setting
 from .registry import register_distiller
 
 
@@ -42,16 +44,35 @@ def nst_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.
     return summed([nst_stage_loss(f_s, f_t) for f_s, f_t in zip(student_maps, teacher_maps)], "nst_loss")
 
 
+config_section("NST", {
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(50.0, "weight of the MMD term"),
+    },
+})
+
+
 @register_distiller("NST")
 class NST(Distiller):
     """`CE_WEIGHT * CE + FEAT_WEIGHT * nst_loss(feats_s[1:], feats_t[1:])`; see the module docstring."""
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        self.ce_weight = cfg.NST.LOSS.CE_WEIGHT
-        self.feat_weight = cfg.NST.LOSS.FEAT_WEIGHT
-        self.student_skip, self.teacher_skip = maps_skipped(student), maps_skipped(teacher)
-        paired_map_shapes(student, teacher, cfg, "NST")
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("NST",),
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {"ce_weight": cfg.NST.LOSS.CE_WEIGHT, "feat_weight": cfg.NST.LOSS.FEAT_WEIGHT,
+                "setting": Setting.from_cfg(cfg)}
+
+    def setup(self, ce_weight: float = 1.0, feat_weight: float = 50.0, setting: Setting = DEFAULT_SETTING) -> None:
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.setting = setting
+        self.student_skip, self.teacher_skip = maps_skipped(self.student), maps_skipped(self.teacher)
+        paired_map_shapes(self.student, self.teacher, setting, "NST")
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         logits_student, feats_student = self.student(image)

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy
-from .feature_hooks import bn_before_relu, model_names, ofd_first_stage, probed_maps, stage_channels
+from ._base import Declaration, Distiller, cross_entropy
+from .config import Key, config_section
+from .feature_hooks import bn_before_relu, ofd_first_stage, probed_maps, stage_channels
 from .precision import fp32_loss
-from .probe import CIFAR_INPUT_SIZE, probe_input_size
+from .probe import CIFAR_INPUT_SIZE, DEFAULT_SETTING, Setting, probe_input_size
 from .registry import register_distiller
 
 
@@ -99,25 +100,53 @@ class ConnectorConvBN(nn.Module):
         return [conn(f) for conn, f in zip(self.connectors, feats)]
 
 
+config_section("OFD", {
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(0.001, "weight of the partial L2 term"),
+    },
+    "CONNECTOR": {"KERNEL_SIZE": Key(1, "kernel of the student's connector convolutions (odd)")},
+    "TEACHER_EVAL": Key(False, "ours: True keeps the teacher in eval mode (upstream: train mode, BN drift)"),
+})
+
+
+def ofd_teacher_train_mode(hparams) -> bool:
+    """Upstream's OFD runs its teacher in train mode; OFD.TEACHER_EVAL keeps it in eval mode."""
+    return not hparams.get("teacher_eval", False)
+
+
 @register_distiller("OFD")
 class OFD(Distiller):
     """Overhaul of feature distillation; see the module docstring."""
 
-    teacher_train_mode = True  # upstream's; OFD.TEACHER_EVAL turns it off per instance
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("OFD",),
+        teacher_train_mode=ofd_teacher_train_mode,
+        extra_modules=("connectors",),
+    )
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
-        super().__init__(student, teacher, cfg)
+    @classmethod
+    def from_config(cls, cfg) -> dict:
         ofd = cfg.OFD
-        self.ce_weight = ofd.LOSS.CE_WEIGHT
-        self.feat_weight = ofd.LOSS.FEAT_WEIGHT
-        self.teacher_train_mode = not ofd.TEACHER_EVAL
         kernel = int(ofd.CONNECTOR.KERNEL_SIZE)
         if kernel < 1 or kernel % 2 == 0:
             raise MdistillerError(f"OFD.CONNECTOR.KERNEL_SIZE must be an odd positive size (the map keeps its size), "
                                   f"got {kernel}")
-        names = s_name, t_name = model_names(cfg)
+        return {"ce_weight": ofd.LOSS.CE_WEIGHT, "feat_weight": ofd.LOSS.FEAT_WEIGHT, "kernel_size": kernel,
+                "teacher_eval": bool(ofd.TEACHER_EVAL), "setting": Setting.from_cfg(cfg)}
+
+    def setup(self, ce_weight: float = 1.0, feat_weight: float = 0.001, kernel_size: int = 1,
+              teacher_eval: bool = False, setting: Setting = DEFAULT_SETTING) -> None:
+        student, teacher = self.student, self.teacher
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.teacher_eval = teacher_eval  # the base set teacher_train_mode from it (ofd_teacher_train_mode)
+        kernel = kernel_size
+        names = s_name, t_name = setting.names
         # a clean dry forward: which models can serve (pre-activations present, as many as the stages listed)
-        maps_s, maps_t = probed_maps(student, teacher, probe_input_size(cfg, CIFAR_INPUT_SIZE), "OFD", names,
+        maps_s, maps_t = probed_maps(student, teacher, probe_input_size(setting, CIFAR_INPUT_SIZE), "OFD", names,
                                      key="preact_feats")
         self.s_first, self.t_first = ofd_first_stage(student), ofd_first_stage(teacher)
         stages = []

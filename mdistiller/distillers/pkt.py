@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
+from .config import Key, config_section
 from .precision import fp32_loss
 from .registry import register_distiller
 
@@ -33,14 +34,31 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = PKT_EPS) -> torc
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps)))
 
 
+config_section("PKT", {
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(30000.0, "weight of the probabilistic transfer term"),
+    },
+})
+
+
 @register_distiller("PKT")
 class PKT(Distiller):
     """`CE_WEIGHT * CE + FEAT_WEIGHT * pkt_loss(pooled_s, pooled_t)`; see the module docstring."""
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        self.ce_weight = cfg.PKT.LOSS.CE_WEIGHT
-        self.feat_weight = cfg.PKT.LOSS.FEAT_WEIGHT
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("PKT",),
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {"ce_weight": cfg.PKT.LOSS.CE_WEIGHT, "feat_weight": cfg.PKT.LOSS.FEAT_WEIGHT}
+
+    def setup(self, ce_weight: float = 1.0, feat_weight: float = 30000.0) -> None:
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         logits_student, feats_student = self.student(image)

@@ -15,6 +15,7 @@ models before training. Two ways, chosen by the method:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -26,22 +27,47 @@ CIFAR_INPUT_SIZE = (32, 32)
 TINY_IMAGENET_SIZE = 64  # Tiny-ImageNet trains on its 64 x 64 images as they are (no resize)
 
 
-def training_size(cfg) -> tuple[int, int] | None:
+@dataclass(frozen=True)
+class Setting:
+    """What a method's build reads of the run besides its own keys: the pair's names (for messages) and the data
+    set's training input size (for dry forwards)."""
+
+    student: str = "student"
+    teacher: str = "teacher"
+    dataset: str = "cifar100"
+    image_size: int = 224  # DATASET.IMAGE_SIZE (ImageNet)
+
+    @classmethod
+    def from_cfg(cls, cfg) -> Setting:
+        """The setting of a run config."""
+        return cls(str(cfg.DISTILLER.STUDENT), str(cfg.DISTILLER.TEACHER), str(cfg.DATASET.TYPE),
+                   int(cfg.DATASET.IMAGE_SIZE))
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """(student, teacher) names as the config gives them."""
+        return self.student, self.teacher
+
+
+DEFAULT_SETTING = Setting()
+
+
+def training_size(setting: Setting) -> tuple[int, int] | None:
     """The input size a run of another data set than CIFAR trains at (None for CIFAR: the method's key decides)."""
-    if cfg.DATASET.TYPE == "imagenet":
-        return (int(cfg.DATASET.IMAGE_SIZE),) * 2
-    if cfg.DATASET.TYPE == "tiny_imagenet":
+    if setting.dataset == "imagenet":
+        return (int(setting.image_size),) * 2
+    if setting.dataset == "tiny_imagenet":
         return (TINY_IMAGENET_SIZE,) * 2
     return None
 
 
-def probe_input_size(cfg, configured, key: str = "INPUT_SIZE") -> tuple[int, int]:
+def probe_input_size(setting: Setting, configured, key: str = "INPUT_SIZE") -> tuple[int, int]:
     """The input size of a dry forward that reads feature shapes: the method's INPUT_SIZE key on CIFAR; elsewhere the
     data set's training size (DATASET.IMAGE_SIZE on ImageNet, 64 on Tiny-ImageNet). The authors' ImageNet WKD-F
     configs leave WKD.INPUT_SIZE at its CIFAR default; a key set to anything else must equal the training size: the
     shapes read at another size would not be those the run trains on."""
     configured = tuple(int(v) for v in configured)
-    training = training_size(cfg)
+    training = training_size(setting)
     if training is None:
         return configured
     if configured == CIFAR_INPUT_SIZE:

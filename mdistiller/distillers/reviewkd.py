@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy
-from .feature_hooks import feature_maps, model_names
+from ._base import Declaration, Distiller, cross_entropy
+from .config import Key, config_section
+from .feature_hooks import feature_maps
 from .precision import fp32_loss
-from .probe import CIFAR_INPUT_SIZE, probe_features, probe_input_size
+from .probe import CIFAR_INPUT_SIZE, DEFAULT_SETTING, Setting, probe_features, probe_input_size
 from .registry import register_distiller
 
 LIST_KEYS = ("SHAPES", "OUT_SHAPES", "IN_CHANNELS", "OUT_CHANNELS")
@@ -113,24 +114,55 @@ def lists_as_overrides(lists: dict[str, list[int]]) -> str:
     return " ".join(f"REVIEWKD.{key} [{','.join(str(v) for v in lists[key])}]" for key in LIST_KEYS)
 
 
+config_section("REVIEWKD", {
+    "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+    "REVIEWKD_WEIGHT": Key(1.0, "weight of the hierarchical context loss"),
+    "WARMUP_EPOCHS": Key(20, "epochs of the linear warm-up of the review term (>= 1)"),
+    "SHAPES": Key([1, 8, 16, 32], "spatial sizes of the student levels (deepest first after the pooled one)"),
+    "OUT_SHAPES": Key([1, 8, 16, 32], "spatial sizes of the teacher levels"),
+    "IN_CHANNELS": Key([64, 128, 256, 256], "student channels per level"),
+    "OUT_CHANNELS": Key([64, 128, 256, 256], "teacher channels per level"),
+    "MAX_MID_CHANNEL": Key(512, "read but ignored by upstream (mid = min(512, IN_CHANNELS[-1]))"),
+    "STU_PREACT": Key(False, "the student's pre-activation maps instead of its stage outputs"),
+    "USE_MAX_MID_CHANNEL": Key(False, "ours: True honours MAX_MID_CHANNEL (upstream checkpoints then differ)"),
+})
+
+
 @register_distiller("REVIEWKD")
 class ReviewKD(Distiller):
     """Knowledge review with attention-based fusion and the hierarchical context loss; see the module docstring."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
-        super().__init__(student, teacher, cfg)
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("REVIEWKD",),
+        extra_modules=("abfs",),
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
         review = cfg.REVIEWKD
-        self.ce_weight = review.CE_WEIGHT
-        self.kd_weight = review.REVIEWKD_WEIGHT
-        self.warmup_epochs = review.WARMUP_EPOCHS
-        self.stu_preact = bool(review.STU_PREACT)
-        if self.warmup_epochs < 1:
+        if review.WARMUP_EPOCHS < 1:
             raise MdistillerError(f"REVIEWKD.WARMUP_EPOCHS must be >= 1 (1: full weight from the first epoch), "
-                                  f"got {self.warmup_epochs}")
-        names = model_names(cfg)
-        size = probe_input_size(cfg, CIFAR_INPUT_SIZE)
-        fitting = reviewkd_lists(student, teacher, size, self.stu_preact, names)
-        given = {key: [int(v) for v in review[key]] for key in LIST_KEYS}
+                                  f"got {review.WARMUP_EPOCHS}")
+        lists = {key.lower(): [int(v) for v in review[key]] for key in LIST_KEYS}
+        return {"ce_weight": review.CE_WEIGHT, "kd_weight": review.REVIEWKD_WEIGHT,
+                "warmup_epochs": review.WARMUP_EPOCHS, "stu_preact": bool(review.STU_PREACT), **lists,
+                "max_mid_channel": review.MAX_MID_CHANNEL if review.USE_MAX_MID_CHANNEL else UPSTREAM_MAX_MID,
+                "setting": Setting.from_cfg(cfg)}
+
+    def setup(self, shapes: list[int], out_shapes: list[int], in_channels: list[int], out_channels: list[int],
+              ce_weight: float = 1.0, kd_weight: float = 1.0, warmup_epochs: float = 20, stu_preact: bool = False,
+              max_mid_channel: int = UPSTREAM_MAX_MID, setting: Setting = DEFAULT_SETTING) -> None:
+        self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
+        self.warmup_epochs = warmup_epochs
+        self.stu_preact = stu_preact
+        names = setting.names
+        size = probe_input_size(setting, CIFAR_INPUT_SIZE)
+        fitting = reviewkd_lists(self.student, self.teacher, size, self.stu_preact, names)
+        given = {"SHAPES": list(shapes), "OUT_SHAPES": list(out_shapes), "IN_CHANNELS": list(in_channels),
+                 "OUT_CHANNELS": list(out_channels)}
         if given != fitting:
             wrong = ", ".join(key for key in LIST_KEYS if given[key] != fitting[key])
             raise MdistillerError(
@@ -138,9 +170,7 @@ class ReviewKD(Distiller):
                 f"{' with STU_PREACT' if self.stu_preact else ''}: set {lists_as_overrides(fitting)}"
             )
         self.shapes, self.out_shapes = given["SHAPES"], given["OUT_SHAPES"]
-        in_channels, out_channels = given["IN_CHANNELS"], given["OUT_CHANNELS"]
-        cap = review.MAX_MID_CHANNEL if review.USE_MAX_MID_CHANNEL else UPSTREAM_MAX_MID
-        mid = min(int(cap), in_channels[-1])
+        mid = min(int(max_mid_channel), in_channels[-1])
         last = len(in_channels) - 1
         abfs = [ABF(c_in, mid, out_channels[i], i < last) for i, c_in in enumerate(in_channels)]
         self.abfs = nn.ModuleList(reversed(abfs))  # abfs.0 = the pooled level, as upstream's abfs[::-1]

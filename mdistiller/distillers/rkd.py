@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
+from .config import Key, config_section
 from .precision import fp32_loss
 from .registry import register_distiller
 
@@ -57,19 +58,42 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, squared: bool = False, eps: f
     return distance_weight * loss_distance + angle_weight * loss_angle
 
 
+config_section("RKD", {
+    "DISTANCE_WEIGHT": Key(25.0, "weight of the distance relation"),
+    "ANGLE_WEIGHT": Key(50.0, "weight of the angle relation"),
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(1.0, "weight of the relational term"),
+    },
+    "PDIST": {"EPSILON": Key(1e-12, "floor of the pairwise distances"),
+              "SQUARED": Key(False, "squared pairwise distances")},
+})
+
+
 @register_distiller("RKD")
 class RKD(Distiller):
     """`CE_WEIGHT * CE + FEAT_WEIGHT * rkd_loss(pooled_s, pooled_t)`; see the module docstring."""
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        rkd = cfg.RKD
-        self.distance_weight = rkd.DISTANCE_WEIGHT
-        self.angle_weight = rkd.ANGLE_WEIGHT
-        self.ce_weight = rkd.LOSS.CE_WEIGHT
-        self.feat_weight = rkd.LOSS.FEAT_WEIGHT
-        self.eps = rkd.PDIST.EPSILON
-        self.squared = rkd.PDIST.SQUARED
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("RKD",),
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {"distance_weight": cfg.RKD.DISTANCE_WEIGHT, "angle_weight": cfg.RKD.ANGLE_WEIGHT,
+                "ce_weight": cfg.RKD.LOSS.CE_WEIGHT, "feat_weight": cfg.RKD.LOSS.FEAT_WEIGHT,
+                "eps": cfg.RKD.PDIST.EPSILON, "squared": bool(cfg.RKD.PDIST.SQUARED)}
+
+    def setup(self, distance_weight: float = 25.0, angle_weight: float = 50.0, ce_weight: float = 1.0,
+              feat_weight: float = 1.0, eps: float = 1e-12, squared: bool = False) -> None:
+        self.distance_weight = distance_weight
+        self.angle_weight = angle_weight
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.eps = eps
+        self.squared = squared
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         logits_student, feats_student = self.student(image)

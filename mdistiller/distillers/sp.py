@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
 from ._stages import last_map_shapes
+from .config import Key, config_section
 from .precision import fp32_loss
+from .probe import DEFAULT_SETTING, Setting
 from .registry import register_distiller
 
 
@@ -30,15 +32,34 @@ def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     return (diff * diff).reshape(-1, 1).sum(0) / (batch * batch)
 
 
+config_section("SP", {
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(3000.0, "weight of the similarity term"),
+    },
+})
+
+
 @register_distiller("SP")
 class SP(Distiller):
     """`CE_WEIGHT * CE + FEAT_WEIGHT * sp_loss(feats_s[-1], feats_t[-1])`; see the module docstring."""
 
-    def __init__(self, student, teacher, cfg):
-        super().__init__(student, teacher, cfg)
-        self.ce_weight = cfg.SP.LOSS.CE_WEIGHT
-        self.feat_weight = cfg.SP.LOSS.FEAT_WEIGHT
-        last_map_shapes(student, teacher, cfg, "SP")
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("SP",),
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {"ce_weight": cfg.SP.LOSS.CE_WEIGHT, "feat_weight": cfg.SP.LOSS.FEAT_WEIGHT,
+                "setting": Setting.from_cfg(cfg)}
+
+    def setup(self, ce_weight: float = 1.0, feat_weight: float = 3000.0, setting: Setting = DEFAULT_SETTING) -> None:
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.setting = setting
+        last_map_shapes(self.student, self.teacher, setting, "SP")
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         logits_student, feats_student = self.student(image)

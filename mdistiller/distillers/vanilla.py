@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
 from .registry import register_distiller
 
 
@@ -13,11 +12,11 @@ from .registry import register_distiller
 class Vanilla(Distiller):
     """Plain supervised training."""
 
-    requires_teacher = False
-    accepts_soft_targets = True  # CE with probabilities: trains under DATASET.MIXUP
-
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, cfg=None):
-        super().__init__(student, None, cfg)
+    declares = Declaration(
+        loss_terms=("loss_ce",),
+        requires_teacher=False,
+        accepts_soft_targets=True,  # CE with probabilities: trains under DATASET.MIXUP
+    )
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         logits, _ = self.student(image)

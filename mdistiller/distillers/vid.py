@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
 from ._stages import pool_to_smaller
-from .feature_hooks import model_names, probed_maps
+from .config import Key, config_section
+from .feature_hooks import probed_maps
 from .precision import fp32_loss
-from .probe import probe_input_size
+from .probe import DEFAULT_SETTING, Setting, probe_input_size
 from .registry import register_distiller
 
 
@@ -59,20 +60,48 @@ def vid_loss(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Ten
     return (0.5 * ((pred_mean.float() - target.float()) ** 2 / var + torch.log(var))).mean()
 
 
+config_section("VID", {
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "FEAT_WEIGHT": Key(1.0, "weight of the variational term"),
+    },
+    "EPS": Key(1e-5, "variance floor"),
+    "INIT_PRED_VAR": Key(5.0, "initial predicted variance"),
+    "INPUT_SIZE": Key((32, 32), "input of the dry forward that reads the stage shapes"),
+    "UPSTREAM_PROBE": Key(False, "ours: as FITNET.UPSTREAM_PROBE"),
+    "LEARN_VARIANCE": Key(False, "ours: True trains (and saves) the log-scales as the paper; upstream: constant 5.0"),
+})
+
+
 @register_distiller("VID")
 class VID(Distiller):
     """Variational information distillation over the stage outputs; see the module docstring."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
-        super().__init__(student, teacher, cfg)
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("VID",),
+        extra_modules=("regressors", "log_scales"),
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
         vid = cfg.VID
-        self.ce_weight = vid.LOSS.CE_WEIGHT
-        self.feat_weight = vid.LOSS.FEAT_WEIGHT
-        self.eps = vid.EPS
-        self.learn_variance = bool(vid.LEARN_VARIANCE)
-        names = s_name, t_name = model_names(cfg)
-        size = probe_input_size(cfg, vid.INPUT_SIZE, "VID.INPUT_SIZE")
-        maps_s, maps_t = probed_maps(student, teacher, size, "VID", names, upstream=vid.UPSTREAM_PROBE)
+        return {"ce_weight": vid.LOSS.CE_WEIGHT, "feat_weight": vid.LOSS.FEAT_WEIGHT, "eps": vid.EPS,
+                "init_pred_var": vid.INIT_PRED_VAR, "input_size": tuple(vid.INPUT_SIZE),
+                "upstream_probe": bool(vid.UPSTREAM_PROBE), "learn_variance": bool(vid.LEARN_VARIANCE),
+                "setting": Setting.from_cfg(cfg)}
+
+    def setup(self, ce_weight: float = 1.0, feat_weight: float = 1.0, eps: float = 1e-5, init_pred_var: float = 5.0,
+              input_size=(32, 32), upstream_probe: bool = False, learn_variance: bool = False,
+              setting: Setting = DEFAULT_SETTING) -> None:
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.eps = eps
+        self.learn_variance = learn_variance
+        names = s_name, t_name = setting.names
+        size = probe_input_size(setting, input_size, "VID.INPUT_SIZE")
+        maps_s, maps_t = probed_maps(self.student, self.teacher, size, "VID", names, upstream=upstream_probe)
         s_channels, t_channels = ([f.shape[1] for f in maps[1:]] for maps in (maps_s, maps_t))
         if len(s_channels) > len(t_channels):
             raise MdistillerError(
@@ -81,7 +110,7 @@ class VID(Distiller):
             )
         self.num_stages = len(s_channels)
         self.regressors = nn.ModuleList(vid_regressor(s, t) for s, t in zip(s_channels, t_channels))
-        scales = [initial_log_scale(vid.INIT_PRED_VAR, self.eps, t) for t in t_channels[: self.num_stages]]
+        scales = [initial_log_scale(init_pred_var, self.eps, t) for t in t_channels[: self.num_stages]]
         if self.learn_variance:
             self.log_scales = nn.ParameterList(nn.Parameter(s) for s in scales)
         else:  # upstream's untrained, unsaved list: buffers follow .to(device) but stay out of the state dict

@@ -25,10 +25,11 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from ..errors import MdistillerError
-from ._base import Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
+from .config import Key, config_section
 from .kd import kd_loss
 from .precision import fp32_loss
-from .probe import probe_features, probe_input_size
+from .probe import DEFAULT_SETTING, Setting, probe_features, probe_input_size
 from .registry import register_distiller
 
 FeatureFn = Callable[[dict], torch.Tensor]
@@ -85,36 +86,67 @@ def vkd_feature_loss(projected_student: torch.Tensor, teacher_feat: torch.Tensor
     return F.smooth_l1_loss(projected_student.float(), teacher)
 
 
+# VkD (Miles et al., CVPR 2024), our CNN form: CE + smooth_l1(P f_s, layer_norm(f_t)) + T^2 KL, P orthogonal.
+config_section("VKD", {
+    "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+    "FEAT_WEIGHT": Key(1.0, "weight of the projected-feature term"),
+    "KD_WEIGHT": Key(0.0, "weight of the KL term (0: off)"),
+    "T": Key(1.0, "temperature of the KL term"),
+    "STUDENT_FEATURE": Key("pooled", "the student feature, by name (mdistiller.distillers.vkd.VKD_FEATURES)"),
+    "TEACHER_FEATURE": Key("pooled", "the teacher feature, by name"),
+    "INPUT_SIZE": Key((32, 32), "input of the dry forward that reads the feature sizes"),
+    "ORTHOGONAL_MAP": Key("matrix_exp", "parametrisation of the orthogonal projection (householder: no wd)",
+                          ("matrix_exp", "cayley", "householder")),
+})
+
+
+def vkd_logit_stand(cfg, base_temp: float, kd_weight: float) -> None:
+    """`--logit-stand`: VKD.T = tau, VKD.KD_WEIGHT = w."""
+    cfg.VKD.T = float(base_temp)
+    cfg.VKD.KD_WEIGHT = float(kd_weight)
+
+
 @register_distiller("VKD")
 class VKD(Distiller):
     """Orthogonal-projection feature distillation; see the module docstring."""
 
-    supports_logit_stand = True
-    accepts_soft_targets = True  # CE with probabilities: trains under DATASET.MIXUP
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_feat", "loss_kd"),
+        distillation_terms=("loss_feat", "loss_kd"),
+        config_sections=("VKD",),
+        extra_modules=("projection",),
+        logit_stand=vkd_logit_stand,
+        accepts_soft_targets=True,  # CE with probabilities: trains under DATASET.MIXUP
+    )
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
-        super().__init__(student, teacher, cfg)
+    @classmethod
+    def from_config(cls, cfg) -> dict:
         vkd = cfg.VKD
-        self.ce_weight = vkd.CE_WEIGHT
-        self.feat_weight = vkd.FEAT_WEIGHT
-        self.kd_weight = vkd.KD_WEIGHT
-        self.temperature = vkd.T
-        self.student_feature = get_vkd_feature(vkd.STUDENT_FEATURE)
-        self.teacher_feature = get_vkd_feature(vkd.TEACHER_FEATURE)
-        probe_size = probe_input_size(cfg, vkd.INPUT_SIZE, "VKD.INPUT_SIZE")
-        feats_s, feats_t = probe_features((student, teacher), probe_size)
-        student_dim, teacher_dim = self.student_feature(feats_s).shape[-1], self.teacher_feature(feats_t).shape[-1]
         if vkd.ORTHOGONAL_MAP == "householder" and cfg.SOLVER.WEIGHT_DECAY > 0:
             raise MdistillerError(
                 "VKD.ORTHOGONAL_MAP householder cannot take weight decay (it zeroes the projection after one step): "
                 "use matrix_exp or cayley, or SOLVER.WEIGHT_DECAY 0"
             )
-        self.projection = orthogonal_projection(student_dim, teacher_dim, vkd.ORTHOGONAL_MAP)
+        get_vkd_feature(vkd.STUDENT_FEATURE)
+        get_vkd_feature(vkd.TEACHER_FEATURE)
+        return {"ce_weight": vkd.CE_WEIGHT, "feat_weight": vkd.FEAT_WEIGHT, "kd_weight": vkd.KD_WEIGHT,
+                "temperature": vkd.T, "student_feature": vkd.STUDENT_FEATURE, "teacher_feature": vkd.TEACHER_FEATURE,
+                "input_size": tuple(vkd.INPUT_SIZE), "orthogonal_map": vkd.ORTHOGONAL_MAP,
+                "setting": Setting.from_cfg(cfg)}
 
-    @classmethod
-    def apply_logit_stand_flags(cls, cfg, base_temp: float, kd_weight: float) -> None:
-        cfg.VKD.T = float(base_temp)
-        cfg.VKD.KD_WEIGHT = float(kd_weight)
+    def setup(self, ce_weight: float = 1.0, feat_weight: float = 1.0, kd_weight: float = 0.0,
+              temperature: float = 1.0, student_feature: str = "pooled", teacher_feature: str = "pooled",
+              input_size=(32, 32), orthogonal_map: str = "matrix_exp", setting: Setting = DEFAULT_SETTING) -> None:
+        self.ce_weight = ce_weight
+        self.feat_weight = feat_weight
+        self.kd_weight = kd_weight
+        self.temperature = temperature
+        self.student_feature = get_vkd_feature(student_feature)
+        self.teacher_feature = get_vkd_feature(teacher_feature)
+        probe_size = probe_input_size(setting, input_size, "VKD.INPUT_SIZE")
+        feats_s, feats_t = probe_features((self.student, self.teacher), probe_size)
+        student_dim, teacher_dim = self.student_feature(feats_s).shape[-1], self.teacher_feature(feats_t).shape[-1]
+        self.projection = orthogonal_projection(student_dim, teacher_dim, orthogonal_map)
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
         logits_student, feats_student = self.student(image)

@@ -32,7 +32,8 @@ from torch import nn
 from ..errors import MdistillerError
 from ..files import DEFAULT_DATA_ROOT, resolve_project_path
 from ..models.common import classifier
-from ._base import FEATURES, LOGITS, Distiller, cross_entropy
+from ._base import FEATURES, LOGITS, Declaration, Distiller, cross_entropy
+from .config import Key, config_section
 from .ot import (
     cosine_decay_weight,
     fc_cost_matrix,
@@ -41,7 +42,7 @@ from .ot import (
     sharpen_cost,
     wkd_logit_loss,
 )
-from .probe import map_shapes, probe_features, probe_input_size
+from .probe import DEFAULT_SETTING, Setting, map_shapes, probe_features, probe_input_size
 from .registry import register_distiller
 
 BOTTLENECK_HIDDEN = 256
@@ -111,7 +112,7 @@ def build_projector(kind: str, s_shape: tuple, t_shape: tuple, resize: str = "re
     return nn.Sequential(*layers, nn.BatchNorm2d(t_c), nn.ReLU(inplace=True))
 
 
-def load_cost_matrix(path: str, cfg) -> torch.Tensor:
+def load_cost_matrix(path: str, make_command: str) -> torch.Tensor:
     """The C x C tensor saved by tools/wkd_cost_matrix.py; a missing file says how to make it."""
     if not path:
         raise MdistillerError("WKD.COST_MATRIX cka needs WKD.COST_MATRIX_PATH (made by tools/wkd_cost_matrix.py)")
@@ -120,7 +121,7 @@ def load_cost_matrix(path: str, cfg) -> torch.Tensor:
         cost = torch.load(resolved, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MdistillerError(
-            f"WKD cost matrix not found: {path}. Make it with: {cost_matrix_command(cfg, path)}"
+            f"WKD cost matrix not found: {path}. Make it with: {make_command}"
         ) from None
     except Exception as exc:  # a corrupt file: torch raises many types
         raise MdistillerError(f"WKD cost matrix {resolved} is unreadable ({type(exc).__name__}: {exc})") from None
@@ -141,64 +142,116 @@ def cost_matrix_command(cfg, out: str) -> str:
     return " ".join(str(p) for p in parts)
 
 
+config_section("WKD", {
+    "TEMPERATURE": Key(4.0, "temperature of WKD-L's distributions"),
+    "INPUT_SIZE": Key((32, 32), "input of the dry forward that reads WKD-F's feature shapes"),
+    "LOSS": {
+        "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+        "WKD_LOGIT_WEIGHT": Key(0.0, "weight of WKD-L (0: off)"),
+        "WKD_FEAT_WEIGHT": Key(0.0, "weight of WKD-F (0: off)"),
+        "COSINE_DECAY_EPOCH": Key(150, "epoch from which both weights decay along a cosine"),
+    },
+    "SINKHORN": {
+        "LAMBDA": Key(0.05, "entropic regularisation of the Sinkhorn iterations"),
+        "ITER": Key(10, "Sinkhorn iterations"),
+        "LOG_DOMAIN": Key(False, "ours: log-domain Sinkhorn, finite for small LAMBDA (reference: multiplicative)"),
+    },
+    "COST_MATRIX": Key("fc", "category cost: 'fc' (teacher classifier weights) or 'cka' (a file)", ("fc", "cka")),
+    "COST_MATRIX_PATH": Key("", "the CKA cost matrix file (tools/wkd_cost_matrix.py)"),
+    "COST_MATRIX_SHARPEN": Key(0.0, "sharpening of the cost matrix (0: none)"),
+    "EPS": Key(1e-5, "variance floor of WKD-F's Gaussians"),
+    "HINT_LAYER": Key(-1, "feats index WKD-F compares"),
+    "MEAN_COV_RATIO": Key(2.0, "weight of the mean term against the covariance term"),
+    "PROJECTOR": Key("conv1x1", "WKD-F's projector", ("conv1x1", "bottleneck")),
+    "SPATIAL_GRID": Key(1, "WKD-F's Gaussians per side of the map"),
+    "PROJECTOR_RESIZE": Key("reference", "ours: 'reference' (the authors' resizing convs) | 'interpolate'",
+                            ("reference", "interpolate")),
+})
+
+
+def wkd_teacher_reads(hparams) -> dict[str, frozenset[str]]:
+    """WKD-L reads the teacher's logits, WKD-F its features."""
+    uses = {LOGITS} if hparams["logit_weight"] > 0 else set()
+    if hparams["feat_weight"] > 0:
+        uses.add(FEATURES)
+    return {"image": frozenset(uses)}
+
+
 @register_distiller("WKD")
 class WKD(Distiller):
     """WKD-L and/or WKD-F, switched on by their weights; see the module docstring."""
 
-    @classmethod
-    def apply_logit_stand_flags(cls, cfg, base_temp: float, kd_weight: float) -> None:
-        raise MdistillerError(
-            "--logit-stand is not defined for WKD: its logit part compares distributions by optimal transport, "
-            "which the logit-standardisation paper does not cover; tune WKD.TEMPERATURE instead"
-        )
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_wkd_target", "loss_wkd_logit", "loss_wkd_feat"),
+        distillation_terms=("loss_wkd_target", "loss_wkd_logit", "loss_wkd_feat"),
+        config_sections=("WKD",),
+        teacher_reads=wkd_teacher_reads,
+        extra_modules=("projector",),
+        logit_stand_refusal=("--logit-stand is not defined for WKD: its logit part compares distributions by optimal "
+                             "transport, which the logit-standardisation paper does not cover; tune WKD.TEMPERATURE "
+                             "instead"),
+    )
 
     @classmethod
-    def teacher_outputs(cls, cfg) -> dict[str, frozenset[str]]:
-        """WKD-L reads the teacher's logits, WKD-F its features."""
-        uses = {LOGITS} if cfg.WKD.LOSS.WKD_LOGIT_WEIGHT > 0 else set()
-        if cfg.WKD.LOSS.WKD_FEAT_WEIGHT > 0:
-            uses.add(FEATURES)
-        return {"image": frozenset(uses)}
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
-        super().__init__(student, teacher, cfg)
+    def from_config(cls, cfg) -> dict:
         wkd = cfg.WKD
-        self.ce_weight = wkd.LOSS.CE_WEIGHT
-        self.logit_weight = wkd.LOSS.WKD_LOGIT_WEIGHT
-        self.feat_weight = wkd.LOSS.WKD_FEAT_WEIGHT
-        self.decay_epoch = wkd.LOSS.COSINE_DECAY_EPOCH
-        self.total_epochs = cfg.SOLVER.EPOCHS
+        return {
+            "ce_weight": wkd.LOSS.CE_WEIGHT, "logit_weight": wkd.LOSS.WKD_LOGIT_WEIGHT,
+            "feat_weight": wkd.LOSS.WKD_FEAT_WEIGHT, "decay_epoch": wkd.LOSS.COSINE_DECAY_EPOCH,
+            "total_epochs": cfg.SOLVER.EPOCHS, "temperature": wkd.TEMPERATURE, "sinkhorn_lambda": wkd.SINKHORN.LAMBDA,
+            "sinkhorn_iters": wkd.SINKHORN.ITER, "log_domain": bool(wkd.SINKHORN.LOG_DOMAIN),
+            "cost_matrix": wkd.COST_MATRIX, "cost_matrix_path": wkd.COST_MATRIX_PATH,
+            "cost_matrix_command": cost_matrix_command(cfg, wkd.COST_MATRIX_PATH),
+            "cost_matrix_sharpen": wkd.COST_MATRIX_SHARPEN, "mean_cov_ratio": wkd.MEAN_COV_RATIO, "eps": wkd.EPS,
+            "hint_layer": wkd.HINT_LAYER, "spatial_grid": wkd.SPATIAL_GRID, "projector": wkd.PROJECTOR,
+            "projector_resize": wkd.PROJECTOR_RESIZE, "input_size": tuple(wkd.INPUT_SIZE),
+            "setting": Setting.from_cfg(cfg),
+        }
+
+    def setup(self, ce_weight: float, logit_weight: float, feat_weight: float, decay_epoch: int, total_epochs: int,
+              temperature: float = 4.0, sinkhorn_lambda: float = 0.05, sinkhorn_iters: int = 10,
+              log_domain: bool = False, cost_matrix: str = "fc", cost_matrix_path: str = "",
+              cost_matrix_command: str = "python tools/wkd_cost_matrix.py", cost_matrix_sharpen: float = 0.0,
+              mean_cov_ratio: float = 2.0, eps: float = 1e-5, hint_layer: int = -1, spatial_grid: int = 1,
+              projector: str = "conv1x1", projector_resize: str = "reference", input_size=(32, 32),
+              setting: Setting = DEFAULT_SETTING) -> None:
+        student, teacher = self.student, self.teacher
+        self.ce_weight = ce_weight
+        self.logit_weight = logit_weight
+        self.feat_weight = feat_weight
+        self.decay_epoch = decay_epoch
+        self.total_epochs = total_epochs
         self.use_logit = self.logit_weight > 0
         self.use_feat = self.feat_weight > 0
         self._epoch: int | None = None
 
         if self.use_logit:
-            self.temperature = wkd.TEMPERATURE
-            self.sinkhorn_lambda = wkd.SINKHORN.LAMBDA
-            self.sinkhorn_iters = wkd.SINKHORN.ITER
-            self.log_domain = wkd.SINKHORN.LOG_DOMAIN
-            if wkd.COST_MATRIX == "fc":
+            self.temperature = temperature
+            self.sinkhorn_lambda = sinkhorn_lambda
+            self.sinkhorn_iters = sinkhorn_iters
+            self.log_domain = log_domain
+            if cost_matrix == "fc":
                 cost = fc_cost_matrix(final_linear(teacher).weight.detach())
-            elif wkd.COST_MATRIX == "cka":
-                cost = load_cost_matrix(wkd.COST_MATRIX_PATH, cfg)
+            elif cost_matrix == "cka":
+                cost = load_cost_matrix(cost_matrix_path, cost_matrix_command)
             else:
-                raise MdistillerError(f"WKD.COST_MATRIX must be 'fc' or 'cka', got {wkd.COST_MATRIX!r}")
+                raise MdistillerError(f"WKD.COST_MATRIX must be 'fc' or 'cka', got {cost_matrix!r}")
             num_classes = final_linear(teacher).out_features
             if cost.shape[0] != num_classes:
                 raise MdistillerError(
                     f"WKD cost matrix is {cost.shape[0]} x {cost.shape[1]} but the teacher has {num_classes} classes"
-                    f" ({wkd.COST_MATRIX_PATH or 'fc'}); regenerate it with tools/wkd_cost_matrix.py"
+                    f" ({cost_matrix_path or 'fc'}); regenerate it with tools/wkd_cost_matrix.py"
                 )
             # recomputed from the config at every build, so kept out of checkpoints
-            self.register_buffer("cost_matrix", prepare_cost(sharpen_cost(cost, wkd.COST_MATRIX_SHARPEN)),
+            self.register_buffer("cost_matrix", prepare_cost(sharpen_cost(cost, cost_matrix_sharpen)),
                                  persistent=False)
 
         if self.use_feat:
-            self.mean_cov_ratio = wkd.MEAN_COV_RATIO
-            self.eps = wkd.EPS
-            self.hint_layer = wkd.HINT_LAYER
-            self.spatial_grid = wkd.SPATIAL_GRID
-            probe_size = probe_input_size(cfg, wkd.INPUT_SIZE, "WKD.INPUT_SIZE")
+            self.mean_cov_ratio = mean_cov_ratio
+            self.eps = eps
+            self.hint_layer = hint_layer
+            self.spatial_grid = spatial_grid
+            probe_size = probe_input_size(setting, input_size, "WKD.INPUT_SIZE")
             s_shapes, t_shapes = (map_shapes(f) for f in probe_features((student, teacher), probe_size))
             for name, shapes in (("student", s_shapes), ("teacher", t_shapes)):
                 if not -len(shapes) <= self.hint_layer < len(shapes):
@@ -212,7 +265,7 @@ class WKD(Distiller):
                     f"WKD.SPATIAL_GRID {self.spatial_grid} leaves cells of fewer than 2 positions on the teacher's "
                     f"{t_shape[2]}x{t_shape[3]} map (a std needs 2)"
                 )
-            self.projector = build_projector(wkd.PROJECTOR, s_shapes[self.hint_layer], t_shape, wkd.PROJECTOR_RESIZE)
+            self.projector = build_projector(projector, s_shapes[self.hint_layer], t_shape, projector_resize)
 
     def current_weights(self, epoch: int | None) -> tuple[float, float]:
         """(w_logit(e), w_feat(e)) after the cosine decay."""

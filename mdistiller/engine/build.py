@@ -167,18 +167,18 @@ def build_teacher(cfg, num_classes: int) -> nn.Module:
     return teacher.eval()
 
 
-# What the builder can pass a distiller's constructor by keyword when its class lists the name in `build_needs`.
+# What the builder can pass a distiller's constructor by keyword when its declaration lists the name in build_needs.
 BUILD_FACTS = (
     "num_data",  # the training-set size (CRD's memory rows)
 )
 
 
 def build_kwargs(distiller_class, num_data: int | None = None) -> dict:
-    """The keyword arguments `distiller_class` declares in `build_needs`, from the facts given (one-line errors for a
-    need the builder does not know or was not given)."""
+    """The constructor keyword arguments `distiller_class` declares in `build_needs`, from the facts given (one-line
+    errors for a need the builder does not know or was not given)."""
     facts = {"num_data": num_data}
     kwargs = {}
-    for name in getattr(distiller_class, "build_needs", ()):
+    for name in distiller_class.declares.build_needs:
         if name not in BUILD_FACTS:
             raise MdistillerError(f"{distiller_class.__name__} needs {name!r} to be built, which the builder does not "
                                   f"provide (it provides {', '.join(BUILD_FACTS)})")
@@ -191,17 +191,21 @@ def build_kwargs(distiller_class, num_data: int | None = None) -> dict:
 
 def build_distiller(cfg, num_classes: int, num_data: int | None = None):
     """Student, (teacher) and the distiller of DISTILLER.TYPE; `num_data` (the training-set size) is passed to a
-    distiller that lists it in `build_needs` (CRD)."""
+    distiller that declares it in `build_needs` (CRD)."""
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     kwargs = build_kwargs(distiller_class, num_data)
     student = build_model(cfg.DISTILLER.STUDENT, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE)
-    teacher = build_teacher(cfg, num_classes) if distiller_class.requires_teacher else None
+    teacher = build_teacher(cfg, num_classes) if distiller_class.declares.requires_teacher else None
     return distiller_class(student, teacher, cfg, **kwargs)
 
 
 def apply_logit_stand_flags(cfg, base_temp: float, kd_weight: float) -> None:
     """`--logit-stand --base-temp τ --kd-weight w`: switch LS on and let the method map τ and w onto its keys."""
-    get_distiller_class(cfg.DISTILLER.TYPE).apply_logit_stand_flags(cfg, base_temp, kd_weight)
+    declares = get_distiller_class(cfg.DISTILLER.TYPE).declares
+    if declares.logit_stand is None:
+        raise MdistillerError(declares.logit_stand_refusal or f"--logit-stand applies to logit methods; "
+                              f"DISTILLER.TYPE {cfg.DISTILLER.TYPE} is not one")
+    declares.logit_stand(cfg, base_temp, kd_weight)
     cfg.EXPERIMENT.LOGIT_STAND = True
     cfg.EXPERIMENT.BASE_TEMP = float(base_temp)
     cfg.EXPERIMENT.KD_WEIGHT = float(kd_weight)

@@ -1,5 +1,8 @@
 """The yacs defaults (mdistiller's keys, the logit-standardisation repo's and WKD's, plus ours) and config loading.
 
+This file holds the shared sections (EXPERIMENT, DATASET, DISTILLER, SOLVER, LOG, DISTRIBUTED); each method's section
+is declared in the method's module (`config_section`) and added here from the registry.
+
 Users bring YAML files from mdistiller, the logit-standardisation repo and WKD: every key they use exists here with
 mdistiller's default. Loading goes through `merge_dict` instead of yacs' own merge so that an unknown key is named
 with the closest valid one, and an int is accepted where a float is expected (`KD.TEMPERATURE: 1`).
@@ -16,6 +19,8 @@ from typing import Any, Iterable
 import yaml
 from yacs.config import CfgNode as CN
 
+from ..distillers import method_sections
+from ..distillers.config import check_choices, to_cfgnode
 from ..errors import MdistillerError
 from ..files import DEFAULT_DATA_ROOT, atomic_write_text
 
@@ -26,7 +31,7 @@ NAN_POLICIES = ("stop", "skip")  # SOLVER.NAN_POLICY
 TEACHER_CACHE_DTYPES = ("fp32", "fp16")  # DISTILLER.TEACHER_CACHE_DTYPE
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # SOLVER.COMPILE
 # SOLVER.TRAINER: the names of upstream's trainer classes. Ours is one trainer; a distiller declares which of these
-# names describe how it trains (Distiller.upstream_trainers), and "dot" / "crd_dot" select DOT's update rule
+# names describe how it trains (Declaration.upstream_trainers), and "dot" / "crd_dot" select DOT's update rule
 # (see engine/validate.py).
 TRAINERS = ("base", "ours", "aug", "crd", "dot", "crd_dot")
 
@@ -121,162 +126,11 @@ CFG.DISTRIBUTED = CN()
 CFG.DISTRIBUTED.SYNC_BN = False  # the student's (and extra modules') BatchNorm over the global batch; needs CUDA
 CFG.DISTRIBUTED.FIND_UNUSED_PARAMETERS = False  # for a distiller whose forward leaves a learnable parameter unused
 
-# ---- Distillation methods ----
-
-CFG.KD = CN()
-CFG.KD.TEMPERATURE = 4.0
-CFG.KD.LOSS = CN()
-CFG.KD.LOSS.CE_WEIGHT = 0.1
-CFG.KD.LOSS.KD_WEIGHT = 0.9
-
-CFG.DKD = CN()
-CFG.DKD.CE_WEIGHT = 1.0
-CFG.DKD.ALPHA = 1.0
-CFG.DKD.BETA = 8.0
-CFG.DKD.T = 4.0
-CFG.DKD.WARMUP = 20
-
-# MLKD (Jin et al., CVPR 2023) uses KD.TEMPERATURE and KD.LOSS.*; this switch is ours.
-CFG.MLKD = CN()
-CFG.MLKD.PER_SAMPLE_MASK = False  # False: the reference (a mask scales a batch-mean term); True: the paper's masking
-
-# CTKD (Li et al., AAAI 2023): learnable temperature through gradient reversal, wrapping KD (KD.LOSS.*) or DKD (DKD.*).
-CFG.CTKD = CN()
-CFG.CTKD.BASE = "KD"  # "KD" | "DKD"
-CFG.CTKD.T_START = 1.0  # temperature = T_START + T_END * sigmoid(theta)
-CFG.CTKD.T_END = 20.0
-CFG.CTKD.INIT = 1.0  # initial theta (the global temperature's parameter)
-CFG.CTKD.COSINE_EPOCHS = 10  # lambda(e) = -(1 - cos(pi * min(e, N) / N)) / 2; 10 on CIFAR, 5 on ImageNet
-CFG.CTKD.LAMBDA_MAX = 1.0  # |lambda| reached after COSINE_EPOCHS
-CFG.CTKD.INSTANCE = False  # True: a per-sample temperature from an MLP over [teacher, student] logits
-CFG.CTKD.MLP_HIDDEN = 256
-
-CFG.AT = CN()
-CFG.AT.P = 2
-CFG.AT.LOSS = CN()
-CFG.AT.LOSS.CE_WEIGHT = 1.0
-CFG.AT.LOSS.FEAT_WEIGHT = 1000.0
-
-CFG.RKD = CN()
-CFG.RKD.DISTANCE_WEIGHT = 25.0
-CFG.RKD.ANGLE_WEIGHT = 50.0
-CFG.RKD.LOSS = CN()
-CFG.RKD.LOSS.CE_WEIGHT = 1.0
-CFG.RKD.LOSS.FEAT_WEIGHT = 1.0
-CFG.RKD.PDIST = CN()
-CFG.RKD.PDIST.EPSILON = 1e-12
-CFG.RKD.PDIST.SQUARED = False
-
-CFG.FITNET = CN()
-CFG.FITNET.HINT_LAYER = 2
-CFG.FITNET.INPUT_SIZE = (32, 32)
-# ours: True = upstream's shape probe (a noise image in train mode: both models' BN running stats move 10%, one
-# global RNG draw); False = a zero image in eval mode, no side effect (the code behind the published numbers)
-CFG.FITNET.UPSTREAM_PROBE = False
-CFG.FITNET.LOSS = CN()
-CFG.FITNET.LOSS.CE_WEIGHT = 1.0
-CFG.FITNET.LOSS.FEAT_WEIGHT = 100.0
-
-CFG.KDSVD = CN()
-CFG.KDSVD.K = 1
-CFG.KDSVD.LOSS = CN()
-CFG.KDSVD.LOSS.CE_WEIGHT = 1.0
-CFG.KDSVD.LOSS.FEAT_WEIGHT = 1.0
-
-CFG.OFD = CN()
-CFG.OFD.LOSS = CN()
-CFG.OFD.LOSS.CE_WEIGHT = 1.0
-CFG.OFD.LOSS.FEAT_WEIGHT = 0.001
-CFG.OFD.CONNECTOR = CN()
-CFG.OFD.CONNECTOR.KERNEL_SIZE = 1
-CFG.OFD.TEACHER_EVAL = False  # ours: True keeps the teacher in eval mode (upstream trains it in train mode: BN drift)
-
-CFG.NST = CN()
-CFG.NST.LOSS = CN()
-CFG.NST.LOSS.CE_WEIGHT = 1.0
-CFG.NST.LOSS.FEAT_WEIGHT = 50.0
-
-CFG.PKT = CN()
-CFG.PKT.LOSS = CN()
-CFG.PKT.LOSS.CE_WEIGHT = 1.0
-CFG.PKT.LOSS.FEAT_WEIGHT = 30000.0
-
-CFG.SP = CN()
-CFG.SP.LOSS = CN()
-CFG.SP.LOSS.CE_WEIGHT = 1.0
-CFG.SP.LOSS.FEAT_WEIGHT = 3000.0
-
-CFG.VID = CN()
-CFG.VID.LOSS = CN()
-CFG.VID.LOSS.CE_WEIGHT = 1.0
-CFG.VID.LOSS.FEAT_WEIGHT = 1.0
-CFG.VID.EPS = 1e-5
-CFG.VID.INIT_PRED_VAR = 5.0
-CFG.VID.INPUT_SIZE = (32, 32)
-CFG.VID.UPSTREAM_PROBE = False  # ours: as FITNET.UPSTREAM_PROBE
-CFG.VID.LEARN_VARIANCE = False  # ours: True trains (and saves) the log-scales as the paper; upstream: constant 5.0
-
-CFG.CRD = CN()
-CFG.CRD.MODE = "exact"  # "exact" | "relax": the positive is the sample itself, or a sample of its class
-CFG.CRD.FEAT = CN()
-CFG.CRD.FEAT.DIM = 128
-# ours: 0 = the model's pooled_feat size, read by a dry forward (upstream's default 256 is resnet8x4's and
-# resnet32x4's, the pair of its crd.yaml); a non-zero value must equal that size
-CFG.CRD.FEAT.STUDENT_DIM = 0
-CFG.CRD.FEAT.TEACHER_DIM = 0
-CFG.CRD.LOSS = CN()
-CFG.CRD.LOSS.CE_WEIGHT = 1.0
-CFG.CRD.LOSS.FEAT_WEIGHT = 0.8
-CFG.CRD.NCE = CN()
-CFG.CRD.NCE.K = 16384  # negatives per sample, from other classes (the data path draws them: dataset/contrastive.py)
-CFG.CRD.NCE.MOMENTUM = 0.5
-CFG.CRD.NCE.TEMPERATURE = 0.07
-
-CFG.REVIEWKD = CN()
-CFG.REVIEWKD.CE_WEIGHT = 1.0
-CFG.REVIEWKD.REVIEWKD_WEIGHT = 1.0
-CFG.REVIEWKD.WARMUP_EPOCHS = 20
-CFG.REVIEWKD.SHAPES = [1, 8, 16, 32]
-CFG.REVIEWKD.OUT_SHAPES = [1, 8, 16, 32]
-CFG.REVIEWKD.IN_CHANNELS = [64, 128, 256, 256]
-CFG.REVIEWKD.OUT_CHANNELS = [64, 128, 256, 256]
-CFG.REVIEWKD.MAX_MID_CHANNEL = 512  # read but ignored by upstream (mid = min(512, IN_CHANNELS[-1]))
-CFG.REVIEWKD.STU_PREACT = False
-CFG.REVIEWKD.USE_MAX_MID_CHANNEL = False  # ours: True honours MAX_MID_CHANNEL (upstream checkpoints then differ)
-
-# WKD (Lv et al., NeurIPS 2024): the reference keys, so the authors' configs load unchanged.
-CFG.WKD = CN()
-CFG.WKD.TEMPERATURE = 4.0
-CFG.WKD.INPUT_SIZE = (32, 32)
-CFG.WKD.LOSS = CN()
-CFG.WKD.LOSS.CE_WEIGHT = 1.0
-CFG.WKD.LOSS.WKD_LOGIT_WEIGHT = 0.0
-CFG.WKD.LOSS.WKD_FEAT_WEIGHT = 0.0
-CFG.WKD.LOSS.COSINE_DECAY_EPOCH = 150
-CFG.WKD.SINKHORN = CN()
-CFG.WKD.SINKHORN.LAMBDA = 0.05
-CFG.WKD.SINKHORN.ITER = 10
-CFG.WKD.SINKHORN.LOG_DOMAIN = False  # ours: log-domain Sinkhorn, finite for small LAMBDA (reference: multiplicative)
-CFG.WKD.COST_MATRIX = "fc"  # "fc" | "cka"
-CFG.WKD.COST_MATRIX_PATH = ""
-CFG.WKD.COST_MATRIX_SHARPEN = 0.0
-CFG.WKD.EPS = 1e-5
-CFG.WKD.HINT_LAYER = -1
-CFG.WKD.MEAN_COV_RATIO = 2.0
-CFG.WKD.PROJECTOR = "conv1x1"  # "conv1x1" | "bottleneck"
-CFG.WKD.SPATIAL_GRID = 1
-CFG.WKD.PROJECTOR_RESIZE = "reference"  # ours: "reference" (the authors' resizing convs) | "interpolate"
-
-# VkD (Miles et al., CVPR 2024), our CNN form: CE + smooth_l1(P f_s, layer_norm(f_t)) + T^2 KL, P orthogonal.
-CFG.VKD = CN()
-CFG.VKD.CE_WEIGHT = 1.0
-CFG.VKD.FEAT_WEIGHT = 1.0
-CFG.VKD.KD_WEIGHT = 0.0
-CFG.VKD.T = 1.0
-CFG.VKD.STUDENT_FEATURE = "pooled"  # feature extractors by name: mdistiller.distillers.vkd.VKD_FEATURES
-CFG.VKD.TEACHER_FEATURE = "pooled"
-CFG.VKD.INPUT_SIZE = (32, 32)  # input of the dry forward that reads the feature sizes
-CFG.VKD.ORTHOGONAL_MAP = "matrix_exp"  # "matrix_exp" | "cayley" | "householder" (torch's non-square default; no wd)
+# ---- Distillation methods: each method module declares its own section (distillers/config.py) ----
+for _name, _spec in method_sections().items():
+    if _name in CFG:
+        raise ValueError(f"method config section {_name} collides with a shared section")
+    CFG[_name] = to_cfgnode(_spec)
 
 
 def default_cfg() -> CN:
@@ -409,6 +263,7 @@ def validate_cfg(cfg: CN) -> None:
         why = " (bf16 keeps 7 mantissa bits to fp16's 10: 8x coarser at the same size)" if dtype == "bf16" else ""
         raise MdistillerError(f"DISTILLER.TEACHER_CACHE_DTYPE {dtype!r} is not a cache storage{why}; use one of "
                               f"{', '.join(TEACHER_CACHE_DTYPES)}")
+    check_choices(cfg)
     if cfg.SOLVER.TYPE not in OPTIMIZERS:
         raise MdistillerError(f"SOLVER.TYPE {cfg.SOLVER.TYPE!r} is not supported; use one of {', '.join(OPTIMIZERS)}")
     if cfg.SOLVER.NAN_POLICY not in NAN_POLICIES:

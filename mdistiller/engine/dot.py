@@ -52,15 +52,22 @@ def dot_momenta(momentum: float, delta: float) -> tuple[float, float]:
     return momentum - delta, momentum + delta
 
 
-def split_losses(losses: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(task loss, distillation loss): the batch mean of "loss_ce", and the sum of the other terms' batch means."""
-    others = [name for name in losses if name != TASK_TERM]
-    if TASK_TERM not in losses or not others:
+def split_losses(losses: dict[str, Tensor], distillation_terms: Iterable[str] | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """(task loss, distillation loss): the summed batch means of the task terms and of the distillation terms.
+    `distillation_terms`: the names the method declares (Declaration.distillation_terms); None: every term but
+    "loss_ce" distils."""
+    if distillation_terms is None:
+        distilling = [name for name in losses if name != TASK_TERM]
+    else:
+        distilling = [name for name in losses if name in set(distillation_terms)]
+    task = [name for name in losses if name not in distilling]
+    if not task or not distilling:
         raise MdistillerError(
-            f"SOLVER.TRAINER dot needs the task term {TASK_TERM} and at least one distillation term; the distiller "
+            f"SOLVER.TRAINER dot needs a task term and at least one distillation term; the distiller "
             f"returned {', '.join(losses) or 'no terms'}: use SOLVER.TRAINER base"
         )
-    return losses[TASK_TERM].mean(), sum(losses[name].mean() for name in others)
+    return sum(losses[name].mean() for name in task), sum(losses[name].mean() for name in distilling)
 
 
 def _momentum_update(buffers: list[Tensor], grads: list[Tensor], momentum: float, dampening: float) -> None:
@@ -89,6 +96,7 @@ class DistillationOrientedTrainer(Optimizer):
         assert len(self.param_groups) == 1, "DistillationOrientedTrainer takes one param group only"
         # set by step_kd, consumed by step: the params with a KD gradient and references to those gradients
         self._kd_params: list[Tensor] = []
+        self.distillation_terms: tuple[str, ...] | None = None  # None: every term but "loss_ce" (see split_losses)
         self._kd_grads: list[Tensor] = []
 
     def add_param_group(self, param_group: dict) -> None:
@@ -186,7 +194,7 @@ class DistillationOrientedTrainer(Optimizer):
     def update(self, losses: dict[str, Tensor]) -> None:
         """One DOT step from a step's loss terms: backward of the distillation loss, `step_kd()`, backward of the task
         loss ("loss_ce"), `step()`. Under torchrun each gradient is the mean over the ranks."""
-        task, distill = split_losses(losses)
+        task, distill = split_losses(losses, self.distillation_terms)
         self.zero_grad(set_to_none=True)
         self._backward(distill, retain_graph=True)
         self.step_kd()
@@ -225,11 +233,15 @@ def average_gradients(params: list[Tensor], grads: Iterable[Tensor | None], worl
             offset += p.numel()
 
 
-def build_dot(cfg, params: list[Tensor]) -> DistillationOrientedTrainer:
-    """DOT over `params` at SOLVER.LR, momenta MOMENTUM -/+ DOT.DELTA, SOLVER.WEIGHT_DECAY (upstream's DOT trainer)."""
+def build_dot(cfg, params: list[Tensor], distillation_terms: Iterable[str] | None = None
+              ) -> DistillationOrientedTrainer:
+    """DOT over `params` at SOLVER.LR, momenta MOMENTUM -/+ DOT.DELTA, SOLVER.WEIGHT_DECAY (upstream's DOT trainer);
+    `distillation_terms` (the method's declared ones) take the KD momentum."""
     mu_t, mu_k = dot_momenta(cfg.SOLVER.MOMENTUM, cfg.SOLVER.DOT.DELTA)
-    return DistillationOrientedTrainer(params, lr=cfg.SOLVER.LR, momentum=mu_t, momentum_kd=mu_k,
-                                       weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    optimizer = DistillationOrientedTrainer(params, lr=cfg.SOLVER.LR, momentum=mu_t, momentum_kd=mu_k,
+                                            weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    optimizer.distillation_terms = None if distillation_terms is None else tuple(distillation_terms)
+    return optimizer
 
 
 def check_dot(cfg, distiller_class) -> None:
@@ -244,7 +256,7 @@ def check_dot(cfg, distiller_class) -> None:
             f"SOLVER.TRAINER {name}: SOLVER.MOMENTUM {cfg.SOLVER.MOMENTUM:g} -/+ SOLVER.DOT.DELTA "
             f"{cfg.SOLVER.DOT.DELTA:g} gives momenta {mu_t:g} / {mu_k:g}; both must lie in [0, 1)"
         )
-    if not distiller_class.requires_teacher:
+    if not distiller_class.declares.requires_teacher:
         raise MdistillerError(f"SOLVER.TRAINER {name} splits the loss into the task term and the distillation terms; "
                               f"DISTILLER.TYPE {cfg.DISTILLER.TYPE} has no teacher to distil from: use "
                               f"SOLVER.TRAINER base")

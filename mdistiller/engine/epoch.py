@@ -1,4 +1,4 @@
-"""The state of one pass over the training set: running sums on the device, the non-finite watch, where the LR is
+"""The progress of one pass over the training set: running sums on the device, the non-finite watch, where the LR is
 set per step. The trainer keeps one per epoch; tools/bench.py one per row, so both run the same step."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class EpochStats:
 
 
 @dataclass
-class EpochState:
+class EpochProgress:
     """What the step of `epoch` reads and updates: statistics, the non-finite watch, the epoch's length (None for an
     endless iterator) and whether the LR is set at every step (cosine schedule, warm-up)."""
 

@@ -75,7 +75,7 @@ def build_optimizer(cfg, distiller: nn.Module) -> torch.optim.Optimizer:
     """The optimizer of SOLVER.TYPE over `distiller.get_learnable_parameters()`, at SOLVER.LR (DOT under SOLVER.TRAINER
     dot / crd_dot, which validation allows with SGD only)."""
     if cfg.SOLVER.TRAINER in DOT_TRAINERS:
-        return build_dot(cfg, distiller.get_learnable_parameters())
+        return build_dot(cfg, distiller.get_learnable_parameters(), distiller.declares.distillation_terms)
     return OPTIMIZER_BUILDERS[cfg.SOLVER.TYPE](cfg, distiller)
 
 

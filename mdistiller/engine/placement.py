@@ -41,10 +41,10 @@ def sync_batchnorm(distiller: nn.Module) -> nn.Module:
 def wrap_ddp(distiller: nn.Module, cfg, device: torch.device) -> DistributedDataParallel:
     """DistributedDataParallel around the distiller, the teacher's parameters and buffers neither reduced nor
     broadcast (each rank loaded the same frozen teacher), nor the buffers the distiller keeps equal on every rank
-    itself (`rank_synced_buffers`: CRD's memories, which a broadcast per step would only copy again)."""
+    itself (`Declaration.rank_synced_buffers`: CRD's memories, which a broadcast per step would only copy again)."""
     ignored = [name for name, _ in itertools.chain(distiller.named_parameters(), distiller.named_buffers())
                if name.startswith("teacher.")]
-    ignored += list(getattr(distiller, "rank_synced_buffers", ()))
+    ignored += list(distiller.declares.rank_synced_buffers)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
     return DistributedDataParallel(
         distiller, device_ids=[device.index] if device.type == "cuda" else None,

@@ -79,7 +79,7 @@ def ls_tag(cfg) -> str:
 def result_log_name(cfg) -> str:
     """`<TYPE>,<TEACHER>,<STUDENT>[,<base_temp>,<kd_weight>].txt`, the logit-standardisation repo's naming; `<TYPE>+DOT`
     under SOLVER.TRAINER dot / crd_dot (`KD+DOT,resnet32x4,resnet8x4.txt`), so DOT runs never mix with plain ones."""
-    teacher = cfg.DISTILLER.TEACHER if get_distiller_class(cfg.DISTILLER.TYPE).requires_teacher else "none"
+    teacher = cfg.DISTILLER.TEACHER if get_distiller_class(cfg.DISTILLER.TYPE).declares.requires_teacher else "none"
     method = cfg.DISTILLER.TYPE + ("+DOT" if cfg.SOLVER.TRAINER in DOT_TRAINERS else "")
     parts = [method, teacher, cfg.DISTILLER.STUDENT]
     if cfg.EXPERIMENT.LOGIT_STAND and cfg.EXPERIMENT.BASE_TEMP > 0:
@@ -165,8 +165,8 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
     with deterministic_mode(cfg.EXPERIMENT.DETERMINISTIC, device):
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
         train_loader, val_loader, num_train, num_classes = get_dataset(
-            cfg, distiller_class.train_views, seed=cfg.EXPERIMENT.SEED, device=device,
-            needs={**distiller_class.batch_needs(cfg), **cache_batch_needs(cfg, distiller_class)},
+            cfg, distiller_class.declares.train_views, seed=cfg.EXPERIMENT.SEED, device=device,
+            needs={**distiller_class.batch_needs_of(cfg), **cache_batch_needs(cfg, distiller_class)},
         )
         check_fits_data(cfg, num_train)
         distiller = build_distiller(cfg, num_classes, num_data=num_train)
@@ -182,7 +182,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
             trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device, teacher_cache=teacher_cache)
             log.info(
                 f"run {run_dir}: {cfg.DISTILLER.TYPE} {cfg.DISTILLER.STUDENT}"
-                + (f" <- {cfg.DISTILLER.TEACHER}" if distiller_class.requires_teacher else "")
+                + (f" <- {cfg.DISTILLER.TEACHER}" if distiller_class.declares.requires_teacher else "")
                 + f", {num_train} training images, {num_classes} classes, seed {cfg.EXPERIMENT.SEED}, device {device}"
                 + (f" x {distributed.world_size()} processes (global batch {cfg.SOLVER.BATCH_SIZE})"
                    if distributed.world_size() > 1 else "") + ", "
@@ -204,7 +204,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
             result_file = append_result(cfg, run_dir, result) if distributed.is_main_process() else ""
             log.info(f"best top-1 {result['best_acc']:.2f}, last {result['last_acc']:.2f}; result appended to "
                      f"{result_file}")
-            if not distiller_class.requires_teacher:
+            if not distiller_class.declares.requires_teacher:
                 weights = os.path.join(run_dir, "student_best")
                 zoo = teacher_home(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
                 log.info(f"teacher weights: {weights}. To distil from it, pass DISTILLER.TEACHER_CKPT {weights} "

@@ -7,7 +7,7 @@ table lookup by (sample index, view id) equals the live teacher's output. The da
 teacher forward (`Distiller.teacher_logits`), and the teacher is not even placed on the device.
 
 Refused, with the reason, before any side effect (`cache_refusal`): a method that declares teacher features or a
-train-mode teacher (`Distiller.teacher_outputs`), a method none of whose teacher views can be enumerated (ImageNet's
+train-mode teacher (`Declaration.teacher_reads`), a method none of whose teacher views can be enumerated (ImageNet's
 crops, Tiny-ImageNet's rotation, DATASET.AUGMENT), DATASET.MIXUP's mixed images, a run without a teacher. MLKD takes
 its weak (standard) view's logits from the cache and keeps the live teacher for its strong view only (`cache_plan`).
 A cache whose identity (teacher_cache_identity.py) differs from the run's in anything that changes the teacher's
@@ -55,7 +55,8 @@ def cache_plan(cfg, distiller_class) -> tuple[str | None, str | None, tuple[str,
     cached rows equal the live teacher's on the served view, so the run is the live run."""
     name = cfg.DISTILLER.TYPE
     prefix = "DISTILLER.TEACHER_CACHE is set, but"
-    if not distiller_class.requires_teacher:
+    declares = distiller_class.declares
+    if not declares.requires_teacher:
         return f"{prefix} DISTILLER.TYPE {name} trains without a teacher: set DISTILLER.TEACHER_CACHE ''", None, ()
     if cfg.DATASET.AUGMENT:
         return (f"{prefix} DATASET.AUGMENT {cfg.DATASET.AUGMENT} replaces the crop + flip view, whose 162 views per "
@@ -64,8 +65,8 @@ def cache_plan(cfg, distiller_class) -> tuple[str | None, str | None, tuple[str,
         return (f"{prefix} DATASET.MIXUP mixes pairs of images, which are none of the 162 views a cache enumerates: "
                 f"set DISTILLER.TEACHER_CACHE '' or the DATASET.MIXUP values to 0", None, ())
     served, live, unenumerable = [], [], None
-    for key, uses in distiller_class.teacher_outputs(cfg).items():
-        if TRAIN_MODE in uses or getattr(distiller_class, "teacher_train_mode", False):
+    for key, uses in declares.teacher_uses(distiller_class.hparams(cfg)).items():
+        if TRAIN_MODE in uses:
             return (f"{prefix} {name} runs its teacher in train mode (its BN statistics move, so its outputs are not "
                     f"fixed): set DISTILLER.TEACHER_CACHE ''", None, ())
         if FEATURES in uses:
@@ -73,7 +74,7 @@ def cache_plan(cfg, distiller_class) -> tuple[str | None, str | None, tuple[str,
                     f"DISTILLER.TEACHER_CACHE ''", None, ())
         if LOGITS not in uses:
             continue
-        reason = view_refusal(cfg.DATASET.TYPE, distiller_class.train_views.get(key, "standard"))
+        reason = view_refusal(cfg.DATASET.TYPE, declares.train_views.get(key, "standard"))
         if reason:
             live.append(key)
             unenumerable = unenumerable or (f"{prefix} {name}'s teacher reads its {key} view, which cannot be "

@@ -1,16 +1,17 @@
-"""The one trainer: SOLVER.EPOCHS passes of `train_step` over the training set, each followed by evaluation, the
-worklog, TensorBoard and the checkpoints. It knows nothing about methods: a batch dict goes to
+"""The one trainer: SOLVER.EPOCHS passes of `train_step` over the training set, each followed by the end-of-epoch
+steps (evaluation, the worklog, TensorBoard, the checkpoints). It knows nothing about methods: a batch dict goes to
 `distiller(**batch, epoch=epoch)`, the returned loss terms go to the optimizer's update rule, and whatever the
 distiller reports in `epoch_metrics()` is logged.
 
 Collaborators, one job each: `placement` (device, DDP, compile), `optim` (optimizer, LR schedule, update rule),
-`epoch` (the epoch's device-side statistics), `guards` (non-finite losses, signals), `run_state` (resume, RNG,
-checkpoint files), `worklog` (worklog.txt, TensorBoard, wandb), `evaluate`, and the optional `teacher_cache` table
-(DISTILLER.TEACHER_CACHE: the teacher logits a batch carries).
+`epoch` (an epoch's progress: device-side statistics, the non-finite watch), `guards` (non-finite losses, signals),
+`run_checkpoints` (resume, RNG, checkpoint files), `epoch_end` (the ordered steps after each epoch), `worklog`
+(worklog.txt, TensorBoard, wandb), `evaluate`, and the optional `teacher_cache` table (DISTILLER.TEACHER_CACHE: the
+teacher logits a batch carries).
 
-The order of the writes at the end of an epoch is what makes resume exact after a kill at any moment: the worklog
-block first, then the student files, `epoch_<n>` and `best`, and `latest` last. A kill before `latest` is written
-makes resume redo the epoch and drop the worklog lines it had written (`worklog.truncate_from`).
+The order of the writes at the end of an epoch is what makes resume exact after a kill at any moment; it lives in one
+list, `epoch_end.EPOCH_END_STEPS` (its docstring says why): the worklog block first, then the student files,
+`epoch_<n>` and `best`, and `latest` last.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ from ..files import remove_stale_temp_files
 from ..log import FILE_ONLY, get_logger
 from ..models.common import num_classes_of_model
 from ..rng import set_rng_state
-from . import accel, worklog
-from .epoch import EpochState
-from .evaluate import evaluate
+from . import accel, epoch_end, worklog
+from .epoch import EpochProgress
 from .guards import PROGRESS_EVERY, NonFiniteLoss, StopSignals, TrainingInterrupted, loss_values, nan_sync_interval
 from .optim import build_optimizer, learning_rate, lr_changes_within, update_rule
 from .placement import place
-from .run_state import RunState
+from .run_checkpoints import RunCheckpoints
 
 log = get_logger(__name__)
 
@@ -47,16 +47,6 @@ def _length(loader) -> int | None:
         return len(loader)
     except TypeError:  # an iterable without a length
         return None
-
-
-def _duration(seconds: float) -> str:
-    """`1h02m`, `4m05s` or `12s`."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Trainer:
@@ -77,7 +67,8 @@ class Trainer:
         self.mix_batch = build_batch_mixer(cfg, num_classes_of_model(self.distiller.student))  # None when off
         self.nan_policy = cfg.SOLVER.NAN_POLICY
         self.sync_every = nan_sync_interval(device)
-        self.state = RunState(run_dir, cfg, self.distiller, self.optimizer, getattr(train_loader, "generator", None))
+        self.checkpoints = RunCheckpoints(run_dir, cfg, self.distiller, self.optimizer,
+                                          getattr(train_loader, "generator", None))
         self.signals = StopSignals(device)
         self._quiet = None if self.is_main else True  # tqdm: only rank 0 shows progress
 
@@ -101,44 +92,45 @@ class Trainer:
         with accel.autocast(self.cfg, self.device):
             return self.forward(**batch, epoch=epoch)
 
-    def epoch_state(self, epoch: int, steps_total: int | None) -> EpochState:
-        """A fresh state for `epoch` of `steps_total` steps (train_epoch makes one; tools/bench.py one per row)."""
-        return EpochState(epoch, self.device, steps_total, bool(lr_changes_within(self.cfg, epoch) and steps_total))
+    def epoch_progress(self, epoch: int, steps_total: int | None) -> EpochProgress:
+        """A fresh record of `epoch`'s progress over `steps_total` steps (train_epoch makes one; tools/bench.py one
+        per row)."""
+        return EpochProgress(epoch, self.device, steps_total, bool(lr_changes_within(self.cfg, epoch) and steps_total))
 
     def train_step(self, batch: dict, epoch: int, step: int = 1,
-                   state: EpochState | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   progress: EpochProgress | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The one training step, run by `train_epoch` and by tools/bench.py alike: per-step LR, the batch on the
         device, the forward under the speed switches, the non-finite watch, the update (skipped under NAN_POLICY skip
-        when a term is not finite) and the epoch's device-side statistics. `step` counts from 1 in the epoch; `state`
-        is the epoch's (a fresh one when None). Returns device tensors; reads the host only where the NaN policy must
-        (every `sync_every` steps under "stop", every step under "skip")."""
-        state = state if state is not None else EpochState(epoch, self.device)
-        if state.per_step_lr:
-            self.set_lr(learning_rate(self.cfg, epoch, step / state.steps_total))
+        when a term is not finite) and the epoch's device-side statistics. `step` counts from 1 in the epoch;
+        `progress` is the epoch's (a fresh one when None). Returns device tensors; reads the host only where the NaN
+        policy must (every `sync_every` steps under "stop", every step under "skip")."""
+        progress = progress if progress is not None else EpochProgress(epoch, self.device)
+        if progress.per_step_lr:
+            self.set_lr(learning_rate(self.cfg, epoch, step / progress.steps_total))
         batch = self.prepare_batch(batch)
         logits, losses = self.forward_step(batch, epoch)
-        bad = state.watch.update(step, losses)
+        bad = progress.watch.update(step, losses)
         if self.nan_policy == "skip" and self._any_rank(bad):  # one host sync per step, as GradScaler makes
             values = dict(zip(losses, loss_values(losses).tolist()))
-            state.stats.skip([k for k, v in values.items() if not math.isfinite(v)])
+            progress.stats.skip([k for k, v in values.items() if not math.isfinite(v)])
             return logits, losses
         if self.nan_policy == "stop" and step % self.sync_every == 0:
-            self._raise_if_non_finite(state)  # on the CPU before every update: no bad update is ever applied
+            self._raise_if_non_finite(progress)  # on the CPU before every update: no bad update is ever applied
         self.update(losses)
-        state.stats.add(losses, logits, batch["target"])
+        progress.stats.add(losses, logits, batch["target"])
         return logits, losses
 
     def _any_rank(self, flag: torch.Tensor) -> bool:
         """bool(flag), or whether it holds on any rank under torchrun (a host sync)."""
         return distributed.any_rank(flag, self.device) if self.world > 1 else bool(flag)
 
-    def _raise_if_non_finite(self, state: EpochState) -> None:
+    def _raise_if_non_finite(self, progress: EpochProgress) -> None:
         try:
-            state.watch.raise_if_any(state.epoch, state.steps_total)
+            progress.watch.raise_if_any(progress.epoch, progress.steps_total)
         except NonFiniteLoss as exc:
             raise MdistillerError(
-                f"{exc}; stopped without saving: {self.state.last_good()}. Lower SOLVER.LR, check the loss weights, "
-                f"or set SOLVER.NAN_POLICY skip"
+                f"{exc}; stopped without saving: {self.checkpoints.last_good()}. Lower SOLVER.LR, check the loss "
+                f"weights, or set SOLVER.NAN_POLICY skip"
             ) from None
 
     # ---- the epoch ----
@@ -146,41 +138,41 @@ class Trainer:
         """One pass over the training set (or the rest of it after a mid-epoch resume); mean loss terms, train top-1."""
         self.distiller.train()
         steps_total = _length(self.train_loader)
-        state = self.epoch_state(epoch, steps_total)
-        self.state.begin_epoch()  # before the loader draws this epoch's permutation and worker seeds
+        progress = self.epoch_progress(epoch, steps_total)
+        self.checkpoints.begin_epoch()  # before the loader draws this epoch's permutation and worker seeds
         self._restart_workers_each_epoch()
         iterator = iter(self.train_loader)
-        step = self._replay_partial(epoch, iterator, state)
-        progress = tqdm(iterator, desc=f"epoch {epoch}", initial=step, total=steps_total, leave=False,
-                        dynamic_ncols=True, disable=self._quiet)
-        for batch in progress:
+        step = self._replay_partial(epoch, iterator, progress)
+        bar = tqdm(iterator, desc=f"epoch {epoch}", initial=step, total=steps_total, leave=False,
+                   dynamic_ncols=True, disable=self._quiet)
+        for batch in bar:
             step += 1
-            self.train_step(batch, epoch, step, state)
-            if step % PROGRESS_EVERY == 0 and state.stats.loss_sums:
-                mean_loss = sum(state.stats.loss_sums.values()).item() / max(state.stats.steps, 1)
-                progress.set_postfix(loss=f"{mean_loss:.4f}")
+            self.train_step(batch, epoch, step, progress)
+            if step % PROGRESS_EVERY == 0 and progress.stats.loss_sums:
+                mean_loss = sum(progress.stats.loss_sums.values()).item() / max(progress.stats.steps, 1)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
             if self.signals.requested(step % self.sync_every == 0):
                 if self.nan_policy == "stop":
-                    self._raise_if_non_finite(state)
-                stats = state.stats.summed_state() if self.world > 1 else state.stats.state()
-                self.state.save_mid_epoch(epoch, step, stats)
-                latest = self.state.path("latest")
+                    self._raise_if_non_finite(progress)
+                stats = progress.stats.summed_state() if self.world > 1 else progress.stats.state()
+                self.checkpoints.save_mid_epoch(epoch, step, stats)
+                latest = self.checkpoints.path("latest")
                 raise TrainingInterrupted(self.signals.signum, epoch, step, steps_total, latest, True)
         if self.nan_policy == "stop":
-            self._raise_if_non_finite(state)
-        return self._epoch_metrics(state)
+            self._raise_if_non_finite(progress)
+        return self._epoch_metrics(progress)
 
-    def _replay_partial(self, epoch: int, iterator, state: EpochState) -> int:
+    def _replay_partial(self, epoch: int, iterator, progress: EpochProgress) -> int:
         """After a mid-epoch resume: load (not train on) the batches already seen, so every RNG advances as it did,
         restore the sums and the RNG of the saved step; the step to continue after (0 otherwise)."""
-        partial = self.state.take_partial(epoch)
+        partial = self.checkpoints.take_partial(epoch)
         if partial is None:
             return 0
         for _ in range(partial["step"]):  # workers advance identically
             if next(iterator, None) is None:
-                raise MdistillerError(f"{self.state.path('latest')} was saved at step {partial['step']} of epoch "
-                                      f"{epoch}, but the training set now has fewer batches")
-        state.stats.load(partial["stats"])
+                raise MdistillerError(f"{self.checkpoints.path('latest')} was saved at step {partial['step']} of "
+                                      f"epoch {epoch}, but the training set now has fewer batches")
+        progress.stats.load(partial["stats"])
         if partial.get("rng") is not None:
             set_rng_state(partial["rng"])  # the RNG exactly as it was after that step
         return partial["step"]
@@ -193,17 +185,17 @@ class Trainer:
                 and getattr(loader, "_iterator", None) is not None):
             shutdown_workers(loader)
 
-    def _epoch_metrics(self, state: EpochState) -> dict[str, float]:
-        stats = state.stats
+    def _epoch_metrics(self, progress: EpochProgress) -> dict[str, float]:
+        stats = progress.stats
         if self.world > 1:
             stats.reduce()
             # each rank's BN statistics moved with its own shard: evaluate (on every rank) what rank 0 saves
-            synced = set(getattr(self.distiller, "rank_synced_buffers", ()))  # kept equal by the method itself
+            synced = set(self.distiller.declares.rank_synced_buffers)  # kept equal by the method itself
             buffers = [b for n, b in self.distiller.named_buffers() if not n.startswith("teacher.") and n not in synced]
             distributed.broadcast_tensors(buffers)
         if stats.steps == 0:
             raise MdistillerError(
-                f"every step of epoch {state.epoch} had a non-finite loss "
+                f"every step of epoch {progress.epoch} had a non-finite loss "
                 f"({', '.join(stats.skipped_terms) or 'no steps'}); nothing was trained. Lower SOLVER.LR or check the "
                 f"loss weights"
             )
@@ -213,7 +205,7 @@ class Trainer:
         if self.nan_policy == "skip":
             metrics["nan_skipped_steps"] = float(stats.skipped)
             if stats.skipped:
-                log.warning(f"epoch {state.epoch}: skipped {stats.skipped} step(s) with a non-finite loss "
+                log.warning(f"epoch {progress.epoch}: skipped {stats.skipped} step(s) with a non-finite loss "
                             f"({', '.join(stats.skipped_terms)})")
         return metrics
 
@@ -226,12 +218,13 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
         if resume:
-            self.state.resume()
-            if self.is_main:
-                worklog.truncate_from(self.run_dir, self.state.start_epoch)
+            self.checkpoints.resume()
         if self.is_main:
+            # what a killed run wrote past `latest`; a fresh start (start_epoch 1) drops the blocks of a run killed
+            # before its first `latest` (the run folder held no `latest`, so nothing needed --resume)
+            worklog.truncate_from(self.run_dir, self.checkpoints.start_epoch)
             remove_stale_temp_files(self.run_dir)  # left by a write that a SIGKILL cut short
-        writers = worklog.MetricWriters(self.run_dir, self.cfg, self.state.start_epoch if resume else None,
+        writers = worklog.MetricWriters(self.run_dir, self.cfg, self.checkpoints.start_epoch if resume else None,
                                         enabled=self.is_main)
         try:
             with self.signals.installed():
@@ -243,12 +236,14 @@ class Trainer:
             writers.close()
 
     def _train_epochs(self, writers: worklog.MetricWriters) -> dict[str, float]:
+        """The loop over epochs: set the LR, train one epoch, then the steps of `epoch_end.EPOCH_END_STEPS` in order
+        (evaluation, worklog, writers, checkpoints with `latest` last, the log line, the signal check)."""
         epochs = self.cfg.SOLVER.EPOCHS
-        first = self.state.start_epoch
+        first = self.checkpoints.start_epoch
+        steps = _length(self.train_loader)
         if first > epochs:
-            log.info(f"nothing to do: {self.state.path('latest')} already finished epoch {epochs}")
+            log.info(f"nothing to do: {self.checkpoints.path('latest')} already finished epoch {epochs}")
         else:
-            steps = _length(self.train_loader)
             log.info(f"training epochs {first}..{epochs} of {epochs}"
                      + (f", {steps} steps each ({steps * (epochs - first + 1)} steps)" if steps else ""))
         started = time.time()
@@ -257,42 +252,11 @@ class Trainer:
             self.set_lr(lr)
             epoch_started = time.time()
             train_metrics = self.train_epoch(epoch)
-            epoch_seconds = time.time() - epoch_started
-            # evaluation must not move the training RNG (its DataLoader draws a worker seed from the global one):
-            # then how often or how the test set is evaluated never changes what is trained
-            with torch.random.fork_rng(devices=[]):
-                test = evaluate(self.distiller, self.val_loader, self.device, desc=f"test {epoch}",
-                                fmt=self.memory_format, reduce=True)
-            is_best = self.state.end_epoch(epoch, test["top1"])
-            metrics = {**train_metrics, "test_acc": test["top1"], "test_acc_top5": test["top5"],
-                       "test_loss": test["loss"], "best_acc": self.state.best_acc, "epoch_seconds": epoch_seconds,
-                       **self.distiller.epoch_metrics()}
-            writers.write(epoch, lr, metrics)
-            # the order of the writes (see the module docstring): worklog, students, epoch_<n>, best, latest last
-            student = self.state.student_state(epoch, test["top1"])
-            trainer_state = self.state.trainer_state(epoch)  # a collective under torchrun: every rank builds it
-            if self.is_main:
-                worklog.write_epoch(self.run_dir, epoch, lr, metrics)
-            self.state.save(student, "student_latest")
-            if epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
-                self.state.save(trainer_state, f"epoch_{epoch}")
-                self.state.save(student, f"student_{epoch}")
-            if is_best:
-                self.state.save(trainer_state, "best")
-                self.state.save(student, "student_best")
-            self.state.save(trainer_state, "latest")
-            elapsed = time.time() - started
-            left = elapsed / (epoch - first + 1) * (epochs - epoch)
-            log.info(
-                f"epoch {epoch}/{epochs}  lr {lr:.4g}  train loss {train_metrics['train_loss']:.4f}  "
-                f"train top-1 {train_metrics['train_acc']:.2f}  test top-1 {test['top1']:.2f}  "
-                f"top-5 {test['top5']:.2f}  best {self.state.best_acc:.2f}  ({epoch_seconds:.1f} s; "
-                f"elapsed {_duration(elapsed)}, left ~{_duration(left)})"
-            )
-            if self.signals.requested():  # arrived during evaluation or saving: `latest` is this epoch's end
-                steps = _length(self.train_loader)
-                raise TrainingInterrupted(self.signals.signum, epoch, steps or 0, steps, self.state.path("latest"),
-                                          False)
+            end = epoch_end.EpochEnd(epoch=epoch, lr=lr, train_metrics=train_metrics,
+                                     epoch_seconds=time.time() - epoch_started, steps_total=steps, writers=writers,
+                                     run_started=started, first_epoch=first)
+            for step in epoch_end.EPOCH_END_STEPS:
+                step(self, end)
         if self.is_main:
-            worklog.write_final(self.run_dir, self.state.best_acc)
-        return {"best_acc": self.state.best_acc, "last_acc": self.state.last_acc}
+            worklog.write_final(self.run_dir, self.checkpoints.best_acc)
+        return {"best_acc": self.checkpoints.best_acc, "last_acc": self.checkpoints.last_acc}

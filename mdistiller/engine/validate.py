@@ -31,12 +31,13 @@ from .teacher_cache_identity import AUTO, auto_root
 
 def check_trainer(cfg, distiller_class) -> None:
     """SOLVER.TRAINER must name how this distiller trains: "base" always, the LS repo's "ours"/"aug" for MLKD, "crd"
-    for CRD (each a distiller declares in `upstream_trainers`), or "dot"/"crd_dot" = the same with DOT's update."""
+    for CRD (each a distiller declares in `Declaration.upstream_trainers`), or "dot"/"crd_dot" = the same with DOT's
+    update."""
     name = cfg.SOLVER.TRAINER
     if name not in TRAINERS:
         raise MdistillerError(f"SOLVER.TRAINER {name!r} is not one of upstream's trainers: {', '.join(TRAINERS)}")
     base = DOT_TRAINERS.get(name, name)
-    accepted = getattr(distiller_class, "upstream_trainers", ("base",))
+    accepted = distiller_class.declares.upstream_trainers
     if base not in accepted:
         raise MdistillerError(
             f"SOLVER.TRAINER {name} is upstream's trainer for another method; DISTILLER.TYPE {cfg.DISTILLER.TYPE} "
@@ -52,11 +53,15 @@ def check_recipe(cfg):
     validate_cfg(cfg)
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     check_trainer(cfg, distiller_class)
-    distiller_class.check_cfg(cfg)
+    declares = distiller_class.declares
+    distiller_class.hparams(cfg)  # the method's own keys, read and checked where the method reads them
+    if cfg.EXPERIMENT.LOGIT_STAND and declares.logit_stand is None:
+        raise MdistillerError(declares.logit_stand_refusal or f"EXPERIMENT.LOGIT_STAND applies to logit methods; "
+                              f"DISTILLER.TYPE {cfg.DISTILLER.TYPE} is not one: set it False")
     model_builder(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
-    if distiller_class.requires_teacher:
+    if declares.requires_teacher:
         model_builder(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE)
-    if mixing_enabled(cfg) and not getattr(distiller_class, "accepts_soft_targets", False):
+    if mixing_enabled(cfg) and not declares.accepts_soft_targets:
         raise MdistillerError(
             f"DATASET.MIXUP gives soft labels, which {distiller_class.__name__} cannot train on "
             f"(its losses index the target class): set the DATASET.MIXUP values to 0"
@@ -104,7 +109,7 @@ def validate_run(cfg, run_dir: str, resume: bool, device: torch.device) -> None:
     distiller_class = check_recipe(cfg)
     check_distributed(cfg, device, distributed.world_size())
     check_data(cfg)
-    if distiller_class.requires_teacher:
+    if distiller_class.declares.requires_teacher:
         teacher_checkpoint_path(cfg)
     check_teacher_cache(cfg, device)
     check_outputs(cfg, run_dir, resume)

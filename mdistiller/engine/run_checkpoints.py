@@ -1,8 +1,9 @@
-"""Where a run stands and what its checkpoints hold: resume, RNG states, the mid-epoch state, which file holds what.
+"""A run's checkpoints: where the run stands, what each checkpoint file holds, resume, RNG states, the mid-epoch save.
 
 Files (mdistiller's names) in the run folder:
 - `latest`: `{"model", "optimizer", "epoch", "best_acc", "last_acc", "rng", "sampler_rng", "arch"}` (+ `"rng_ranks"`
-  under torchrun, + `"partial"` when saved at a step inside an epoch). What --resume reads; always written last.
+  under torchrun, + `"partial"` when saved at a step inside an epoch). What --resume reads; written last
+  (`epoch_end.EPOCH_END_STEPS`).
 - `best`, `epoch_<n>`: the same at the best epoch / every LOG.SAVE_CHECKPOINT_FREQ epochs.
 - `student_latest`, `student_best`, `student_<n>`: `{"model": student state dict, "arch", "num_classes", "epoch",
   "test_acc"}`, the published format.
@@ -30,7 +31,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, strip_module_prefix
 log = get_logger(__name__)
 
 
-class RunState:
+class RunCheckpoints:
     """The run's position (next epoch, a mid-epoch step), its best/last accuracy and its checkpoint files."""
 
     def __init__(self, run_dir: str, cfg, distiller: nn.Module, optimizer: torch.optim.Optimizer,
