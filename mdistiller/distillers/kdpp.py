@@ -1,22 +1,49 @@
-"""KD++ / DKD++ (Wang et al., arXiv 2305.17007): the norm-and-direction (ND) loss, class centres, the projector.
+"""KD++ / DKD++ (Wang et al., arXiv 2305.17007): KD or DKD plus the norm-and-direction loss ND: `KDPP`, `DKDPP` (ours).
 
 Spec recent.md §8; reference WangYZ1608/Knowledge-Distillation-via-ND (`CIFAR/utils.py` DirectNormLoss, the loops
-`CIFAR/train_cifar_{kd,dkd}.py`, `CIFAR/emb_fea_distribution.py`, `CIFAR/Models/embtrans_cifar.py`,
-`ImageNet/Models/embtrans.py`). The KD / DKD parts are `kd.kd_loss` and `dkd.dkd_loss` (the same formulas).
+`CIFAR/train_cifar_{kd,dkd}.py`, `ImageNet/train_{kd,dkd}.py`, `CIFAR/emb_fea_distribution.py`,
+`CIFAR/Models/embtrans_cifar.py`, `ImageNet/Models/embtrans.py`). The KD / DKD parts are `kd.kd_loss` and
+`dkd.dkd_loss` (the same formulas).
+
+KD++: `CE_WEIGHT * CE + min(1, e0 / WARMUP) * KD_WEIGHT * T^2 KL(T) + ND_WEIGHT * ND`; DKD++ the same with
+mdistiller's DKD (`ALPHA * TCKD + BETA * NCKD`, each T^2) for the KL. e0 is the authors' 0-based epoch, our epoch - 1:
+the first epoch has no KD term. DKDPP.ND_WARMUP True multiplies ND by the warm-up too (the authors' ImageNet
+`train_dkd.py`; their CIFAR loops and both KD++ loops do not).
+
+The class centres (the teacher's mean pooled feature per class over the training set, with its training augmentation)
+come from `<KDPP|DKDPP>.CENTERS`, a JSON file in the authors' layout written by `tools/kdpp_centers.py`. They are kept
+as the buffer `class_centres`, in checkpoints, so a resumed run uses the centres it started with. The student's pooled
+feature goes through `projector` (BatchNorm1d -> Dropout(0.5) -> Linear) when its size differs from the teacher's (the
+authors enable it by student name, for exactly the pairs whose sizes differ).
+
+Quirk reproduced (REINIT_STUDENT True, the default): the authors' wrapper that adds the projector runs its init loop
+over every module it holds, the student included, so with a projector the student's nn.Linear layers are
+re-initialised the projector's way (CIFAR: biases zeroed; ImageNet: weights and biases from N(0, 0.01)) and any
+BatchNorm1d set to 1 / 0. REINIT_STUDENT False leaves the student as the zoo built it. Without a projector the authors
+do not wrap the student: nothing is re-initialised. Not reproduced: the authors' loops load resnet56's (CIFAR) or
+resnet50's (ImageNet) centre file whatever the teacher (edited by hand per run); here the file must match the teacher's
+class count and feature size.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from ..errors import MdistillerError
-from ..files import atomic_write_text
+from ..files import DEFAULT_DATA_ROOT, atomic_write_text, resolve_project_path
+from ..models.common import classifier, num_classes_of_model
+from ._base import FEATURES, LOGITS, Declaration, Distiller, cross_entropy
+from .config import Key, config_section
+from .dkd import dkd_loss
+from .kd import kd_loss
 from .precision import fp32_loss
+from .registry import register_distiller
 
 CENTRE_DECIMALS = 4  # the authors round each per-sample value, then each class mean, to 4 decimals
 _SCALE = 10**CENTRE_DECIMALS
@@ -141,6 +168,22 @@ def load_centres(path: str, num_classes: int, dim: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def authors_init_(module: nn.Module, init: str) -> None:
+    """The authors' wrapper init over every BatchNorm1d (weight 1, bias 0) and nn.Linear of `module`: CIFAR zeroes
+    the Linear biases (weights keep PyTorch's default), ImageNet draws weights and biases from N(0, 0.01)."""
+    if init not in PROJECTOR_INITS:
+        raise MdistillerError(f"projector init must be one of {list(PROJECTOR_INITS)}, got {init!r}")
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and init == "cifar":
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=IMAGENET_INIT_STD)
+            nn.init.normal_(m.bias, mean=0.0, std=IMAGENET_INIT_STD)
+
+
 def make_projector(d_student: int, d_teacher: int, init: str = "cifar") -> nn.Sequential:
     """The authors' projector BatchNorm1d(D_s) -> Dropout(0.5) -> Linear(D_s, D_t), CIFAR or ImageNet init."""
     if init not in PROJECTOR_INITS:
@@ -148,12 +191,194 @@ def make_projector(d_student: int, d_teacher: int, init: str = "cifar") -> nn.Se
     projector = nn.Sequential(
         nn.BatchNorm1d(d_student), nn.Dropout(PROJECTOR_DROPOUT), nn.Linear(d_student, d_teacher)
     )
-    bn, linear = projector[0], projector[2]
-    nn.init.ones_(bn.weight)
-    nn.init.zeros_(bn.bias)
-    if init == "cifar":  # Linear weight: PyTorch's default
-        nn.init.zeros_(linear.bias)
-    else:
-        nn.init.normal_(linear.weight, mean=0.0, std=IMAGENET_INIT_STD)
-        nn.init.normal_(linear.bias, mean=0.0, std=IMAGENET_INIT_STD)
+    authors_init_(projector, init)
     return projector
+
+
+def centres_command(cfg, out: str) -> str:
+    """The tools/kdpp_centers.py command line that writes `out` for this config's teacher and data."""
+    parts = ["python tools/kdpp_centers.py", "-o", out, "DATASET.TYPE", cfg.DATASET.TYPE,
+             "DISTILLER.TEACHER", cfg.DISTILLER.TEACHER]
+    if cfg.DISTILLER.TEACHER_CKPT:
+        parts += ["DISTILLER.TEACHER_CKPT", cfg.DISTILLER.TEACHER_CKPT]
+    if cfg.DATASET.ROOT != DEFAULT_DATA_ROOT:
+        parts += ["DATASET.ROOT", cfg.DATASET.ROOT]
+    return " ".join(str(p) for p in parts)
+
+
+def default_centres_path(dataset_type: str, teacher: str) -> str:
+    """Where the tool writes a teacher's centres by default (the authors' file name, under kdpp_centers/)."""
+    return os.path.join("kdpp_centers", dataset_type, teacher, "center_emb_train.json")
+
+
+def embedding_size(model: nn.Module) -> int:
+    """The size of a model's pooled feature (feats["pooled_feat"]): its classifier's input size."""
+    return int(classifier(model).in_features)
+
+
+_COMMON_KEYS = {
+    "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+    "T": Key(4.0, "temperature of the KD / DKD term (scaled by T^2); the authors' ImageNet runs 1.0"),
+    "ND_WEIGHT": Key(1.0, "weight of the ND (norm and direction) loss"),
+    "WARMUP": Key(20.0, "warm-up min(1, (epoch - 1) / WARMUP) of the KD / DKD term (0-based epochs, the authors'); "
+                        "ImageNet 5"),
+    "CENTERS": Key("", "the teacher's class-centre JSON (authors' layout), made by tools/kdpp_centers.py"),
+    "PROJECTOR_INIT": Key("auto", "projector init: cifar (BN 1/0, Linear bias 0) or imagenet (Linear N(0, 0.01)); "
+                                  "auto: imagenet on DATASET.TYPE imagenet, else cifar", ("auto", "cifar", "imagenet")),
+    "REINIT_STUDENT": Key(True, "with a projector, re-initialise the student's Linear layers as the authors' "
+                                "wrapper does (False: the zoo's init)"),
+}
+
+config_section("KDPP", {
+    "CE_WEIGHT": _COMMON_KEYS["CE_WEIGHT"],
+    "KD_WEIGHT": Key(1.0, "weight of the KD term"),
+    **{k: v for k, v in _COMMON_KEYS.items() if k != "CE_WEIGHT"},
+})
+config_section("DKDPP", {
+    "CE_WEIGHT": _COMMON_KEYS["CE_WEIGHT"],
+    "ALPHA": Key(1.0, "weight of DKD's target-class term TCKD"),
+    "BETA": Key(1.0, "weight of DKD's non-target-class term NCKD"),
+    **{k: v for k, v in _COMMON_KEYS.items() if k != "CE_WEIGHT"},
+    "ND_WARMUP": Key(False, "multiply ND by the warm-up too (the authors' ImageNet DKD++ loop; CIFAR does not)"),
+})
+
+
+def _projector_init(init: str, dataset_type: str) -> str:
+    if init == "auto":
+        return "imagenet" if dataset_type == "imagenet" else "cifar"
+    return init
+
+
+def _centres_path(section: str, cfg) -> str:
+    """`<section>.CENTERS`, refused in one line when empty or missing, with the command that makes the file."""
+    path = cfg[section].CENTERS
+    if not path:
+        out = default_centres_path(cfg.DATASET.TYPE, cfg.DISTILLER.TEACHER)
+        raise MdistillerError(
+            f"{section}.CENTERS is empty: {section} needs the teacher's class centres. Make them with "
+            f"{centres_command(cfg, out)} and set {section}.CENTERS {out}"
+        )
+    if not os.path.isfile(resolve_project_path(path)):
+        raise MdistillerError(
+            f"{section}.CENTERS {path}: no such file. Make it with {centres_command(cfg, path)}"
+        )
+    return path
+
+
+LOGIT_STAND_REFUSAL = ("--logit-stand: the KD++ / DKD++ authors never standardise logits; logit standardisation is "
+                       "refused for KDPP and DKDPP")
+
+
+class _NormDirection(Distiller):
+    """What KD++ and DKD++ share: the centres, the projector, the embeddings and the ND term."""
+
+    def _setup_nd(self, nd_weight: float, warmup: float, centers: str, projector_init: str,
+                  reinit_student: bool) -> None:
+        self.nd_weight, self.warmup = nd_weight, warmup
+        d_student, d_teacher = embedding_size(self.student), embedding_size(self.teacher)
+        centres = load_centres(resolve_project_path(centers), num_classes_of_model(self.teacher), d_teacher)
+        self.register_buffer("class_centres", centres)
+        if d_student != d_teacher:
+            self.projector = make_projector(d_student, d_teacher, projector_init)
+            if reinit_student:
+                authors_init_(self.student, projector_init)
+        else:
+            self.projector = None
+
+    def embeddings_and_logits(self, image: torch.Tensor):
+        """(student logits, teacher logits, student embedding (projected), teacher embedding)."""
+        logits_student, feats_student = self.student(image)
+        logits_teacher, feats_teacher = self.teacher_forward(image)
+        student_emb = feats_student["pooled_feat"]
+        if self.projector is not None:
+            student_emb = self.projector(student_emb)
+        return logits_student, logits_teacher, student_emb, feats_teacher["pooled_feat"]
+
+    def nd(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """ND_WEIGHT * ND against this run's class centres."""
+        return self.nd_weight * nd_loss(student_emb, teacher_emb, self.class_centres, target)
+
+
+def _reads_features(hparams) -> dict[str, frozenset[str]]:
+    return {"image": frozenset({LOGITS, FEATURES})}
+
+
+@register_distiller("KDPP")
+class KDPP(_NormDirection):
+    """KD++: `CE_WEIGHT * CE + min(1, (epoch - 1) / WARMUP) * KD_WEIGHT * kd_loss(T) + ND_WEIGHT * ND`."""
+
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd", "loss_nd"),
+        distillation_terms=("loss_kd", "loss_nd"),
+        config_sections=("KDPP",),
+        teacher_reads=_reads_features,
+        extra_modules=("projector",),
+        logit_stand_refusal=LOGIT_STAND_REFUSAL,
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        kdpp = cfg.KDPP
+        return {"ce_weight": kdpp.CE_WEIGHT, "kd_weight": kdpp.KD_WEIGHT, "temperature": kdpp.T,
+                "nd_weight": kdpp.ND_WEIGHT, "warmup": kdpp.WARMUP, "centers": _centres_path("KDPP", cfg),
+                "projector_init": _projector_init(kdpp.PROJECTOR_INIT, cfg.DATASET.TYPE),
+                "reinit_student": bool(kdpp.REINIT_STUDENT)}
+
+    def setup(self, centers: str, ce_weight: float = 1.0, kd_weight: float = 1.0, temperature: float = 4.0,
+              nd_weight: float = 1.0, warmup: float = 20.0, projector_init: str = "cifar",
+              reinit_student: bool = True) -> None:
+        self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
+        self._setup_nd(nd_weight, warmup, centers, projector_init, reinit_student)
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, *, epoch: int, **batch):
+        logits_student, logits_teacher, student_emb, teacher_emb = self.embeddings_and_logits(image)
+        losses = {
+            "loss_ce": self.ce_weight * cross_entropy(logits_student, target),
+            "loss_kd": kdpp_warmup(epoch, self.warmup) * self.kd_weight
+            * kd_loss(logits_student, logits_teacher, self.temperature),
+            "loss_nd": self.nd(student_emb, teacher_emb, target),
+        }
+        return logits_student, losses
+
+
+@register_distiller("DKDPP")
+class DKDPP(_NormDirection):
+    """DKD++: `CE_WEIGHT * CE + min(1, (epoch - 1) / WARMUP) * (ALPHA * TCKD + BETA * NCKD) + ND_WEIGHT * ND` (ND
+    times the warm-up too with ND_WARMUP)."""
+
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd", "loss_nd"),
+        distillation_terms=("loss_kd", "loss_nd"),
+        config_sections=("DKDPP",),
+        teacher_reads=_reads_features,
+        extra_modules=("projector",),
+        logit_stand_refusal=LOGIT_STAND_REFUSAL,
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        dkdpp = cfg.DKDPP
+        return {"ce_weight": dkdpp.CE_WEIGHT, "alpha": dkdpp.ALPHA, "beta": dkdpp.BETA, "temperature": dkdpp.T,
+                "nd_weight": dkdpp.ND_WEIGHT, "warmup": dkdpp.WARMUP, "nd_warmup": bool(dkdpp.ND_WARMUP),
+                "centers": _centres_path("DKDPP", cfg),
+                "projector_init": _projector_init(dkdpp.PROJECTOR_INIT, cfg.DATASET.TYPE),
+                "reinit_student": bool(dkdpp.REINIT_STUDENT)}
+
+    def setup(self, centers: str, ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 1.0,
+              temperature: float = 4.0, nd_weight: float = 1.0, warmup: float = 20.0, nd_warmup: bool = False,
+              projector_init: str = "cifar", reinit_student: bool = True) -> None:
+        self.ce_weight, self.alpha, self.beta, self.temperature = ce_weight, alpha, beta, temperature
+        self.nd_warmup = nd_warmup
+        self._setup_nd(nd_weight, warmup, centers, projector_init, reinit_student)
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, *, epoch: int, **batch):
+        logits_student, logits_teacher, student_emb, teacher_emb = self.embeddings_and_logits(image)
+        warm = kdpp_warmup(epoch, self.warmup)
+        nd = self.nd(student_emb, teacher_emb, target)
+        losses = {
+            "loss_ce": self.ce_weight * cross_entropy(logits_student, target),
+            "loss_kd": warm * dkd_loss(logits_student, logits_teacher, target, self.alpha, self.beta,
+                                       self.temperature),
+            "loss_nd": warm * nd if self.nd_warmup else nd,
+        }
+        return logits_student, losses

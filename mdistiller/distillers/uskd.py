@@ -1,4 +1,4 @@
-"""USKD (Yang et al., ICCV 2023): teacher-free KD from customised soft labels (spec recent.md §4), pure losses.
+"""USKD (Yang et al., ICCV 2023): teacher-free KD from customised soft labels (spec recent.md §4), `USKD` (ours).
 
 The reference (yzd-v/cls_KD `mmcls/models/dis_losses/uskd.py`) is reproduced with its quirks:
 - the soft target `w_y = s_y^2 + 1 - mean_batch(s_y^2)` is a per-sample weight on `-log p(y)`, detached;
@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import MdistillerError
+from ..models.common import num_classes_of_model
+from ._base import Declaration, Distiller, cross_entropy
+from .config import Key, config_section
 from .precision import fp32_loss
+from .registry import register_distiller
 
 WEAK_LABEL_SMOOTHING = 0.1  # weak head target: 0.9 * onehot(y) + 0.1 / C
 RANK_EPS = 1e-6
@@ -97,3 +102,60 @@ def uskd_loss(
     """`alpha * L_target + beta * L_non_target + L_weak` (MU inside L_weak), the reference's USKD loss (fp32)."""
     l_target, l_non_target, l_weak = uskd_terms(student_logits, weak_logits, target, mu, zipf)
     return alpha * l_target + beta * l_non_target + l_weak
+
+
+config_section("USKD", {
+    "CE_WEIGHT": Key(1.0, "weight of the cross-entropy with the labels"),
+    "ALPHA": Key(1.0, "weight of the target term L_target (ImageNet 1.0; the authors' CIFAR config 0.1)"),
+    "BETA": Key(0.1, "weight of the non-target Zipf term L_non_target"),
+    "MU": Key(0.005, "weight of the weak head's label-smoothed CE, inside L_weak (ImageNet 0.005; CIFAR 0.1)"),
+})
+
+LOGIT_STAND_REFUSAL = ("--logit-stand: USKD has no teacher and its authors never standardise logits; logit "
+                       "standardisation is refused for USKD")
+
+
+def mid_feature_channels(student: torch.nn.Module) -> int:
+    """Channels of `feats["feats"][-2]` (the stage before the last), which the weak head reads."""
+    stages = student.get_stage_channels() if hasattr(student, "get_stage_channels") else []
+    if len(stages) < 2:
+        raise MdistillerError(f"USKD's weak head reads the stage before the last; {type(student).__name__} has "
+                              f"{len(stages)} stage(s) in feats")
+    return int(stages[-2])
+
+
+@register_distiller("USKD")
+class USKD(Distiller):
+    """Teacher-free: `CE_WEIGHT * CE + ALPHA * L_target + BETA * L_non_target + L_weak` (loss_ce, loss_kd).
+
+    `weak_fc` (nn.Linear(C_mid, C), PyTorch's default init) reads the global-average-pooled `feats["feats"][-2]` and
+    trains with the student; the Zipf table is a non-persistent buffer (the reference builds it on the fly).
+    """
+
+    declares = Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        config_sections=("USKD",),
+        requires_teacher=False,
+        extra_modules=("weak_fc",),
+        logit_stand_refusal=LOGIT_STAND_REFUSAL,
+    )
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        uskd = cfg.USKD
+        return {"ce_weight": uskd.CE_WEIGHT, "alpha": uskd.ALPHA, "beta": uskd.BETA, "mu": uskd.MU}
+
+    def setup(self, ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 0.1, mu: float = 0.005) -> None:
+        self.ce_weight, self.alpha, self.beta, self.mu = ce_weight, alpha, beta, mu
+        num_classes = num_classes_of_model(self.student)
+        self.weak_fc = nn.Linear(mid_feature_channels(self.student), num_classes)
+        self.register_buffer("zipf", zipf_table(num_classes), persistent=False)
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch) -> tuple[torch.Tensor, dict]:
+        logits, feats = self.student(image)
+        weak_logits = self.weak_fc(F.adaptive_avg_pool2d(feats["feats"][-2], 1).flatten(1))
+        losses = {
+            "loss_ce": self.ce_weight * cross_entropy(logits, target),
+            "loss_kd": uskd_loss(logits, weak_logits, target, self.alpha, self.beta, self.mu, self.zipf),
+        }
+        return logits, losses
