@@ -1,7 +1,10 @@
 """Train a teacher (DISTILLER.TYPE NONE) or distil a student, as a config describes.
 
     python tools/train.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml [--resume] [--seeds 0,1,2]
-        [--logit-stand [--base-temp 2] [--kd-weight 9]] [KEY VALUE ...]
+        [--logit-stand [--base-temp 2] [--kd-weight 9]] [--M "[1,2]"] [--warmup 20] [KEY VALUE ...]
+
+`--M` and `--warmup` are SDD's flags (SDD.M, DKD.WARMUP; refused for other methods), recorded as the overrides they
+stand for (config.yaml, run name).
 
 SIGTERM or Ctrl-C stops after the current step, saves `latest` there, prints the command that continues the run and
 exits with 143 (SIGTERM) or 130 (SIGINT).
@@ -19,8 +22,9 @@ import shlex
 import sys
 
 from .. import distributed
+from ..distillers.sdd import sdd_flag_overrides
 from ..engine.build import apply_logit_stand_flags
-from ..engine.cfg import load_cfg
+from ..engine.cfg import load_cfg, merge_opts
 from ..engine.guards import TrainingInterrupted
 from ..engine.run import train_run, train_sweep
 from ..errors import MdistillerError
@@ -40,6 +44,7 @@ def parse_seeds(text: str) -> list[int]:
 
 FLAG_TAKES_VALUE = {"--cfg": True, "--resume": False, "--seeds": True, "--logit-stand": False, "--base-temp": True,
                     "--kd-weight": True}
+FLAG_TAKES_VALUE.update({"--M": True, "--warmup": True})  # SDD's flags (its authors' train_origin.py)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--logit-stand", action="store_true", help="logit standardisation (z-score) on the logits")
     parser.add_argument("--base-temp", type=float, default=2.0, help="temperature with --logit-stand")
     parser.add_argument("--kd-weight", type=float, default=9.0, help="distillation weight with --logit-stand")
+    parser.add_argument("--M", type=str, default=None, help='SDD: the scales, as the authors write them: "[1,2,4]"')
+    parser.add_argument("--warmup", type=str, default=None, help="SD-DKD / SD-NKD: warm-up epochs (DKD.WARMUP)")
     parser.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. SOLVER.EPOCHS 10")
     return parser
 
@@ -88,6 +95,10 @@ def build_cfg(args: argparse.Namespace):
     """Defaults <- --cfg <- KEY VALUE overrides <- LS flags; frozen. (The run validates it, with everything else, before
     any side effect: engine/validate.py.)"""
     cfg = load_cfg(args.cfg, args.opts or [])
+    sdd_opts = sdd_flag_overrides(cfg, args.M, args.warmup)  # SDD.M / DKD.WARMUP, recorded as overrides
+    if sdd_opts:
+        merge_opts(cfg, sdd_opts)
+        args.opts = [*(args.opts or []), *sdd_opts]
     if args.logit_stand:
         apply_logit_stand_flags(cfg, args.base_temp, args.kd_weight)
     cfg.freeze()

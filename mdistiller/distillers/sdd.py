@@ -14,6 +14,8 @@ With N = 1 (`M = [1]`, pass `logits.unsqueeze(2)`) every row weight is 1 and eac
 
 from __future__ import annotations
 
+import ast
+import math
 from typing import Sequence
 
 import torch
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import MdistillerError
 from .dkd import dkd_terms
 from .precision import fp32_loss
+from .registry import get_distiller_class
 
 ALLOWED_SCALES = (1, 2, 4)
 COMPLEMENTARY_WEIGHT = 2.0  # hard-coded in the reference
@@ -149,3 +152,48 @@ def finite_or_zero(loss: torch.Tensor, sync: bool = False) -> torch.Tensor:
     if sync:
         return loss if bool(torch.isfinite(loss).all()) else torch.zeros((), dtype=loss.dtype, device=loss.device)
     return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+
+
+def _parse_scales(text: str) -> list[int]:
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise MdistillerError(f"--M takes a list of scales as the SDD authors write it, e.g. --M \"[1,2,4]\"; got "
+                              f"{text!r}")
+    return list(check_scales(value))
+
+
+def _parse_warmup(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        raise MdistillerError(f"--warmup takes a whole number of epochs (DKD.WARMUP), e.g. --warmup 20; got {text!r}")
+    return int(value)
+
+
+def sdd_flag_overrides(cfg, scales: str | None, warmup: str | None) -> list[str]:
+    """SDD's `--M "[1,2]"` and `--warmup W` as the overrides `SDD.M [1,2]` and `DKD.WARMUP W` (so the merged config
+    and the run name record them); refused in one line for a method that does not read them. [] when neither is
+    given."""
+    if scales is None and warmup is None:
+        return []
+    sections = get_distiller_class(cfg.DISTILLER.TYPE).declares.config_sections
+    overrides = []
+    if scales is not None:
+        if "SDD" not in sections:
+            raise MdistillerError(f"--M sets SDD's scales (SDD.M), which DISTILLER.TYPE {cfg.DISTILLER.TYPE} does not "
+                                  f"read: it applies to SDD_KD, SDD_DKD and SDD_NKD")
+        overrides += ["SDD.M", "[" + ",".join(str(s) for s in _parse_scales(scales)) + "]"]
+    if warmup is not None:
+        if "SDD" not in sections or "DKD" not in sections:
+            raise MdistillerError(f"--warmup sets SD-DKD / SD-NKD's warm-up (DKD.WARMUP), which DISTILLER.TYPE "
+                                  f"{cfg.DISTILLER.TYPE} does not read: it applies to SDD_DKD and SDD_NKD (SD-KD has "
+                                  f"no warm-up: the authors' KD.py comments it out)")
+        overrides += ["DKD.WARMUP", str(_parse_warmup(warmup))]
+    return overrides
