@@ -146,6 +146,24 @@ def test_split_losses_task_is_loss_ce_and_every_other_term_distils():
         split_losses({"loss_kd": torch.tensor(1.0)})
 
 
+def test_split_losses_follows_the_declared_distillation_terms():
+    terms = {"loss_CE": torch.tensor(1.0), "loss_wkd_target": torch.tensor(2.0), "loss_CAT": torch.tensor([3.0, 5.0])}
+    task, distill = split_losses(terms, ("loss_CAT", "loss_wkd_target"))
+    assert task.item() == 1.0 and distill.item() == 6.0
+    task, distill = split_losses(terms, ("loss_CAT",))  # an undeclared term is a task term
+    assert task.item() == 3.0 and distill.item() == 4.0
+    with pytest.raises(MdistillerError, match="returned loss_CE: use SOLVER.TRAINER base"):
+        split_losses({"loss_CE": torch.tensor(1.0)}, ("loss_CAT",))
+
+
+def test_dot_built_for_a_distiller_takes_its_declared_terms():
+    from mdistiller.engine.cfg import default_cfg
+    from mdistiller.engine.dot import build_dot
+
+    optimizer = build_dot(default_cfg(), [torch.nn.Parameter(torch.zeros(2))], ("loss_kd", "loss_cc"))
+    assert optimizer.distillation_terms == ("loss_kd", "loss_cc")
+
+
 # ---- the trainer's update rule ----
 
 def make_cfg(trainer: str = "dot", **solver):

@@ -52,7 +52,7 @@ def test_forward_shapes(name: str, images: torch.Tensor) -> None:
     with torch.no_grad():
         logits, feats = model(images)
     assert logits.shape == (2, 100)
-    assert set(feats) == {"feats", "preact_feats", "pooled_feat"}
+    assert set(feats) == {"feats", "preact_feats", "pooled_feat", "prepool"}
     assert _shapes(feats["feats"]) == SPEC[name]["feats"]
     assert _shapes(feats["preact_feats"]) == SPEC[name]["preact_feats"]
     assert list(feats["pooled_feat"].shape) == SPEC[name]["pooled_feat"]

@@ -142,3 +142,22 @@ def test_what_a_method_builds_and_returns_matches_its_declaration(name, one_thre
     teacher_reads = declares.teacher_uses(cls.hparams(cfg))
     assert set(teacher_reads) <= set(declares.train_views)
     assert (teacher_reads == {}) == (not declares.requires_teacher)
+
+
+def test_the_trainer_refuses_a_loss_term_the_method_does_not_declare(tmp_path):
+    from mdistiller.distillers import Distiller, cross_entropy
+    from mdistiller.engine.trainer import Trainer
+    from mdistiller.errors import MdistillerError
+
+    class Undeclared(Distiller):
+        declares = Declaration(loss_terms=("loss_ce",), requires_teacher=False)
+
+        def forward_train(self, image, target, **batch):
+            logits, _ = self.student(image)
+            return logits, {"loss_ce": cross_entropy(logits, target), "loss_extra": logits.square().mean()}
+
+    distiller = Undeclared(cifar_model_dict["resnet8"][0](num_classes=10))
+    trainer = Trainer(str(tmp_path), distiller, (), [], CFG.clone(), torch.device("cpu"))
+    batch = {"image": torch.randn(2, 3, 32, 32), "target": torch.tensor([0, 1]), "index": torch.arange(2)}
+    with pytest.raises(MdistillerError, match="returned loss term\\(s\\) loss_extra that its Declaration.loss_terms"):
+        trainer.train_step(batch, 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ..dataset import eval_loader, get_test_set, num_classes_of
-from ..engine.build import load_zoo_model
+from ..engine.build import load_zoo_model, zoo_name
 from ..engine.cfg import data_cfg
 from ..engine.evaluate import evaluate
 from ..engine.run import default_device
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise MdistillerError(f"--batch-size must be positive, got {args.batch_size}")
     cfg = data_cfg(args.dataset, args.data_root, args.image_size)
     num_classes = num_classes_of(cfg)
-    model, ckpt = load_zoo_model(args.model, args.ckpt, num_classes, args.dataset, args.image_size)
+    # an alias (SDD's `<name>_sdd`) reads as its zoo model, whose published weights `-c pretrain` then means
+    model, ckpt = load_zoo_model(zoo_name(args.model, args.dataset), args.ckpt, num_classes, args.dataset,
+                                 args.image_size)
     loader = eval_loader(get_test_set(cfg), args.batch_size, args.num_workers)
     device = default_device()
     result = evaluate(model.to(device), loader, device)

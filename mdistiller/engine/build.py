@@ -12,6 +12,7 @@ from ..errors import MdistillerError
 from ..files import resolve_project_path
 from ..log import get_logger
 from ..models import cifar_model_dict, imagenet_model_dict, tiny_imagenet_model_dict
+from ..models.cifar import CIFAR_ALIASES
 from ..models.imagenet import IMAGENET_ALIASES, IMAGENET_TEACHER_DIR, find_imagenet_teacher, teacher_file_candidates
 from .checkpoint import load_model_weights
 
@@ -35,17 +36,23 @@ def small_image_zoo(dataset_type: str | None) -> tuple[dict, str, str]:
     return cifar_model_dict, "CIFAR", "configs/cifar100/vanilla"
 
 
-_WARNED_ALIASES: set[str] = set()
+_WARNED_ALIASES: set[tuple[str, str]] = set()
 
 
 def zoo_name(name: str, dataset_type: str | None = None) -> str:
-    """The zoo's name for a model: an ImageNet alias of a published config (MobileNetV2) is mapped, with a one-line
-    warning on stderr (once per name and process)."""
-    if is_imagenet(dataset_type) and name in IMAGENET_ALIASES and name not in imagenet_model_dict:
-        new, why = IMAGENET_ALIASES[name]
-        if name not in _WARNED_ALIASES:
-            _WARNED_ALIASES.add(name)
-            log.warning(f"model {name} is read as {new} on ImageNet: {why}")
+    """The zoo's name for a model: an alias of a published config (ImageNet's MobileNetV2, SDD's `<name>_sdd` on
+    CIFAR and ImageNet) is mapped, with a one-line warning on stderr (once per alias and process)."""
+    if is_imagenet(dataset_type):
+        aliases, zoo, label = IMAGENET_ALIASES, imagenet_model_dict, "ImageNet"
+    elif dataset_type == "tiny_imagenet":
+        return name
+    else:
+        aliases, zoo, label = CIFAR_ALIASES, cifar_model_dict, "CIFAR"
+    if name in aliases and name not in zoo:
+        new, why = aliases[name]
+        if (name, new) not in _WARNED_ALIASES:
+            _WARNED_ALIASES.add((name, new))
+            log.warning(f"model {name} is read as {new} on {label}: {why}")
         return new
     return name
 
@@ -61,6 +68,7 @@ def model_builder(name: str, dataset_type: str | None = None):
             raise MdistillerError(f"unknown model {name!r}{hint}; ImageNet models: {', '.join(imagenet_model_dict)}")
         return imagenet_model_dict[name][0]
     zoo, label, _ = small_image_zoo(dataset_type)
+    name = zoo_name(name, dataset_type)
     if name not in zoo and dataset_type is None and name in imagenet_model_dict:
         return imagenet_model_dict[name][0]
     if name not in zoo:
@@ -84,7 +92,7 @@ def teacher_checkpoint_path(cfg) -> str:
         return resolve_project_path(cfg.DISTILLER.TEACHER_CKPT)
     if is_imagenet(cfg.DATASET.TYPE):
         return imagenet_teacher_path(zoo_name(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE))
-    name = cfg.DISTILLER.TEACHER
+    name = zoo_name(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE)
     model_builder(name, cfg.DATASET.TYPE)
     zoo, _, vanilla = small_image_zoo(cfg.DATASET.TYPE)
     zoo_path = zoo[name][1]

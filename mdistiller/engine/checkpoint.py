@@ -15,7 +15,11 @@ from torch import nn
 
 from ..errors import MdistillerError
 from ..files import atomic_write
+from ..log import get_logger
 from ..models import cifar_model_dict, imagenet_model_dict, tiny_imagenet_model_dict
+from ..models.common import classifier_name, drop_classifier_bias
+
+log = get_logger(__name__)
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str) -> None:
@@ -80,12 +84,28 @@ def guess_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int)
     return None
 
 
+def lacks_only_classifier_bias(model: nn.Module, found: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether weights (name -> shape) are exactly the model's without its classifier's bias (CAT-KD's student)."""
+    try:
+        bias = f"{classifier_name(model)}.bias"
+    except MdistillerError:  # no classifier
+        return False
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return bias in expected and {k: s for k, s in expected.items() if k != bias} == dict(found)
+
+
 def load_model_weights(model: nn.Module, path: str, arch: str, num_classes: int, what: str = "checkpoint") -> None:
-    """Load a checkpoint file into `model` (architecture `arch`) strictly; a mismatch names both architectures."""
+    """Load a checkpoint file into `model` (architecture `arch`) strictly; a mismatch names both architectures. A
+    file whose only missing weight is the classifier's bias (a student trained without one) drops the model's."""
     obj = load_checkpoint(path, what)
     state_dict = extract_state_dict(obj)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if expected != found and lacks_only_classifier_bias(model, found):
+        drop_classifier_bias(model)
+        log.info(f"{what} {path} has no {classifier_name(model)}.bias (trained without a classifier bias, as "
+                 f"CAT-KD's student): {arch} is loaded without one")
+        expected = found
     if expected == found:
         model.load_state_dict(state_dict, strict=True)
         return

@@ -63,8 +63,9 @@ def split_losses(losses: dict[str, Tensor], distillation_terms: Iterable[str] | 
         distilling = [name for name in losses if name in set(distillation_terms)]
     task = [name for name in losses if name not in distilling]
     if not task or not distilling:
+        named = TASK_TERM if distillation_terms is None else f"(a term but {', '.join(distillation_terms)})"
         raise MdistillerError(
-            f"SOLVER.TRAINER dot needs a task term and at least one distillation term; the distiller "
+            f"SOLVER.TRAINER dot needs the task term {named} and at least one distillation term; the distiller "
             f"returned {', '.join(losses) or 'no terms'}: use SOLVER.TRAINER base"
         )
     return sum(losses[name].mean() for name in task), sum(losses[name].mean() for name in distilling)

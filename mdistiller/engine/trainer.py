@@ -63,6 +63,7 @@ class Trainer:
         self.memory_format = placement.memory_format
         self.train_loader, self.val_loader = train_loader, val_loader
         self.optimizer = build_optimizer(cfg, self.distiller)
+        self._declared_terms = self.distiller.declares.loss_terms
         self.update = update_rule(self.optimizer)
         self.mix_batch = build_batch_mixer(cfg, num_classes_of_model(self.distiller.student))  # None when off
         self.nan_policy = cfg.SOLVER.NAN_POLICY
@@ -90,7 +91,13 @@ class Trainer:
         """The distiller's training forward on a device batch, under the run's precision: (logits, loss terms)."""
         accel.begin_step(self.cfg)
         with accel.autocast(self.cfg, self.device):
-            return self.forward(**batch, epoch=epoch)
+            logits, losses = self.forward(**batch, epoch=epoch)
+        undeclared = losses.keys() - self._declared_terms
+        if undeclared:  # DOT's split and the reports read the declaration: a term it does not name would be misfiled
+            raise MdistillerError(f"{type(self.distiller).__name__} returned loss term(s) "
+                                  f"{', '.join(sorted(undeclared))} that its Declaration.loss_terms "
+                                  f"({', '.join(self._declared_terms)}) does not name")
+        return logits, losses
 
     def epoch_progress(self, epoch: int, steps_total: int | None) -> EpochProgress:
         """A fresh record of `epoch`'s progress over `steps_total` steps (train_epoch makes one; tools/bench.py one

@@ -8,9 +8,11 @@ dict is timm's: DeiT's and timm's weight files load as they are (e.g. DeiT's tea
 - DeiT (timm `deit_{tiny,small}_patch16_224`, a plain ViT with a class token): `feats["tokens"]` = the output patch
   tokens after the final norm, B x N x D (the class token left out: VkD's student representation is their mean),
   `feats["cls_token"]` = the class token, `feats["pooled_feat"]` = what the classifier sees (the class token),
-  `feats["feats"]` = `feats["preact_feats"]` = [] (no feature maps: CNN feature methods refuse them clearly).
+  `feats["feats"]` = `feats["preact_feats"]` = [] (no feature maps: CNN feature methods refuse them clearly), and no
+  `feats["prepool"]` (the classifier reads a token, not a pooled map: SDD / CAT-KD refuse these models).
 - RegNetY-160 (timm `regnety_160`): `feats["feats"]` = [stem, s1, s2, s3, s4] (timm's intermediates, after their
-  activations; `preact_feats` repeats them), `feats["pooled_feat"]` = the globally pooled B x 3024 feature.
+  activations; `preact_feats` repeats them), `feats["pooled_feat"]` = the globally pooled B x 3024 feature,
+  `feats["prepool"]` = the map the head pools (after timm's `final_conv`, an identity for RegNetY-160).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class _CNNForward:
         final, intermediates = self.forward_intermediates(x)
         pooled = self.forward_head(final, pre_logits=True)
         logits = self.forward_head(final)
-        return logits, {"feats": list(intermediates), "preact_feats": list(intermediates), "pooled_feat": pooled}
+        return logits, {"feats": list(intermediates), "preact_feats": list(intermediates), "pooled_feat": pooled,
+                        "prepool": final}
 
     def get_stage_channels(self) -> list[int]:
         return [info["num_chs"] for info in self.feature_info][1:]

@@ -3,7 +3,8 @@
 ``cifar_model_dict`` maps each zoo name to ``(builder, teacher_checkpoint)``; the checkpoint path is relative to the
 working directory (``download_ckpts/cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth``) and ``None`` for models
 that are only used as students. Every builder is called as ``builder(num_classes=100)`` and returns a model whose
-``forward`` gives ``(logits, {"feats": [...], "preact_feats": [...] | None, "pooled_feat": tensor})``.
+``forward`` gives ``(logits, {"feats": [...], "preact_feats": [...] | None, "pooled_feat": tensor, "prepool": map})``,
+``prepool`` being the very tensor the model's average pooling reads (see ``models.common.ZooModel``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 
 __all__ = [
     "CIFAR100_TEACHER_DIR",
+    "CIFAR_ALIASES",
+    "SDD_ALIAS_WHY",
     "cifar_model_dict",
     "mobile_half",
     "resnet8",
@@ -84,4 +87,16 @@ cifar_model_dict: dict[str, tuple[Callable[..., nn.Module], str | None]] = {
     "MobileNetV2": (mobile_half, None),
     "ShuffleV1": (ShuffleV1, None),
     "ShuffleV2": (ShuffleV2, None),
+}
+
+SDD_ALIAS_WHY = ("SDD's configs name the zoo model with a parameter-free spatial pyramid pooling (same weights, same "
+                 "teacher checkpoint)")
+
+# Names published CIFAR configs use for a model of this zoo: old -> (name, why). SDD's `<name>_sdd` models (the
+# names of its mdistiller/models/cifar/__init__.py).
+CIFAR_ALIASES: dict[str, tuple[str, str]] = {
+    f"{name}_sdd": (name, SDD_ALIAS_WHY)
+    for name in ("resnet56", "resnet110", "resnet32x4", "ResNet50", "wrn_40_2", "vgg13", "wrn_16_1", "wrn_16_2",
+                 "wrn_40_1", "vgg8", "vgg11", "vgg16", "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", "resnet8",
+                 "resnet14", "resnet20", "resnet32", "resnet44", "resnet8x4", "ResNet18")
 }

@@ -105,13 +105,11 @@ class MobileNetV2(ZooModel):
         f2 = self.blocks[2](f1)
         f3 = self.blocks[4](self.blocks[3](f2))
         f4 = self.blocks[6](self.blocks[5](f3))
-        out = self.conv2(f4)
-        if not self.remove_avg:
-            out = self.avgpool(out)
-        pooled = out.flatten(1)
+        prepool = self.conv2(f4)
+        pooled = (prepool if self.remove_avg else self.avgpool(prepool)).flatten(1)
         logits = self.classifier(pooled)
         # Linear bottlenecks have no ReLU after their last BN, so there are no separate pre-activations.
-        feats = {"feats": [f0, f1, f2, f3, f4], "preact_feats": None, "pooled_feat": pooled}
+        feats = {"feats": [f0, f1, f2, f3, f4], "preact_feats": None, "pooled_feat": pooled, "prepool": prepool}
         return logits, feats
 
 

@@ -149,7 +149,7 @@ class ResNet(ZooModel):
         f0 = self.relu(self.bn1(self.conv1(x)))  # 32x32
         outs, preacts = run_stages(f0, (self.layer1, self.layer2, self.layer3))  # 32x32, 16x16, 8x8
         avg = self.avgpool(outs[-1]).flatten(1)
-        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": avg}
+        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": avg, "prepool": outs[-1]}
         return self.fc(avg), feats
 
 

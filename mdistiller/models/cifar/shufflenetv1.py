@@ -104,7 +104,7 @@ class ShuffleNet(ZooModel):
         f0 = F.relu(self.bn1(self.conv1(x)))
         outs, preacts = run_stages(f0, (self.layer1, self.layer2, self.layer3))
         pooled = F.avg_pool2d(outs[-1], 4).flatten(1)
-        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": pooled}
+        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": pooled, "prepool": outs[-1]}
         return self.linear(pooled), feats
 
 

@@ -138,7 +138,7 @@ class ShuffleNetV2(ZooModel):
         outs, preacts = run_stages(f0, (self.layer1, self.layer2, self.layer3))
         out = F.relu(self.bn2(self.conv2(outs[-1])))
         pooled = (F.adaptive_avg_pool2d(out, 1) if self.global_pool else F.avg_pool2d(out, 4)).flatten(1)
-        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": pooled}
+        feats = {"feats": [f0, *outs], "preact_feats": [f0, *preacts], "pooled_feat": pooled, "prepool": out}
         return self.linear(pooled), feats
 
 

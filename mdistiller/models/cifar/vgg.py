@@ -97,6 +97,7 @@ class VGG(ZooModel):
             "feats": [f0, f1, f2, f3, f4],
             "preact_feats": [f0, f1_pre, f2_pre, f3_pre, f4_pre],
             "pooled_feat": pooled,
+            "prepool": f4,
         }
         return logits, feats
 

@@ -118,7 +118,7 @@ class WideResNet(ZooModel):
         logits = self.fc(pooled)
         # Pre-activations are the stage outputs after the BN that precedes the next ReLU (as in mdistiller).
         pre = [_bn_without_stat_update(bn, f) for bn, f in zip(self.get_bn_before_relu(), (f1, f2, f3))]
-        feats = {"feats": [f0, f1, f2, f3], "preact_feats": [f0, *pre], "pooled_feat": pooled}
+        feats = {"feats": [f0, f1, f2, f3], "preact_feats": [f0, *pre], "pooled_feat": pooled, "prepool": out}
         return logits, feats
 
 

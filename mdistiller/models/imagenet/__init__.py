@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from .. import vit
+from ..cifar import SDD_ALIAS_WHY
 from .mobilenetv1 import MobileNetV1
 from .resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 
@@ -51,6 +52,10 @@ PUBLISHED_TEACHER_FILES: dict[str, tuple[str, ...]] = {
 IMAGENET_ALIASES: dict[str, tuple[str, str]] = {
     "MobileNetV2": ("MobileNetV1", "the logit-standardisation repo's ImageNet configs call mdistiller's MobileNetV1 "
                                    "MobileNetV2"),
+    # SDD's `<name>_sdd` models (its mdistiller/models/imagenet/__init__.py)
+    **{f"{name}_sdd": (name, SDD_ALIAS_WHY) for name in ("ResNet18", "ResNet34", "ResNet50", "ResNet101")},
+    "MobileNetV2_sdd": ("MobileNetV1", "SDD's ImageNet MobileNetV2_sdd is mdistiller's MobileNetV1 with a "
+                                       "parameter-free spatial pyramid pooling"),
 }
 
 

@@ -7,7 +7,8 @@ same state dict) and so takes any input size. The logit-standardisation repo cal
 ImageNet configs.
 
 `forward` returns `(logits, feats)`: `feats["feats"]` = [stem, stage1 (128 ch, /4), stage2 (256, /8),
-stage3 (512, /16), stage4 (1024, /32)] after ReLU, `feats["preact_feats"]` the same before it, `pooled_feat` B x 1024.
+stage3 (512, /16), stage4 (1024, /32)] after ReLU, `feats["preact_feats"]` the same before it, `pooled_feat` B x 1024,
+`prepool` the map it pools (the last block's output).
 """
 
 from __future__ import annotations
@@ -74,4 +75,4 @@ class MobileNetV1(ZooModel):
                 preacts.append(preact)
         pooled = torch.flatten(self.model[-1](x), 1)
         logits = self.fc(pooled)
-        return logits, {"feats": feats, "preact_feats": preacts, "pooled_feat": pooled}
+        return logits, {"feats": feats, "preact_feats": preacts, "pooled_feat": pooled, "prepool": x}

@@ -3,7 +3,8 @@
 torchvision's ImageNet weight files (`resnet34-b627a593.pth`, `resnet50-0676ba61.pth`, ...) load strictly and give
 torchvision's logits. Like the CIFAR zoo, `forward` returns `(logits, feats)`:
 `feats["feats"]` = [stem, stage1, stage2, stage3, stage4] after ReLU (the stem before max-pooling, as mdistiller),
-`feats["preact_feats"]` = the same before their last ReLU, `feats["pooled_feat"]` = the pooled B x D feature.
+`feats["preact_feats"]` = the same before their last ReLU, `feats["pooled_feat"]` = the pooled B x D feature,
+`feats["prepool"]` = the map it pools (stage 4's output).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class ResNet(ZooModel):
         stem = F.relu(stem_pre)
         outs, preacts = run_stages(self.maxpool(stem), (self.layer1, self.layer2, self.layer3, self.layer4))
         pooled = torch.flatten(self.avgpool(outs[-1]), 1)
-        feats = {"feats": [stem, *outs], "preact_feats": [stem_pre, *preacts], "pooled_feat": pooled}
+        feats = {"feats": [stem, *outs], "preact_feats": [stem_pre, *preacts], "pooled_feat": pooled,
+                 "prepool": outs[-1]}
         return self.fc(pooled), feats
 
 

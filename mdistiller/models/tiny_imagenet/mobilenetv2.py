@@ -68,6 +68,10 @@ class TinyMobileNetV2(ZooModel):
         self.conv2 = nn.Conv2d(1280, num_classes, 1)
         self.stage_channels = [24, 32, 64, 1280]
 
+    def classifier_layer(self) -> nn.Conv2d:
+        """The 1x1 conv that classifies the pooled feature."""
+        return self.conv2
+
     def get_feat_modules(self) -> nn.ModuleList:
         """Modules producing the intermediate features, in order."""
         return nn.ModuleList([self.pre, self.stage1, self.stage2, self.stage3, self.stage4, self.stage5,
@@ -86,7 +90,7 @@ class TinyMobileNetV2(ZooModel):
         f4 = self.conv1(self.stage7(self.stage6(self.stage5(f3))))
         pooled = F.adaptive_avg_pool2d(f4, 1)
         logits = self.conv2(pooled).flatten(1)
-        feats = {"feats": [f0, f1, f2, f3, f4], "preact_feats": None, "pooled_feat": pooled.flatten(1)}
+        feats = {"feats": [f0, f1, f2, f3, f4], "preact_feats": None, "pooled_feat": pooled.flatten(1), "prepool": f4}
         return logits, feats
 
 
