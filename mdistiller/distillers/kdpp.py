@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ..errors import MdistillerError
 from ..files import DEFAULT_DATA_ROOT, atomic_write_text, resolve_project_path
-from ..models.common import classifier, num_classes_of_model
+from ..models.common import classifier_weights, num_classes_of_model
 from ._base import FEATURES, LOGITS, Declaration, Distiller, cross_entropy
 from .config import Key, config_section
 from .dkd import dkd_loss
@@ -213,7 +213,7 @@ def default_centres_path(dataset_type: str, teacher: str) -> str:
 
 def embedding_size(model: nn.Module) -> int:
     """The size of a model's pooled feature (feats["pooled_feat"]): its classifier's input size."""
-    return int(classifier(model).in_features)
+    return int(classifier_weights(model)[0].shape[1])
 
 
 _COMMON_KEYS = {

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import ast
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import MdistillerError
-from .dkd import dkd_terms
+from ..models.common import classify_regions, prepool_map
+from ._base import FEATURES, LOGITS, Declaration, Distiller, cross_entropy
+from .config import Key, config_section
+from .dkd import dkd_loss, dkd_terms, dkd_warmup
+from .kd import kd_loss
 from .precision import fp32_loss
-from .registry import get_distiller_class
+from .registry import get_distiller_class, register_distiller
 
 ALLOWED_SCALES = (1, 2, 4)
 COMPLEMENTARY_WEIGHT = 2.0  # hard-coded in the reference
@@ -142,16 +146,20 @@ def sdd_nkd_loss(
     return _weighted_mean(rows, region_weights(region_t, target))
 
 
-def finite_or_zero(loss: torch.Tensor, sync: bool = False) -> torch.Tensor:
-    """The reference's whole-loss guard: a NaN/inf loss becomes 0.
+def guarded(loss_fn: Callable[..., torch.Tensor], region_s: torch.Tensor, *args) -> torch.Tensor:
+    """`loss_fn(region_s, *args)`, or 0 with no gradient at all when that is NaN/inf: the reference's whole-loss
+    guard, without a host read.
 
-    `sync=False` (no host read): `where(isfinite(loss), loss, 0)`, the same value; its gradient is 0 unless an
-    intermediate's backward itself yields NaN (e.g. log(0) inside TCKD), which the trainer's NAN_POLICY then reports.
-    `sync=True` reads the host as the reference does and returns a detached 0, so that term sends no gradient at all.
+    The reference tests the loss on the host and returns a fresh zero. Here a first evaluation under no_grad gives the
+    verdict as a device tensor; the student's region logits enter the second one through
+    `where(finite, region_s, region_s.detach())`, so a guarded term sends exactly zero gradient (a bare
+    `where(isfinite(loss), loss, 0)` would still send NaN where an intermediate's backward is itself non-finite, as
+    log(0) in TCKD is). The two evaluations are the same computation: the value is the unguarded one when finite.
     """
-    if sync:
-        return loss if bool(torch.isfinite(loss).all()) else torch.zeros((), dtype=loss.dtype, device=loss.device)
-    return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+    with torch.no_grad():
+        finite = torch.isfinite(loss_fn(region_s, *args))
+    loss = loss_fn(torch.where(finite, region_s, region_s.detach()), *args)
+    return torch.where(finite, loss, torch.zeros_like(loss))
 
 
 def _parse_scales(text: str) -> list[int]:
@@ -197,3 +205,134 @@ def sdd_flag_overrides(cfg, scales: str | None, warmup: str | None) -> list[str]
                                   f"no warm-up: the authors' KD.py comments it out)")
         overrides += ["DKD.WARMUP", str(_parse_warmup(warmup))]
     return overrides
+
+
+config_section("SDD", {
+    "M": Key([1, 2, 4], "the scales of the spatial pyramid, a strictly increasing subset of [1, 2, 4] (the authors' "
+                        "--M; [1]: the plain loss on the ordinary logits)"),
+})
+
+LOGIT_STAND_REFUSAL = ("--logit-stand: the SDD authors never standardise logits; logit standardisation is refused for "
+                       "SDD_KD, SDD_DKD and SDD_NKD")
+
+
+def _teacher_reads(hparams) -> dict[str, frozenset[str]]:
+    # M = [1] uses the ordinary logits only: the teacher-output cache can serve it
+    if tuple(hparams["scales"]) == (1,):
+        return {"image": frozenset({LOGITS})}
+    return {"image": frozenset({LOGITS, FEATURES})}
+
+
+class _ScaleDecoupled(Distiller):
+    """What the three SDD methods share: student and teacher region logits over the pyramid of their pre-pool maps,
+    through each model's own classifier (weight and bias); the student's with gradient, the teacher's without."""
+
+    scales: tuple[int, ...]
+
+    def outputs(self, image: torch.Tensor, cached_teacher_logits: torch.Tensor | None = None):
+        """(student logits, teacher logits, student region logits, teacher region logits); the region logits are
+        None under M = [1]."""
+        logits_student, feats_student = self.student(image)
+        if self.scales == (1,):
+            return logits_student, self.teacher_logits(image, cached_teacher_logits), None, None
+        logits_teacher, feats_teacher = self.teacher_forward(image)
+        region_student = classify_regions(
+            self.student, spatial_pyramid(prepool_map(feats_student, "the student"), self.scales))
+        with torch.no_grad():
+            region_teacher = classify_regions(
+                self.teacher, spatial_pyramid(prepool_map(feats_teacher, "the teacher"), self.scales))
+        return logits_student, logits_teacher, region_student, region_teacher
+
+
+def _sdd_declaration(sections: tuple[str, ...]) -> Declaration:
+    return Declaration(
+        loss_terms=("loss_ce", "loss_kd"),
+        distillation_terms=("loss_kd",),
+        config_sections=("SDD", *sections),
+        teacher_reads=_teacher_reads,
+        logit_stand_refusal=LOGIT_STAND_REFUSAL,
+    )
+
+
+@register_distiller("SDD_KD")
+class SDD_KD(_ScaleDecoupled):  # noqa: N801 (the authors' DISTILLER.TYPE)
+    """SD-KD: `KD.LOSS.CE_WEIGHT * CE + KD.LOSS.KD_WEIGHT * sdd_kd_loss(KD.TEMPERATURE)`, guarded; no warm-up (the
+    reference comments it out). M = [1]: plain KD."""
+
+    declares = _sdd_declaration(("KD",))
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {"scales": check_scales(cfg.SDD.M), "temperature": cfg.KD.TEMPERATURE,
+                "ce_weight": cfg.KD.LOSS.CE_WEIGHT, "kd_weight": cfg.KD.LOSS.KD_WEIGHT}
+
+    def setup(self, scales: Sequence[int] = (1, 2, 4), temperature: float = 4.0, ce_weight: float = 0.1,
+              kd_weight: float = 0.9) -> None:
+        self.scales = check_scales(scales)
+        self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch):
+        logits_s, logits_t, region_s, region_t = self.outputs(image, batch.get("teacher_logits"))
+        if region_s is None:
+            kd = kd_loss(logits_s, logits_t, self.temperature)
+        else:
+            kd = guarded(sdd_kd_loss, region_s, region_t, target, self.temperature)
+        return logits_s, {"loss_ce": self.ce_weight * cross_entropy(logits_s, target),
+                          "loss_kd": self.kd_weight * kd}
+
+
+@register_distiller("SDD_DKD")
+class SDD_DKD(_ScaleDecoupled):  # noqa: N801
+    """SD-DKD: `DKD.CE_WEIGHT * CE + min(epoch / DKD.WARMUP, 1) * sdd_dkd_loss(ALPHA, BETA, T)`, guarded. M = [1]:
+    mdistiller's DKD (times the warm-up)."""
+
+    declares = _sdd_declaration(("DKD",))
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        dkd = cfg.DKD
+        return {"scales": check_scales(cfg.SDD.M), "ce_weight": dkd.CE_WEIGHT, "alpha": dkd.ALPHA, "beta": dkd.BETA,
+                "temperature": dkd.T, "warmup": dkd.WARMUP}
+
+    def setup(self, scales: Sequence[int] = (1, 2, 4), ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
+              temperature: float = 4.0, warmup: float = 20) -> None:
+        self.scales = check_scales(scales)
+        self.ce_weight, self.alpha, self.beta = ce_weight, alpha, beta
+        self.temperature, self.warmup = temperature, warmup
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, *, epoch: int, **batch):
+        logits_s, logits_t, region_s, region_t = self.outputs(image, batch.get("teacher_logits"))
+        if region_s is None:
+            kd = dkd_loss(logits_s, logits_t, target, self.alpha, self.beta, self.temperature)
+        else:
+            kd = guarded(sdd_dkd_loss, region_s, region_t, target, self.alpha, self.beta, self.temperature)
+        return logits_s, {"loss_ce": self.ce_weight * cross_entropy(logits_s, target),
+                          "loss_kd": dkd_warmup(epoch, self.warmup) * kd}
+
+
+@register_distiller("SDD_NKD")
+class SDD_NKD(_ScaleDecoupled):  # noqa: N801
+    """SD-NKD: `DKD.CE_WEIGHT * CE + min(epoch / DKD.WARMUP, 1) * sdd_nkd_loss(T = DKD.T, gamma = DKD.BETA)`, NKD with
+    the label column kept, guarded. M = [1]: that NKD on the ordinary logits (batch mean, times the warm-up)."""
+
+    declares = _sdd_declaration(("DKD",))
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        dkd = cfg.DKD
+        return {"scales": check_scales(cfg.SDD.M), "ce_weight": dkd.CE_WEIGHT, "temperature": dkd.T,
+                "gamma": dkd.BETA, "warmup": dkd.WARMUP}
+
+    def setup(self, scales: Sequence[int] = (1, 2, 4), ce_weight: float = 1.0, temperature: float = 4.0,
+              gamma: float = 8.0, warmup: float = 20) -> None:
+        self.scales = check_scales(scales)
+        self.ce_weight, self.temperature, self.gamma, self.warmup = ce_weight, temperature, gamma, warmup
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, *, epoch: int, **batch):
+        logits_s, logits_t, region_s, region_t = self.outputs(image, batch.get("teacher_logits"))
+        if region_s is None:
+            kd = nkd_keep_label_rows(logits_s, logits_t, target, self.temperature, self.gamma).mean()
+        else:
+            kd = guarded(sdd_nkd_loss, region_s, region_t, target, self.temperature, self.gamma)
+        return logits_s, {"loss_ce": self.ce_weight * cross_entropy(logits_s, target),
+                          "loss_kd": dkd_warmup(epoch, self.warmup) * kd}
