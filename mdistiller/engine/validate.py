@@ -4,9 +4,9 @@ the run folder, the logs or the data are touched, so a refused run leaves nothin
 Checked: the config's values (cfg.validate_cfg), the distiller and its SOLVER.TRAINER name, a method's top-level key
 set for another method, the model names, what the distiller cannot train on (Mixup's soft labels), whether the
 teacher-output cache can serve it, the data's presence, the teacher file, the named teacher cache (or auto's folder),
-a global batch the processes cannot split, the run folder's state (an existing run without --resume, --resume without a run) and whether the output
-folders can be written. What needs the files read (a damaged data file, a teacher checkpoint of another architecture)
-is found while the run is built, still before its folder exists.
+a global batch the processes cannot split, the run folder's state (an existing run without --resume, --resume without
+a run) and whether the output folders can be written. What needs the files read (a damaged data file, a teacher
+checkpoint of another architecture) is found while the run is built, still before its folder exists.
 """
 
 from __future__ import annotations
