@@ -1,5 +1,7 @@
 """CAT-KD: the CAM loss against a hand computation, zero for equal CAMs, normalisation invariance, binarisation, the
-partial-CAM selection quirks (strictness, the hard-coded 100, packing across samples, the skip), gradients, bf16."""
+partial-CAM selection quirks (strictness, the hard-coded 100, packing across samples, the skip), gradients, bf16; the
+distiller (its loss on the models' own CAMs, the bias-free student, gradients, the authors' keys and their
+refusals)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from mdistiller.distillers.cat_kd import binarize_cams, cat_loss, partial_cam_mask, select_partial_cams
+from mdistiller.distillers import get_distiller_class
+from mdistiller.distillers.cat_kd import CAT_KD, binarize_cams, cat_loss, partial_cam_mask, select_partial_cams
+from mdistiller.engine.build import apply_logit_stand_flags
+from mdistiller.engine.cfg import load_cfg
+from mdistiller.engine.validate import check_recipe
 from mdistiller.errors import MdistillerError
+from mdistiller.models import cifar_model_dict
+from mdistiller.models.common import class_activation_maps, classifier_weights
+
+from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,3 +156,116 @@ def test_bad_inputs_are_refused_in_one_line():
         cat_loss(_rand(2, 3, 2, 2), cams, 2, True)
     with pytest.raises(MdistillerError, match="CAM_RESOLUTION"):
         cat_loss(cams, cams, 0, True)
+
+
+# ---- the distiller ----
+
+CIFAR_CONFIG = REPO / "configs/cifar100/cat_kd/resnet32x4_ShuffleV1.yaml"
+
+
+def _models(student: str = "resnet8", teacher: str = "resnet20"):
+    torch.manual_seed(0)
+    return cifar_model_dict[student][0](num_classes=100), cifar_model_dict[teacher][0](num_classes=100)
+
+
+def _batch(seed: int = 0, batch: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 100, (batch,), generator=gen)
+
+
+@pytest.mark.parametrize("student, teacher", [("resnet8", "resnet20"), ("ShuffleV2", "wrn_16_2")])
+def test_distiller_loss_is_the_pure_function_on_the_models_cams(student, teacher):
+    student, teacher = _models(student, teacher)
+    distiller = CAT_KD(student, teacher, ce_weight=1.0, cat_weight=600.0, resolution=4, normalize=True).train()
+    image, target = _batch()
+    logits, losses = distiller.forward_train(image, target)
+    assert set(losses) == {"loss_CE", "loss_CAT"}
+    with torch.no_grad():
+        z_s, f_s = student(image)
+        _, f_t = teacher(image)
+        weight_s, weight_t = classifier_weights(student)[0], classifier_weights(teacher)[0]
+        cam_s = torch.einsum("cd,bdhw->bchw", weight_s, f_s["prepool"])  # the 1x1 conv, no bias
+        cam_t = torch.einsum("cd,bdhw->bchw", weight_t, f_t["prepool"])
+    assert torch.allclose(z_s, cam_s.mean(dim=(2, 3)), atol=1e-4)  # the student's logits: its CAMs' mean, no bias
+    expected = 600.0 * cat_loss(cam_s, cam_t, 4, True)
+    assert torch.allclose(losses["loss_CAT"], expected, rtol=1e-4)
+    assert torch.allclose(losses["loss_CE"], torch.nn.functional.cross_entropy(z_s, target), rtol=1e-6)
+
+
+def test_the_student_has_no_classifier_bias_and_gradients_never_reach_the_teacher():
+    student, teacher = _models()
+    distiller = CAT_KD(student, teacher).train()
+    assert student.fc.bias is None and "student.fc.bias" not in distiller.state_dict()
+    assert teacher.fc.bias is not None  # kept, never used for a CAM
+    image, target = _batch(1)
+    _, losses = distiller.forward_train(image, target)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert {id(p) for p in distiller.get_learnable_parameters()} == {id(p) for p in student.parameters()}
+    fresh_student, fresh_teacher = _models()
+    CAT_KD(fresh_student, fresh_teacher).load_state_dict(distiller.state_dict(), strict=True)
+
+
+def test_partial_cams_rank_classes_by_the_teachers_bias_free_logits():
+    student, teacher = _models()
+    with torch.no_grad():
+        teacher.fc.bias.copy_(torch.linspace(50, -50, 100))  # a bias that would reorder every class
+    distiller = CAT_KD(student, teacher, partial=True, cams_nums=5, resolution=2, normalize=False).train()
+    image, target = _batch(2)
+    _, losses = distiller.forward_train(image, target)
+    with torch.no_grad():
+        _, f_s = student(image)
+        _, f_t = teacher(image)
+        cam_s = class_activation_maps(student, f_s["prepool"])
+        cam_t = class_activation_maps(teacher, f_t["prepool"])
+    logits = cam_t.mean(dim=(2, 3))
+    expected = cat_loss(select_partial_cams(cam_s, logits, 5, 0), select_partial_cams(cam_t, logits, 5, 0), 2, False)
+    assert torch.allclose(losses["loss_CAT"], 400.0 * expected, rtol=1e-5)
+
+
+def test_only_cat_drops_the_cross_entropy():
+    distiller = CAT_KD(*_models(), only_cat=True).train()
+    _, losses = distiller.forward_train(*_batch(3))
+    assert set(losses) == {"loss_CAT"}
+
+
+def test_the_authors_keys_and_the_alias():
+    cfg = load_cfg(str(CIFAR_CONFIG))
+    assert get_distiller_class("CAT-KD") is CAT_KD
+    hparams = CAT_KD.hparams(cfg)
+    assert (hparams["cat_weight"], hparams["resolution"], hparams["normalize"]) == (600.0, 4, True)
+    imagenet = load_cfg(str(REPO / "configs/imagenet/r34_r18/cat_kd.yaml"))
+    imagenet.device = 3  # ImageNet: the authors' script ignores it too
+    assert CAT_KD.hparams(imagenet)["cat_weight"] == 0.5
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("if_test", False, "CAT_KD needs if_test True"),
+    ("device", 1, "run with CUDA_VISIBLE_DEVICES=1 and leave device at 0"),
+    ("CAT_KD.teacher_dir", "t.pth", "name the teacher file with DISTILLER.TEACHER_CKPT"),
+    ("CAT_KD.student_dir", "s.pth", "'transfer' mode, which is not offered"),
+    ("CAT_KD.Strategy", 2, "CAT_KD.Strategy 2 is not one of 0, 1"),
+])
+def test_refusals_are_one_line(key, value, message):
+    cfg = load_cfg(str(CIFAR_CONFIG))
+    node, leaf = cfg, key.split(".")
+    for part in leaf[:-1]:
+        node = node[part]
+    node[leaf[-1]] = value
+    with pytest.raises(MdistillerError) as info:
+        CAT_KD.hparams(cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_logit_stand_reduction_and_the_keys_with_another_method_are_refused():
+    cfg = load_cfg(str(CIFAR_CONFIG))
+    with pytest.raises(MdistillerError, match="refused for CAT_KD"):
+        apply_logit_stand_flags(cfg, 2.0, 9.0)
+    cfg.DATASET.REDUCTION = True
+    with pytest.raises(MdistillerError, match=r"DATASET.REDUCTION True .* is not implemented"):
+        check_recipe(cfg)
+    kd = load_cfg(str(REPO / "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"), ["if_test", "True"])
+    with pytest.raises(MdistillerError, match="if_test True is read by CAT_KD, not by DISTILLER.TYPE KD"):
+        check_recipe(kd)
+    check_recipe(load_cfg(str(REPO / "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"), ["if_Augment", "False"]))

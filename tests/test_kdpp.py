@@ -1,5 +1,6 @@
-"""KD++ / DKD++ pieces: the ND loss (hand computation, closed forms, where its gradient goes), the 0-based warm-up,
-class centres with the authors' rounding, the centre JSON (round trip, refusals), the projector (keys, inits)."""
+"""KD++ / DKD++: the ND loss (hand computation, closed forms, where its gradient goes), the 0-based warm-up, class
+centres with the authors' rounding, the centre JSON (round trip, refusals), the projector (keys, inits); the
+distillers (their losses are the pure functions, gradients, state names, the student re-init quirk, refusals)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,24 @@ import numpy as np
 import pytest
 import torch
 
-from mdistiller.distillers.kdpp import class_centres, kdpp_warmup, load_centres, make_projector, nd_loss, save_centres
+from mdistiller.distillers.dkd import dkd_loss
+from mdistiller.distillers.kd import kd_loss
+from mdistiller.distillers.kdpp import (
+    DKDPP,
+    KDPP,
+    class_centres,
+    kdpp_warmup,
+    load_centres,
+    make_projector,
+    nd_loss,
+    save_centres,
+)
+from mdistiller.engine.build import apply_logit_stand_flags
+from mdistiller.engine.cfg import load_cfg
 from mdistiller.errors import MdistillerError
+from mdistiller.models import cifar_model_dict
+
+from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,3 +206,142 @@ def test_projector_layout_and_inits():
     assert imagenet(torch.randn(3, 512)).shape == (3, 2048)
     with pytest.raises(MdistillerError, match="projector init must be one of"):
         make_projector(4, 8, "kaiming")
+
+
+# ---- the distillers ----
+
+def _models(student: str, teacher: str):
+    torch.manual_seed(0)
+    return cifar_model_dict[student][0](num_classes=100), cifar_model_dict[teacher][0](num_classes=100)
+
+
+def _centres_file(folder, dim: int, classes: int = 100, seed: int = 0) -> str:
+    path = str(folder / f"centres_{dim}_{classes}.json")
+    save_centres(path, torch.randn(classes, dim, generator=torch.Generator().manual_seed(seed)).double())
+    return path
+
+
+def _batch(seed: int = 0, batch: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 100, (batch,), generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["KDPP", "DKDPP"])
+def test_distiller_losses_are_the_pure_functions_on_their_outputs(tmp_path, kind):
+    student, teacher = _models("wrn_16_1", "wrn_16_2")  # 64 -> 128: with a projector
+    centres = _centres_file(tmp_path, 128)
+    if kind == "KDPP":
+        distiller = KDPP(student, teacher, centers=centres, ce_weight=0.5, kd_weight=3.5, temperature=4.0,
+                         nd_weight=2.0, warmup=20.0)
+    else:
+        distiller = DKDPP(student, teacher, centers=centres, ce_weight=0.5, alpha=2.0, beta=8.0, temperature=4.0,
+                          nd_weight=0.5, warmup=20.0)
+    distiller.train()
+    image, target = _batch()
+    torch.manual_seed(1)  # the projector's dropout
+    logits, losses = distiller.forward_train(image, target, epoch=6)
+    assert set(losses) == {"loss_ce", "loss_kd", "loss_nd"}
+    torch.manual_seed(1)
+    with torch.no_grad():
+        z_s, f_s = distiller.student(image)
+        z_t, f_t = distiller.teacher(image)
+        s_emb = distiller.projector(f_s["pooled_feat"])
+    warm = 5 / 20  # epoch 6 is the authors' 0-based epoch 5
+    if kind == "KDPP":
+        kd = 3.5 * kd_loss(z_s, z_t, 4.0)
+        nd = 2.0 * nd_loss(s_emb, f_t["pooled_feat"], load_centres(centres, 100, 128), target)
+    else:
+        kd = dkd_loss(z_s, z_t, target, 2.0, 8.0, 4.0)
+        nd = 0.5 * nd_loss(s_emb, f_t["pooled_feat"], load_centres(centres, 100, 128), target)
+    assert torch.allclose(losses["loss_kd"], warm * kd, rtol=1e-5, atol=0)
+    assert torch.allclose(losses["loss_nd"], nd, rtol=1e-5, atol=0)  # CIFAR: ND never warmed up
+    assert torch.allclose(losses["loss_ce"], 0.5 * torch.nn.functional.cross_entropy(z_s, target), rtol=1e-6)
+
+
+def test_first_epoch_has_no_kd_term_and_dkdpp_nd_warmup(tmp_path):
+    student, teacher = _models("resnet8", "resnet20")  # 64 = 64: no projector
+    centres = _centres_file(tmp_path, 64)
+    kdpp = KDPP(student, teacher, centers=centres).train()
+    image, target = _batch(2)
+    assert kdpp.forward_train(image, target, epoch=1)[1]["loss_kd"].item() == 0.0
+    plain = DKDPP(*_models("resnet8", "resnet20"), centers=centres).train()
+    warmed = DKDPP(*_models("resnet8", "resnet20"), centers=centres, nd_warmup=True).train()
+    nd_plain = plain.forward_train(image, target, epoch=3)[1]["loss_nd"]
+    nd_warmed = warmed.forward_train(image, target, epoch=3)[1]["loss_nd"]
+    assert nd_warmed.item() == pytest.approx(2 / 20 * nd_plain.item(), rel=1e-6)
+
+
+def test_gradients_reach_the_student_and_the_projector_never_the_teacher(tmp_path):
+    student, teacher = _models("wrn_16_1", "wrn_16_2")
+    distiller = DKDPP(student, teacher, centers=_centres_file(tmp_path, 128)).train()
+    image, target = _batch(3)
+    _, losses = distiller.forward_train(image, target, epoch=30)
+    sum(losses.values()).backward()
+    learnable = {n for n, p in distiller.named_parameters() if not n.startswith("teacher.")}
+    assert {n for n in learnable if not n.startswith("student.")} == {
+        "projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"}
+    assert all(distiller.get_parameter(n).grad is not None for n in learnable)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert {id(p) for p in distiller.get_learnable_parameters()} == {id(distiller.get_parameter(n)) for n in learnable}
+    assert not distiller.class_centres.requires_grad
+
+
+def test_projector_only_when_the_sizes_differ_and_the_state_names(tmp_path):
+    same = KDPP(*_models("resnet8", "resnet20"), centers=_centres_file(tmp_path, 64))
+    assert same.projector is None
+    assert {k for k in same.state_dict() if not k.startswith(("student.", "teacher."))} == {"class_centres"}
+    projected = KDPP(*_models("wrn_16_1", "wrn_16_2"), centers=_centres_file(tmp_path, 128))
+    state = projected.state_dict()
+    assert {k for k in state if not k.startswith(("student.", "teacher."))} == {
+        "projector.0.weight", "projector.0.bias", "projector.0.running_mean", "projector.0.running_var",
+        "projector.0.num_batches_tracked", "projector.2.weight", "projector.2.bias", "class_centres"}
+    assert tuple(state["projector.2.weight"].shape) == (128, 64)
+    fresh = KDPP(*_models("wrn_16_1", "wrn_16_2"), centers=_centres_file(tmp_path, 128, seed=1))
+    fresh.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
+    assert torch.equal(fresh.class_centres, projected.class_centres)  # a resumed run keeps the centres it began with
+
+
+def test_reinit_student_reproduces_the_wrappers_init_loop(tmp_path):
+    centres = _centres_file(tmp_path, 128)
+    zoo_student, _ = _models("resnet8", "wrn_16_2")  # 64 -> 128; the CIFAR ResNets keep PyTorch's Linear init
+    assert zoo_student.fc.bias.abs().sum() > 0
+    quirk = KDPP(*_models("resnet8", "wrn_16_2"), centers=centres)
+    assert torch.all(quirk.student.fc.bias == 0)  # CIFAR: the Linear biases zeroed, weights kept
+    assert torch.equal(quirk.student.fc.weight, zoo_student.fc.weight)
+    clean = KDPP(*_models("resnet8", "wrn_16_2"), centers=centres, reinit_student=False)
+    assert torch.equal(clean.student.fc.bias, zoo_student.fc.bias)
+    imagenet = KDPP(*_models("resnet8", "wrn_16_2"), centers=centres, projector_init="imagenet")
+    assert imagenet.student.fc.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    no_projector = KDPP(*_models("resnet8", "resnet20"), centers=_centres_file(tmp_path, 64))
+    assert torch.equal(no_projector.student.fc.bias, _models("resnet8", "resnet20")[0].fc.bias)
+
+
+def test_config_refusals_are_one_line(tmp_path):
+    cfg = load_cfg(str(REPO / "configs/cifar100/kdpp/resnet32x4_resnet8x4.yaml"))
+    assert (cfg.KDPP.KD_WEIGHT, cfg.KDPP.ND_WEIGHT, cfg.KDPP.T, cfg.KDPP.WARMUP) == (3.5, 2.0, 4.0, 20.0)
+    cfg.KDPP.CENTERS = ""
+    with pytest.raises(MdistillerError, match=r"KDPP.CENTERS is empty: .*python tools/kdpp_centers.py -o "
+                                              r"kdpp_centers/cifar100/resnet32x4/center_emb_train.json"):
+        KDPP.hparams(cfg)
+    cfg.KDPP.CENTERS = str(tmp_path / "none.json")
+    with pytest.raises(MdistillerError, match="none.json: no such file. Make it with python tools/kdpp_centers.py"):
+        KDPP.hparams(cfg)
+    cfg.KDPP.CENTERS = _centres_file(tmp_path, 64)  # resnet32x4 pools 256 features
+    hparams = KDPP.hparams(cfg)
+    assert hparams["projector_init"] == "cifar" and hparams["reinit_student"] is True
+    with pytest.raises(MdistillerError, match="class 0 has a centre of size 64, the teacher's embedding has 256"):
+        KDPP(*_models("resnet8x4", "resnet32x4"), cfg)
+    cfg.KDPP.CENTERS = _centres_file(tmp_path, 256, classes=10)
+    with pytest.raises(MdistillerError, match="has 10 classes, the teacher has 100"):
+        KDPP(*_models("resnet8x4", "resnet32x4"), cfg)
+    with pytest.raises(MdistillerError, match="refused for KDPP and DKDPP"):
+        apply_logit_stand_flags(cfg, 2.0, 9.0)
+    imagenet = load_cfg(str(REPO / "configs/imagenet/r50_mv1/dkdpp.yaml"))
+    imagenet.DKDPP.CENTERS = _centres_file(tmp_path, 2048)
+    hparams = DKDPP.hparams(imagenet)
+    assert (hparams["projector_init"], hparams["nd_warmup"], hparams["warmup"]) == ("imagenet", True, 5.0)
+
+
+def test_teacher_reads_features_so_the_cache_refuses_it():
+    uses = KDPP.declares.teacher_uses({})
+    assert uses == {"image": frozenset({"logits", "features"})}

@@ -1,5 +1,7 @@
 """SDD: the spatial pyramid (order, P2/P1 pooled from P4), the teacher-defined row weights, SD-KD / SD-DKD / SD-NKD
-against float64 hand computations, the N = 1 fall-backs, NaN handling, gradients, bf16, bad inputs."""
+against float64 hand computations, the N = 1 fall-backs, NaN handling and the whole-loss guard, gradients, bf16, bad
+inputs; the distillers (their losses are the pure functions on the models' region logits, gradients, M = [1], the
+--M / --warmup flags, refusals)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ import torch
 from mdistiller.distillers.dkd import dkd_loss
 from mdistiller.distillers.kd import kd_loss
 from mdistiller.distillers.sdd import (
-    finite_or_zero,
+    SDD_DKD,
+    SDD_KD,
+    SDD_NKD,
+    guarded,
+    nkd_keep_label_rows,
     region_rows,
     region_weights,
     sdd_dkd_loss,
@@ -20,7 +26,13 @@ from mdistiller.distillers.sdd import (
     sdd_nkd_loss,
     spatial_pyramid,
 )
+from mdistiller.engine.build import apply_logit_stand_flags
+from mdistiller.engine.cfg import load_cfg
 from mdistiller.errors import MdistillerError
+from mdistiller.models import cifar_model_dict
+from mdistiller.models.common import classify_regions
+
+from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -244,22 +256,30 @@ def test_nan_kl_entries_are_zeroed_in_kd_only():
     assert torch.isnan(sdd_nkd_loss(s, t, y, 1.0, 1.5))  # no zeroing in SDD_nkd.py: the whole-loss guard acts
 
 
-def test_whole_loss_guard():
-    finite = torch.tensor(2.5, requires_grad=True)
-    assert finite_or_zero(finite) is not finite and finite_or_zero(finite).item() == 2.5
-    assert finite_or_zero(finite, sync=True) is finite
-    for bad in (float("nan"), float("inf")):
-        x = torch.tensor(1.0, requires_grad=True)
-        guarded = finite_or_zero(x + bad)
-        assert guarded.item() == 0.0
-        guarded.backward()
-        assert x.grad.item() == 0.0
-        # documented limit of the sync-free guard: a backward that is itself non-finite (here d(x * inf)/dx) gives NaN
-        y = torch.tensor(1.0, requires_grad=True)
-        finite_or_zero(y * bad).backward()
-        assert torch.isnan(y.grad)
-        synced = finite_or_zero(x * bad, sync=True)
-        assert synced.item() == 0.0 and not synced.requires_grad
+def test_whole_loss_guard_gives_zero_and_exactly_zero_gradient():
+    s, t, y, _ = _regions_case(4)
+    # finite: the unguarded value and gradient
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    plain = sdd_dkd_loss(a, t, y, 1.0, 8.0, 4.0)
+    guard = guarded(sdd_dkd_loss, b, t, y, 1.0, 8.0, 4.0)
+    assert torch.equal(plain, guard)
+    plain.backward()
+    guard.backward()
+    assert torch.equal(a.grad, b.grad)
+    # TCKD's log(0): a student target probability that underflows makes the loss inf, and the plain backward NaN
+    s_bad = s.clone()
+    s_bad[0, y[0], 0] = -1e4
+    a, b = s_bad.clone().requires_grad_(), s_bad.clone().requires_grad_()
+    plain = sdd_dkd_loss(a, t, y, 1.0, 8.0, 4.0)
+    assert torch.isinf(plain)
+    plain.backward()
+    assert torch.isnan(a.grad).any()
+    guard = guarded(sdd_dkd_loss, b, t, y, 1.0, 8.0, 4.0)
+    assert guard.item() == 0.0
+    guard.backward()
+    assert torch.equal(b.grad, torch.zeros_like(b.grad))  # the reference's fresh zero sends no gradient at all
+    nan_case = torch.full_like(s, float("nan")).requires_grad_()
+    assert guarded(sdd_nkd_loss, nan_case, t, y, 1.0, 1.5).item() == 0.0
 
 
 def test_gradients_reach_the_student_regions_only():
@@ -301,3 +321,121 @@ def test_mismatched_inputs_are_refused_in_one_line():
         sdd_dkd_loss(s, s, torch.tensor([0, 1, 2]), 1.0, 8.0, 4.0)
     with pytest.raises(MdistillerError, match="pre-pool map"):
         spatial_pyramid(torch.randn(2, 4, 8), [1])
+
+
+# ---- the distillers ----
+
+def _models(student: str = "resnet8", teacher: str = "resnet20"):
+    torch.manual_seed(0)
+    return cifar_model_dict[student][0](num_classes=100), cifar_model_dict[teacher][0](num_classes=100)
+
+
+def _batch(seed: int = 0, batch: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 100, (batch,), generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["SDD_KD", "SDD_DKD", "SDD_NKD"])
+@pytest.mark.parametrize("scales", [(1, 2, 4), (1, 2)])
+def test_distiller_losses_are_the_pure_functions_on_the_region_logits(kind, scales):
+    student, teacher = _models("ShuffleV2", "wrn_16_2")  # ShuffleV2's pre-pool map is not in feats["feats"]
+    cls = {"SDD_KD": SDD_KD, "SDD_DKD": SDD_DKD, "SDD_NKD": SDD_NKD}[kind]
+    hparams = {"SDD_KD": dict(temperature=4.0, ce_weight=0.1, kd_weight=0.9),
+               "SDD_DKD": dict(ce_weight=1.0, alpha=1.0, beta=6.0, temperature=4.0, warmup=20),
+               "SDD_NKD": dict(ce_weight=1.0, temperature=4.0, gamma=6.0, warmup=20)}[kind]
+    distiller = cls(student, teacher, scales=scales, **hparams).train()
+    image, target = _batch()
+    logits, losses = distiller.forward_train(image, target, epoch=5)
+    with torch.no_grad():
+        z_s, f_s = distiller.student(image)
+        _, f_t = distiller.teacher(image)
+        region_s = classify_regions(student, spatial_pyramid(f_s["prepool"], scales))
+        region_t = classify_regions(teacher, spatial_pyramid(f_t["prepool"], scales))
+    regions = {(1, 2, 4): 21, (1, 2): 5}[scales]
+    assert region_s.shape == (4, 100, regions)
+    assert torch.allclose(region_s[:, :, 0], z_s, atol=1e-5)  # region 0 on a pooled-globally map: the logits
+    if kind == "SDD_KD":
+        expected = 0.9 * sdd_kd_loss(region_s, region_t, target, 4.0)
+    elif kind == "SDD_DKD":
+        expected = 5 / 20 * sdd_dkd_loss(region_s, region_t, target, 1.0, 6.0, 4.0)
+    else:
+        expected = 5 / 20 * sdd_nkd_loss(region_s, region_t, target, 4.0, 6.0)
+    assert torch.allclose(losses["loss_kd"], expected, rtol=1e-5, atol=0)
+    assert set(losses) == {"loss_ce", "loss_kd"}
+
+
+def test_one_scale_uses_the_ordinary_logits_and_can_be_cached():
+    image, target = _batch(1)
+    for cls, expected in (
+        (SDD_KD, lambda s, t: 0.9 * kd_loss(s, t, 4.0)),
+        (SDD_DKD, lambda s, t: 1.0 * dkd_loss(s, t, target, 1.0, 8.0, 4.0)),
+        (SDD_NKD, lambda s, t: nkd_keep_label_rows(s, t, target, 4.0, 8.0).mean()),
+    ):
+        student, teacher = _models()
+        distiller = cls(student, teacher, scales=[1]).train()
+        cached = torch.randn(4, 100)  # served by the teacher-output cache: the teacher is not run
+        logits, losses = distiller.forward_train(image, target, epoch=30, teacher_logits=cached)
+        assert torch.allclose(losses["loss_kd"], expected(logits.detach(), cached), rtol=1e-5)
+        assert cls.declares.teacher_uses({"scales": (1,)}) == {"image": frozenset({"logits"})}
+        assert cls.declares.teacher_uses({"scales": (1, 2)}) == {"image": frozenset({"logits", "features"})}
+
+
+def test_gradients_reach_the_student_never_the_teacher():
+    student, teacher = _models()
+    distiller = SDD_DKD(student, teacher).train()
+    image, target = _batch(2)
+    _, losses = distiller.forward_train(image, target, epoch=30)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert [n for n, _ in distiller.named_extra_modules()] == []
+    assert {k.split(".")[0] for k in distiller.state_dict()} == {"student", "teacher"}
+
+
+def test_configs_read_the_authors_keys():
+    cfg = load_cfg(str(REPO / "configs/cifar100/sdd_dkd/vgg13_vgg8.yaml"))
+    hparams = SDD_DKD.hparams(cfg)
+    assert hparams == {"scales": (1, 2), "ce_weight": 1.0, "alpha": 1.0, "beta": 6.0, "temperature": 4.0,
+                       "warmup": 20}
+    nkd = SDD_NKD.hparams(load_cfg(str(REPO / "configs/cifar100/sdd_nkd/resnet32x4_resnet8x4.yaml")))
+    assert (nkd["scales"], nkd["gamma"], nkd["temperature"]) == ((1, 2), 8.0, 4.0)
+    kd = SDD_KD.hparams(load_cfg(str(REPO / "configs/cifar100/sdd_kd/resnet32x4_ShuffleV1.yaml")))
+    assert kd == {"scales": (1, 2, 4), "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    cfg.SDD.M = [1, 4, 2]
+    with pytest.raises(MdistillerError, match="strictly increasing subset"):
+        SDD_DKD.hparams(cfg)
+    with pytest.raises(MdistillerError, match="refused for SDD_KD, SDD_DKD and SDD_NKD"):
+        apply_logit_stand_flags(cfg, 2.0, 9.0)
+
+
+def _cli_cfg(*argv: str):
+    from mdistiller.cli import train as train_tool
+
+    args = train_tool.parse_args(list(argv))
+    return train_tool.build_cfg(args), args
+
+
+def test_the_authors_flags_become_recorded_overrides():
+    path = str(REPO / "configs/cifar100/sdd_dkd/resnet32x4_ShuffleV1.yaml")
+    cfg, args = _cli_cfg("--cfg", path, "--M", "[1,2]", "--warmup", "30.0", "SOLVER.EPOCHS", "3")
+    assert (list(cfg.SDD.M), cfg.DKD.WARMUP) == ([1, 2], 30)
+    assert args.opts == ["SOLVER.EPOCHS", "3", "SDD.M", "[1,2]", "DKD.WARMUP", "30"]  # in the run name too
+    cfg, _ = _cli_cfg("--M", "[1]", "--cfg", path)
+    assert list(cfg.SDD.M) == [1] and cfg.DKD.WARMUP == 20
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--cfg", "configs/cifar100/kd/resnet32x4_resnet8x4.yaml", "--M", "[1,2]"),
+     "--M sets SDD's scales (SDD.M), which DISTILLER.TYPE KD does not read"),
+    (("--cfg", "configs/cifar100/dkd/resnet32x4_resnet8x4.yaml", "--warmup", "20"),
+     "--warmup sets SD-DKD / SD-NKD's warm-up (DKD.WARMUP), which DISTILLER.TYPE DKD does not read"),
+    (("--cfg", "configs/cifar100/sdd_kd/resnet32x4_ShuffleV1.yaml", "--warmup", "20"), "SD-KD has no warm-up"),
+    (("--cfg", "configs/cifar100/sdd_kd/resnet32x4_ShuffleV1.yaml", "--M", "[1,2"), "--M takes a list of scales"),
+    (("--cfg", "configs/cifar100/sdd_kd/resnet32x4_ShuffleV1.yaml", "--M", "[2,4]"), "SDD.M must start with 1"),
+    (("--cfg", "configs/cifar100/sdd_nkd/resnet32x4_ShuffleV1.yaml", "--warmup", "2.5"), "whole number of epochs"),
+])
+def test_the_authors_flags_are_refused_in_one_line(argv, message):
+    argv = tuple(str(REPO / a) if a.endswith(".yaml") else a for a in argv)
+    with pytest.raises(MdistillerError) as info:
+        _cli_cfg(*argv)
+    assert message in str(info.value) and "\n" not in str(info.value)

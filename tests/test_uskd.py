@@ -1,5 +1,6 @@
-"""USKD losses: a float64 hand computation, the Zipf soft labels and the log-probability rank quirk, detached soft
-labels, gradients per input, bf16 inputs, bad inputs."""
+"""USKD: the losses against a float64 hand computation, the Zipf soft labels and the log-probability rank quirk,
+detached soft labels, gradients per input, bf16 inputs, bad inputs; the distiller (its loss is the pure function,
+the weak head's input and gradients, its state names, no teacher, the refusals)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from mdistiller.distillers.uskd import uskd_loss, uskd_terms, zipf_table
+from mdistiller.distillers.uskd import USKD, uskd_loss, uskd_terms, zipf_table
+from mdistiller.engine.build import apply_logit_stand_flags
+from mdistiller.engine.cfg import load_cfg
+from mdistiller.engine.validate import check_recipe
 from mdistiller.errors import MdistillerError
+from mdistiller.models import cifar_model_dict
+
+from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,3 +166,74 @@ def test_bad_inputs_are_refused_in_one_line():
         uskd_loss(z, torch.randn(2, 5), torch.softmax(torch.randn(2, 5), 1), 1.0, 0.1, 0.1)
     with pytest.raises(MdistillerError, match="at least 2 classes"):
         zipf_table(1)
+
+
+# ---- the distiller ----
+
+def _uskd(student: str = "resnet8x4", **hparams):
+    torch.manual_seed(0)
+    return USKD(cifar_model_dict[student][0](num_classes=100), None, **hparams)
+
+
+def _batch(seed: int = 0, batch: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 100, (batch,), generator=gen)
+
+
+def test_distiller_loss_is_the_pure_function_on_its_own_outputs():
+    distiller = _uskd(ce_weight=0.5, alpha=0.1, beta=0.2, mu=0.1).train()
+    image, target = _batch()
+    logits, losses = distiller.forward_train(image, target, epoch=1)
+    assert set(losses) == {"loss_ce", "loss_kd"}
+    with torch.no_grad():
+        z, feats = distiller.student(image)
+        w = distiller.weak_fc(feats["feats"][-2].mean(dim=(2, 3)))
+    assert torch.allclose(logits, z)
+    assert torch.allclose(losses["loss_kd"], uskd_loss(z, w, target, 0.1, 0.2, 0.1), rtol=1e-6, atol=0)
+    assert torch.allclose(losses["loss_ce"], 0.5 * torch.nn.functional.cross_entropy(z, target), rtol=1e-6, atol=0)
+
+
+def test_weak_head_reads_the_stage_before_the_last():
+    assert tuple(_uskd("resnet8x4").weak_fc.weight.shape) == (100, 128)  # layer2 of resnet8x4
+    assert tuple(_uskd("wrn_16_2").weak_fc.weight.shape) == (100, 64)
+    assert tuple(_uskd("ResNet18").weak_fc.weight.shape) == (100, 256)  # the authors' channel=256 (layer3)
+
+
+def test_gradients_reach_the_student_and_the_weak_head_only():
+    distiller = _uskd().train()
+    assert distiller.teacher is None
+    image, target = _batch(1)
+    _, losses = distiller.forward_train(image, target, epoch=1)
+    sum(losses.values()).backward()
+    params = dict(distiller.named_parameters())
+    assert {n for n in params if not n.startswith("student.")} == {"weak_fc.weight", "weak_fc.bias"}
+    missing = [n for n, p in params.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert {id(p) for p in distiller.get_learnable_parameters()} == {id(p) for p in params.values()}
+
+
+def test_state_dict_has_the_weak_head_and_no_zipf_table():
+    distiller = _uskd()
+    state = distiller.state_dict()
+    assert {k for k in state if not k.startswith("student.")} == {"weak_fc.weight", "weak_fc.bias"}
+    assert torch.equal(distiller.zipf, zipf_table(100))
+    renamed = {k: torch.randn_like(v) if k.startswith("weak_fc.") else v for k, v in state.items()}
+    _uskd().load_state_dict(renamed, strict=True)
+
+
+def test_built_without_a_teacher_whatever_it_is_given():
+    cfg = load_cfg(str(REPO / "configs/cifar100/uskd/resnet8x4.yaml"))
+    distiller = USKD(cifar_model_dict["resnet8x4"][0](num_classes=100), cifar_model_dict["resnet8"][0](), cfg)
+    assert distiller.teacher is None and not USKD.declares.requires_teacher
+    assert (distiller.alpha, distiller.beta, distiller.mu, distiller.ce_weight) == (0.1, 0.1, 0.1, 1.0)
+    assert USKD.declares.teacher_uses(USKD.hparams(cfg)) == {}
+
+
+def test_logit_stand_and_mixup_are_refused_in_one_line():
+    cfg = load_cfg(str(REPO / "configs/cifar100/uskd/resnet8x4.yaml"))
+    with pytest.raises(MdistillerError, match="refused for USKD") as info:
+        apply_logit_stand_flags(cfg, 2.0, 9.0)
+    assert "\n" not in str(info.value)
+    cfg.DATASET.MIXUP.MIXUP_ALPHA = 0.8
+    with pytest.raises(MdistillerError, match="DATASET.MIXUP gives soft labels, which USKD cannot train on"):
+        check_recipe(cfg)

@@ -49,6 +49,16 @@ def check_scales(scales: Sequence[int]) -> tuple[int, ...]:
     return values
 
 
+def method_scales(scales: Sequence[int]) -> tuple[int, ...]:
+    """SDD.M for the losses: `check_scales`, starting with 1 (region 0 is the global region the row weights compare
+    every region against)."""
+    values = check_scales(scales)
+    if values[0] != 1:
+        raise MdistillerError(f"SDD.M must start with 1 (region 0 is the global region the row weights compare "
+                              f"against), such as [1, 2, 4] or [1, 2]; got {list(values)}")
+    return values
+
+
 def spatial_pyramid(prepool_map: torch.Tensor, scales: Sequence[int] = (1, 2, 4)) -> torch.Tensor:
     """Region vectors (B, D, N) of a pre-pool map (B, D, H, W): P4 = avgpool(X, 4x4), P2 and P1 pooled from P4."""
     scales = check_scales(scales)
@@ -172,7 +182,7 @@ def _parse_scales(text: str) -> list[int]:
     if not isinstance(value, (list, tuple)):
         raise MdistillerError(f"--M takes a list of scales as the SDD authors write it, e.g. --M \"[1,2,4]\"; got "
                               f"{text!r}")
-    return list(check_scales(value))
+    return list(method_scales(value))
 
 
 def _parse_warmup(text: str) -> int:
@@ -263,12 +273,12 @@ class SDD_KD(_ScaleDecoupled):  # noqa: N801 (the authors' DISTILLER.TYPE)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        return {"scales": check_scales(cfg.SDD.M), "temperature": cfg.KD.TEMPERATURE,
+        return {"scales": method_scales(cfg.SDD.M), "temperature": cfg.KD.TEMPERATURE,
                 "ce_weight": cfg.KD.LOSS.CE_WEIGHT, "kd_weight": cfg.KD.LOSS.KD_WEIGHT}
 
     def setup(self, scales: Sequence[int] = (1, 2, 4), temperature: float = 4.0, ce_weight: float = 0.1,
               kd_weight: float = 0.9) -> None:
-        self.scales = check_scales(scales)
+        self.scales = method_scales(scales)
         self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **batch):
@@ -291,12 +301,12 @@ class SDD_DKD(_ScaleDecoupled):  # noqa: N801
     @classmethod
     def from_config(cls, cfg) -> dict:
         dkd = cfg.DKD
-        return {"scales": check_scales(cfg.SDD.M), "ce_weight": dkd.CE_WEIGHT, "alpha": dkd.ALPHA, "beta": dkd.BETA,
+        return {"scales": method_scales(cfg.SDD.M), "ce_weight": dkd.CE_WEIGHT, "alpha": dkd.ALPHA, "beta": dkd.BETA,
                 "temperature": dkd.T, "warmup": dkd.WARMUP}
 
     def setup(self, scales: Sequence[int] = (1, 2, 4), ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
               temperature: float = 4.0, warmup: float = 20) -> None:
-        self.scales = check_scales(scales)
+        self.scales = method_scales(scales)
         self.ce_weight, self.alpha, self.beta = ce_weight, alpha, beta
         self.temperature, self.warmup = temperature, warmup
 
@@ -320,12 +330,12 @@ class SDD_NKD(_ScaleDecoupled):  # noqa: N801
     @classmethod
     def from_config(cls, cfg) -> dict:
         dkd = cfg.DKD
-        return {"scales": check_scales(cfg.SDD.M), "ce_weight": dkd.CE_WEIGHT, "temperature": dkd.T,
+        return {"scales": method_scales(cfg.SDD.M), "ce_weight": dkd.CE_WEIGHT, "temperature": dkd.T,
                 "gamma": dkd.BETA, "warmup": dkd.WARMUP}
 
     def setup(self, scales: Sequence[int] = (1, 2, 4), ce_weight: float = 1.0, temperature: float = 4.0,
               gamma: float = 8.0, warmup: float = 20) -> None:
-        self.scales = check_scales(scales)
+        self.scales = method_scales(scales)
         self.ce_weight, self.temperature, self.gamma, self.warmup = ce_weight, temperature, gamma, warmup
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, *, epoch: int, **batch):
