@@ -15,6 +15,10 @@ Sources:
   ImageNet) and, for the pairs outside the DIST paper, the TTM paper's own DIST runs (zkxufo/TTM README); TTM and
   WTTM from zkxufo/TTM's README (CIFAR-100 mean of 5 runs; WTTM also ImageNet); NKD from yzd-v/cls_KD's nkd.md
   (ImageNet only: the authors publish no CIFAR-100 number). RLD's numbers are owed (its paper's tables, not read).
+- the recent methods (spec recent.md): SD-KD / SD-DKD / SD-NKD (the SDD README's CIFAR-100 and ImageNet tables),
+  KD++ / DKD++ (the ND repo's README tables 1.1 / 1.2), USKD (cls_KD's nkd.md, ImageNet, no teacher: logged as
+  `USKD,none,<student>.txt`; ResNet18 / ResNet50 only in their config headers, as their log names are those of CIFAR
+  runs). CAT-KD's numbers are owed (its paper's tables were not read), as are USKD's on CIFAR.
 """
 
 from __future__ import annotations
@@ -163,6 +167,37 @@ def _parse_recent() -> dict[tuple[str, str, str], Published]:
     return table
 
 
+SDD_SOURCE = "Wei et al., CVPR 2024 (SDD), the authors' README"
+KDPP_SOURCE = "Wang et al., arXiv 2305.17007 (KD++ / DKD++), the authors' README"
+USKD_SOURCE = "Yang et al., ICCV 2023 (USKD), cls_KD nkd.md, no teacher"
+# (method, teacher, student): (top-1, source, data set)
+_RECENT_FEATURE_NUMBERS = {
+    **{(method, teacher, student): (top1, SDD_SOURCE, "CIFAR-100")
+       for (teacher, student), values in {
+           ("resnet32x4", "ShuffleV1"): (76.30, 77.30, 76.34), ("wrn_40_2", "ShuffleV1"): (76.65, 77.21, 76.81),
+           ("ResNet50", "MobileNetV2"): (69.55, 71.36, 70.25), ("vgg13", "MobileNetV2"): (68.79, 70.25, 69.50),
+           ("resnet32x4", "ShuffleV2"): (76.67, 78.05, 77.07), ("ResNet50", "vgg8"): (74.89, 75.86, 74.62)}.items()
+       for method, top1 in zip(("SDD_KD", "SDD_DKD", "SDD_NKD"), values)},
+    ("SDD_KD", "ResNet50", "MobileNetV1"): (72.24, SDD_SOURCE, "ImageNet"),
+    ("SDD_DKD", "ResNet50", "MobileNetV1"): (73.08, SDD_SOURCE, "ImageNet"),
+    ("SDD_NKD", "ResNet50", "MobileNetV1"): (73.12, SDD_SOURCE, "ImageNet"),
+    **{(method, teacher, student): (top1, KDPP_SOURCE, "CIFAR-100")
+       for (teacher, student), values in {
+           ("resnet56", "resnet20"): (72.53, 72.16), ("wrn_40_2", "wrn_40_1"): (74.59, 75.02),
+           ("resnet32x4", "resnet8x4"): (75.54, 76.28), ("ResNet50", "MobileNetV2"): (70.10, 70.82),
+           ("resnet32x4", "ShuffleV1"): (75.45, 77.11), ("resnet32x4", "ShuffleV2"): (76.42, 77.49)}.items()
+       for method, top1 in zip(("KDPP", "DKDPP"), values)},
+    ("KDPP", "ResNet34", "ResNet18"): (71.98, KDPP_SOURCE, "ImageNet"),
+    ("KDPP", "ResNet50", "MobileNetV1"): (72.77, KDPP_SOURCE, "ImageNet"),
+    ("DKDPP", "ResNet34", "ResNet18"): (72.07, KDPP_SOURCE, "ImageNet"),
+    ("DKDPP", "ResNet50", "MobileNetV1"): (72.63, KDPP_SOURCE, "ImageNet"),
+    # USKD's ImageNet ResNet18 (70.79) and ResNet50 (77.07) are left out: their log names (`USKD,none,ResNet18.txt`)
+    # are those of CIFAR runs of the zoo models of the same names
+    **{("USKD", "none", student): (top1, USKD_SOURCE, "ImageNet")
+       for student, top1 in (("ResNet101", 78.54), ("MobileNetV1", 70.38))},
+}
+
+
 def _parse_classic_table() -> dict[tuple[str, str, str], Published]:
     table = {}
     for row in _CLASSIC_TABLE.strip().splitlines():
@@ -185,6 +220,8 @@ def _all_numbers() -> dict[tuple[str, str, str], Published]:
     for key, (top1, dataset) in _DOT_NUMBERS.items():
         numbers[key] = Published(top1, None, f"{DOT_SOURCE}, {dataset}")
     numbers.update(_parse_recent())
+    for key, (top1, source, dataset) in _RECENT_FEATURE_NUMBERS.items():
+        numbers[key] = Published(top1, None, f"{source}, {dataset}")
     return numbers
 
 
@@ -192,7 +229,7 @@ def _pairs_in_order() -> list[tuple[str, str]]:
     pairs = [tuple(row.split("|")[0].split()) for row in _LS_TABLE.strip().splitlines()]
     classic = [tuple(row.split("|")[0].split()) for row in _CLASSIC_TABLE.strip().splitlines()]
     dot = [(teacher, student) for _, teacher, student in _DOT_NUMBERS]
-    recent = [(teacher, student) for _, teacher, student in _parse_recent()]
+    recent = [(teacher, student) for _, teacher, student in [*_parse_recent(), *_RECENT_FEATURE_NUMBERS]]
     for pair in classic + dot + recent:
         if pair not in pairs:
             pairs.append(pair)

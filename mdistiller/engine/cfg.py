@@ -70,6 +70,11 @@ CFG.DATASET.MIXUP.SWITCH_PROB = 0.5
 CFG.DATASET.MIXUP.LABEL_SMOOTHING = 0.0
 CFG.DATASET.TEST = CN()
 CFG.DATASET.TEST.BATCH_SIZE = 64
+# the CAT-KD repo's training-set reduction experiments (keep RESERVED_CLASS_NUM classes, RESERVED_RATE of each):
+# not implemented, so REDUCTION True is refused; the other two are read only with it
+CFG.DATASET.REDUCTION = False
+CFG.DATASET.RESERVED_RATE = 1.0
+CFG.DATASET.RESERVED_CLASS_NUM = 100
 
 # Distiller
 CFG.DISTILLER = CN()
@@ -245,6 +250,9 @@ def validate_cfg(cfg: CN) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise MdistillerError(f"{key} must be positive, got {value}")
+    if cfg.DATASET.REDUCTION:
+        raise MdistillerError("DATASET.REDUCTION True (the CAT-KD repo's training-set reduction) is not implemented: "
+                              "set it False")
     if cfg.DATASET.NUM_WORKERS < 0:
         raise MdistillerError(f"DATASET.NUM_WORKERS must be >= 0, got {cfg.DATASET.NUM_WORKERS}")
     if cfg.LOG.SAVE_CHECKPOINT_FREQ <= 0:

@@ -1,12 +1,12 @@
 """One validation pass before any side effect: everything that can be known without training is checked here, before
 the run folder, the logs or the data are touched, so a refused run leaves nothing behind.
 
-Checked: the config's values (cfg.validate_cfg), the distiller and its SOLVER.TRAINER name, the model names, what the
-distiller cannot train on (Mixup's soft labels), whether the teacher-output cache can serve it, the data's presence,
-the teacher file, the named teacher cache (or auto's folder), a global batch the processes
-cannot split, the run folder's state (an existing run without --resume, --resume without a run) and whether the output
-folders can be written. What needs the files read (a damaged data file, a teacher checkpoint of another architecture)
-is found while the run is built, still before its folder exists.
+Checked: the config's values (cfg.validate_cfg), the distiller and its SOLVER.TRAINER name, a method's top-level key
+set for another method, the model names, what the distiller cannot train on (Mixup's soft labels), whether the
+teacher-output cache can serve it, the data's presence, the teacher file, the named teacher cache (or auto's folder),
+a global batch the processes cannot split, the run folder's state (an existing run without --resume, --resume without
+a run) and whether the output folders can be written. What needs the files read (a damaged data file, a teacher
+checkpoint of another architecture) is found while the run is built, still before its folder exists.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from .. import distributed
 from ..dataset import check_data
 from ..dataset.mixing import mixing_enabled
-from ..distillers import get_distiller_class
+from ..distillers import Key, distiller_dict, get_distiller_class, method_sections
 from ..errors import MdistillerError
 from .build import model_builder, teacher_checkpoint_path
 from .cfg import TRAINERS, validate_cfg
@@ -55,6 +55,7 @@ def check_recipe(cfg):
     check_trainer(cfg, distiller_class)
     declares = distiller_class.declares
     distiller_class.hparams(cfg)  # the method's own keys, read and checked where the method reads them
+    check_top_level_keys(cfg, cfg.DISTILLER.TYPE, declares)
     if cfg.EXPERIMENT.LOGIT_STAND and declares.logit_stand is None:
         raise MdistillerError(declares.logit_stand_refusal or f"EXPERIMENT.LOGIT_STAND applies to logit methods; "
                               f"DISTILLER.TYPE {cfg.DISTILLER.TYPE} is not one: set it False")
@@ -70,6 +71,16 @@ def check_recipe(cfg):
     if refusal:
         raise MdistillerError(refusal)
     return distiller_class
+
+
+def check_top_level_keys(cfg, method: str, declares) -> None:
+    """A single top-level key a method declares (CAT-KD's if_test, device, ...) set away from its default is refused
+    for a method that does not read it: nothing would act on it."""
+    for name, spec in method_sections().items():
+        if isinstance(spec, Key) and name not in declares.config_sections and cfg[name] != spec.default:
+            readers = sorted(t for t, c in distiller_dict.items() if name in c.declares.config_sections)
+            raise MdistillerError(f"{name} {cfg[name]!r} is read by {', '.join(readers)}, not by DISTILLER.TYPE "
+                                  f"{method}: leave it at {spec.default!r}")
 
 
 def check_writable(folder: str, what: str) -> None:
