@@ -1,14 +1,21 @@
 """Validation before any side effect: every refused run of the README's "Errors before training" list gives its one
-line and leaves LOG.PREFIX and LOG.RESULTS_DIR untouched (no run folder, no log, no config.yaml)."""
+line and leaves LOG.PREFIX and LOG.RESULTS_DIR untouched (no run folder, no log, no config.yaml) and the data root as
+it was. Besides the hand-written list, cases are generated from the refusal sites themselves: every registered
+method's choice keys, its trainer names, the LS flags, Mixup, DOT (no teacher, no distillation term), the top-level
+keys a method does not read, and the update rule's / batch mixer's refusals that need the built distiller."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from mdistiller.cli import train as train_tool
+from mdistiller.distillers import Key, distiller_dict, method_sections
+from mdistiller.distillers.config import iter_keys
+from mdistiller.engine.cfg import TRAINERS
 from mdistiller.engine.validate import check_writable
 from mdistiller.errors import MdistillerError
 
@@ -18,6 +25,77 @@ VANILLA = str(REPO / "configs/cifar100/vanilla/resnet8.yaml")
 KD = str(REPO / "configs/cifar100/kd/resnet56_resnet20.yaml")
 CRD = str(REPO / "configs/cifar100/crd/resnet56_resnet20.yaml")
 FITNET = str(REPO / "configs/cifar100/fitnet/resnet56_resnet20.yaml")
+WKD_L = str(REPO / "configs/cifar100/wkd_l/resnet32x4_resnet8x4.yaml")
+TEACHER = "<teacher ckpt>"  # replaced by a random-weight checkpoint of DISTILLER.TEACHER in the test
+
+
+def _snapshot(folder: str) -> dict[str, tuple[int, int]]:
+    """Every path under `folder` with its size and mtime: what "unchanged" means for the data root."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*")}
+
+
+def _invalid_choice(key: Key):
+    if all(isinstance(c, str) for c in key.choices):
+        return "no_such_choice"
+    if all(isinstance(c, int) and not isinstance(c, bool) for c in key.choices):
+        return str(max(key.choices) + 1000)
+    return None
+
+
+def _method_configs() -> dict[str, str]:
+    """DISTILLER.TYPE -> the first CIFAR-100 config of that method (its keys as its authors' recipe sets them)."""
+    found: dict[str, str] = {}
+    for path in sorted((REPO / "configs/cifar100").glob("*/*.yaml")):
+        match = re.search(r"^DISTILLER:\n(?:[ \t]+.*\n)*?[ \t]+TYPE:\s*\"?(\w+)", path.read_text(), re.MULTILINE)
+        if match:
+            found.setdefault(match.group(1), str(path))
+    return found
+
+
+def _generated_cases() -> dict[str, tuple[list[str], str]]:
+    """Refusal cases derived from the registry: each method's declaration and config section, every trainer name."""
+    cases: dict[str, tuple[list[str], str]] = {}
+    sections = method_sections()
+    configs = _method_configs()
+    for method, cls in sorted(distiller_dict.items()):
+        declares = cls.declares
+        head = ["--cfg", configs[method]]
+        for section in declares.config_sections:
+            spec = sections.get(section)
+            if spec is None or isinstance(spec, Key):
+                continue
+            for full_key, key in iter_keys(spec, section):
+                value = _invalid_choice(key) if key.choices else None
+                if value is not None:
+                    cases[f"{method} {full_key} not a choice"] = ([*head, full_key, value], f"{full_key} ")
+        other = [t for t in TRAINERS if t not in declares.upstream_trainers and t not in ("dot", "crd_dot")]
+        if other:
+            cases[f"{method} with SOLVER.TRAINER {other[0]}"] = (
+                [*head, "SOLVER.TRAINER", other[0]], f"SOLVER.TRAINER {other[0]} is upstream's trainer")
+        if declares.logit_stand is None:
+            cases[f"{method} with --logit-stand"] = ([*head, "--logit-stand"], "logit")
+        if not declares.accepts_soft_targets:
+            cases[f"{method} with Mixup"] = ([*head, "DATASET.MIXUP.MIXUP_ALPHA", "0.8"],
+                                             f"DATASET.MIXUP gives soft labels, which {cls.__name__} cannot train on")
+        if not declares.requires_teacher:
+            cases[f"{method} with DOT"] = ([*head, "SOLVER.TRAINER", "dot"], "has no teacher to distil from")
+    for name, spec in sections.items():
+        if isinstance(spec, Key):
+            readers = [m for m, c in distiller_dict.items() if name in c.declares.config_sections]
+            if "KD" not in readers:
+                value = "True" if spec.default is False else ("False" if spec.default is True else "1")
+                cases[f"{name} for KD"] = (["--cfg", KD, name, value], f"is read by {', '.join(sorted(readers))}")
+    # refusals that need the built distiller: the update rule, the batch mixer, the loss terms of a dry forward
+    cases["DOT with no distillation term (WKD-L at weight 0)"] = (
+        ["--cfg", WKD_L, "WKD.LOSS.WKD_LOGIT_WEIGHT", "0", "SOLVER.TRAINER", "dot", "SOLVER.BATCH_SIZE", "8",
+         "DISTILLER.TEACHER_CKPT", TEACHER], "SOLVER.TRAINER dot needs the task term")
+    cases["Mixup with an odd batch"] = (
+        ["--cfg", KD, "DATASET.MIXUP.MIXUP_ALPHA", "0.8", "SOLVER.BATCH_SIZE", "7", "DISTILLER.TEACHER_CKPT", TEACHER],
+        "DATASET.MIXUP")
+    return cases
+
+
+GENERATED = _generated_cases()
 
 
 def _damaged_copy(tmp: Path, data_root: str) -> str:
@@ -98,6 +176,27 @@ def test_a_refused_run_leaves_no_debris(tmp_path, cifar100_tiny_root, teacher_ck
     assert message in str(info.value) and "\n" not in str(info.value)
     for folder in (tmp_path / "output", tmp_path / "logs"):
         assert not folder.exists() or not any(folder.iterdir()), f"{case}: {folder} holds {list(folder.rglob('*'))}"
+
+
+@pytest.mark.parametrize("case", list(GENERATED))
+def test_a_generated_refusal_leaves_no_debris(tmp_path, cifar100_tiny_root, teacher_ckpt, case):
+    args, message = GENERATED[case]
+    if TEACHER in args:
+        arch = train_tool.build_cfg(train_tool.parse_args([a for a in args if a != TEACHER] + [""])).DISTILLER.TEACHER
+        args = [teacher_ckpt(arch) if a == TEACHER else a for a in args]
+    data_before = _snapshot(cifar100_tiny_root)
+    with pytest.raises(MdistillerError) as info:
+        train_tool.main([*args, *run_overrides(tmp_path, cifar100_tiny_root)])
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    for folder in (tmp_path / "output", tmp_path / "logs"):
+        assert not folder.exists() or not any(folder.iterdir()), f"{case}: {folder} holds {list(folder.rglob('*'))}"
+    assert _snapshot(cifar100_tiny_root) == data_before
+
+
+def test_the_generated_cases_cover_every_method():
+    methods = {case.split(" ")[0] for case in GENERATED}
+    assert set(distiller_dict) <= methods | {m for m in distiller_dict if distiller_dict[m].declares.logit_stand}
+    assert "DOT with no distillation term (WKD-L at weight 0)" in GENERATED
 
 
 def test_an_existing_run_without_resume_is_refused_and_left_as_it_was(tmp_path, cifar100_tiny_root):

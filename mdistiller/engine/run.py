@@ -26,7 +26,7 @@ from .cfg import cfg_text, dump_cfg
 from .dot import DOT_TRAINERS
 from .teacher_cache import cache_batch_needs, prepare_teacher_cache
 from .trainer import Trainer
-from .validate import validate_run
+from .validate import check_first_step, validate_run
 
 log = get_logger(__name__)
 
@@ -171,6 +171,8 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
         check_fits_data(cfg, num_train)
         distiller = build_distiller(cfg, num_classes, num_data=num_train)
         teacher_cache = prepare_teacher_cache(cfg, distiller, train_loader, device)  # None when off
+        with distributed.raised_on_every_rank():
+            check_first_step(cfg, distiller, train_loader, device, teacher_cache)
         if distributed.rank() > 0:  # built identically on every rank; from here on each rank draws its own numbers
             set_seed(distributed.rank_seed(cfg.EXPERIMENT.SEED, distributed.rank()))
         if distributed.is_main_process():

@@ -5,25 +5,33 @@ Checked: the config's values (cfg.validate_cfg), the distiller and its SOLVER.TR
 set for another method, the model names, what the distiller cannot train on (Mixup's soft labels), whether the
 teacher-output cache can serve it, the data's presence, the teacher file, the named teacher cache (or auto's folder),
 a global batch the processes cannot split, the run folder's state (an existing run without --resume, --resume without
-a run) and whether the output folders can be written. What needs the files read (a damaged data file, a teacher
-checkpoint of another architecture) is found while the run is built, still before its folder exists.
+a run), a resumed run's recipe against the one it started with (engine/run_identity.py) and whether the output folders
+can be written. What needs the files read (a damaged data file, a teacher checkpoint of another architecture) is found
+while the run is built, still before its folder exists; so is what needs the built distiller (`check_first_step`: the
+optimizer and update rule, the batch mixer and, under DOT, the loss terms of one dry forward on a two-image batch).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
 import torch
+from torch.utils.data import default_collate
 
 from .. import distributed
 from ..dataset import check_data
-from ..dataset.mixing import mixing_enabled
+from ..dataset.mixing import build_batch_mixer, mixing_enabled
 from ..distillers import Key, distiller_dict, get_distiller_class, method_sections
 from ..errors import MdistillerError
+from ..models.common import num_classes_of_model
+from ..rng import get_rng_state, set_rng_state
+from . import accel
 from .build import model_builder, teacher_checkpoint_path
 from .cfg import TRAINERS, validate_cfg
-from .dot import DOT_TRAINERS, check_dot
+from .dot import DOT_TRAINERS, check_dot, split_losses
+from .optim import build_optimizer, update_rule
 from .placement import check_distributed
 from .teacher_cache import cache_refusal, check_cache_files
 from .teacher_cache_identity import AUTO, auto_root
@@ -54,6 +62,11 @@ def check_recipe(cfg):
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     check_trainer(cfg, distiller_class)
     declares = distiller_class.declares
+    if mixing_enabled(cfg) and not declares.accepts_soft_targets:
+        raise MdistillerError(
+            f"DATASET.MIXUP gives soft labels, which {distiller_class.__name__} cannot train on "
+            f"(its losses index the target class): set the DATASET.MIXUP values to 0"
+        )
     distiller_class.hparams(cfg)  # the method's own keys, read and checked where the method reads them
     check_top_level_keys(cfg, cfg.DISTILLER.TYPE, declares)
     if cfg.EXPERIMENT.LOGIT_STAND and declares.logit_stand is None:
@@ -62,11 +75,6 @@ def check_recipe(cfg):
     model_builder(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
     if declares.requires_teacher:
         model_builder(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE)
-    if mixing_enabled(cfg) and not declares.accepts_soft_targets:
-        raise MdistillerError(
-            f"DATASET.MIXUP gives soft labels, which {distiller_class.__name__} cannot train on "
-            f"(its losses index the target class): set the DATASET.MIXUP values to 0"
-        )
     refusal = cache_refusal(cfg, distiller_class)
     if refusal:
         raise MdistillerError(refusal)
@@ -132,3 +140,34 @@ def check_teacher_cache(cfg, device: torch.device) -> None:
         check_writable(auto_root(cfg), "the teacher cache folder (DATASET.ROOT/teacher_cache)")
     else:
         check_cache_files(cfg, device)
+
+
+def check_first_step(cfg, distiller, train_loader, device: torch.device, teacher_cache=None) -> None:
+    """What refuses only once the distiller is built, checked before the run folder exists: the optimizer and its
+    update rule, the batch mixer, and under DOT (which splits the loss into task and distillation terms) the terms
+    one dry training forward returns for the config (a method whose distillation weights are all 0 returns none).
+
+    The dry forward runs on a copy of the distiller with two training images taken from the data set (not the loader:
+    its sampler is untouched) and every RNG state restored afterwards, so the run trains as it would without it."""
+    update_rule(build_optimizer(cfg, distiller))
+    mixer = build_batch_mixer(cfg, num_classes_of_model(distiller.student))
+    if cfg.SOLVER.TRAINER not in DOT_TRAINERS:
+        return
+    dataset = getattr(train_loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or len(dataset) < 2:
+        return  # a device-resident or iterable data path: DOT's split is then checked at the first step
+    rng = get_rng_state()
+    try:
+        batch = default_collate([dataset[0], dataset[1]])
+        if teacher_cache is not None:
+            batch = teacher_cache.attach(batch)
+        batch = accel.batch_to_device(batch, device)
+        if mixer is not None:
+            batch = mixer(batch)
+        dry = copy.deepcopy(distiller).to(device).train()
+        with torch.no_grad():
+            _, losses = dry(**batch, epoch=1)
+        del dry
+    finally:
+        set_rng_state(rng)
+    split_losses(losses, distiller.declares.distillation_terms)
