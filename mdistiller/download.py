@@ -6,7 +6,9 @@ Foundation code (imports nothing of the package but errors.py). Only the standar
 - every socket operation, and the host-name lookup, is bounded by a timeout, so an offline machine fails in seconds
   with one line instead of hanging;
 - `file_lock` serialises processes on one machine (torchrun ranks, a sweep's runs) with an fcntl lock, so that one
-  downloads while the others wait and then find the files in place;
+  downloads while the others wait and then find the files in place; the lock file (holding `<pid>@<host>`) and the
+  folders it created are removed on every way out (error, Ctrl-C, SIGTERM), and a lock left by a killed process is
+  taken over with a note;
 - `extract_tar` unpacks the regular files of a tar archive (never a path outside the target folder), and
   `check_tar_complete` tells a truncated archive from a whole one.
 
@@ -20,10 +22,12 @@ import contextlib
 import http.client
 import os
 import shutil
+import signal
 import socket
 import sys
 import tarfile
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -71,27 +75,153 @@ def megabytes(n: int | None) -> str:
     return "unknown size" if n is None else f"{n / 1e6:.1f} MB"
 
 
-@contextlib.contextmanager
-def file_lock(path: str, waiting: str | None = None) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on `path` (created if needed); `waiting` is printed once if another process has it.
+LOCK_POLL_S = 0.5
+LOCK_WAIT_S = 6 * 3600.0  # the longest a process waits for a live holder before it gives up with one line
 
-    The lock goes with the process: a killed holder never leaves a stale lock behind.
+
+def _holder(path: str) -> tuple[int, str] | None:
+    """(pid, host) written in a lock file by the process that holds (or held) it; None when unreadable or empty."""
+    try:
+        with open(path) as f:
+            pid, _, host = f.read().strip().partition("@")
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def created_folders(folder: str) -> list[str]:
+    """The folders `os.makedirs(folder)` would create, deepest first (empty when `folder` exists)."""
+    made = []
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        made.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return made
+
+
+def remove_empty(folders: Iterable[str]) -> None:
+    """Remove each folder that is empty, deepest first (folders a failed step created; anything kept stays)."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+class _Terminated(BaseException):
+    """SIGTERM while a lock is held: unwinds like Ctrl-C so the lock file is removed, then exits with 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While a lock is held, SIGTERM raises (so `finally` blocks run) instead of killing the process outright; only
+    where nothing else handles SIGTERM and only in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    except _Terminated:
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def file_lock(path: str, waiting: str | None = None, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created with its folders if needed); `waiting` is printed once if another
+    process has it.
+
+    The lock file holds `<pid>@<host>` of its holder and is removed on every way out (an error, Ctrl-C, SIGTERM), as
+    are the folders it created when they are left empty. A lock file left by a killed process is taken over with a
+    note: on POSIX the fcntl lock went with the process; elsewhere (and for a lock that names a dead process on this
+    host) the pid is checked. A live holder is waited for at most `timeout` seconds (LOCK_WAIT_S), then one line
+    names it.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as handle:
-        if fcntl is None:
-            yield
-            return
+    made = created_folders(os.path.dirname(os.path.abspath(path)))
+    host = socket.gethostname()
+    limit = LOCK_WAIT_S if timeout is None else timeout
+    try:
+        with _sigterm_unwinds():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            handle = _acquire(path, waiting, host, limit)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(path)  # while still locked: a process waiting on this file then finds it gone
+                handle.close()  # releases the fcntl lock
+    finally:
+        remove_empty(made)
+
+
+def _acquire(path: str, waiting: str | None, host: str, limit: float):
+    """Open and lock `path` (retrying when the file it locked was removed by its previous holder meanwhile); the
+    open handle, with this process's `<pid>@<host>` written in it."""
+    deadline = time.monotonic() + limit
+    announced = False
+    while True:
+        previous = _holder(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # a previous holder may have removed it
+        handle = open(path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting and is_local_main():
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locked = True
+                except BlockingIOError:
+                    locked = False
+            else:  # no fcntl: the pid in the file is the lock
+                locked = previous is None or (previous[1] == host and not _alive(previous[0]))
+            if locked and _same_file(handle, path):
+                previous = _holder(path)
+                if previous is not None and previous != (os.getpid(), host) and is_local_main():
+                    alive = "" if previous[1] != host else " (no longer running)"
+                    print(f"note: taking over the lock {path} left by process {previous[0]} on {previous[1]}{alive}",
+                          file=sys.stderr, flush=True)
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()}@{host}")
+                handle.flush()
+                return handle
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()
+        if not locked:
+            holder = _holder(path)
+            if not announced and waiting and is_local_main():
                 print(waiting, file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+                announced = True
+            if time.monotonic() > deadline:
+                who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
+                raise MdistillerError(f"gave up waiting for the lock {path} after {limit:g} s: {who} holds it; "
+                                      f"if nothing is running, delete the file")
+            time.sleep(LOCK_POLL_S)
+
+
+def _same_file(handle, path: str) -> bool:
+    """Whether the open handle is still the file at `path` (its previous holder may have removed it meanwhile)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def _resolve_host(url: str, timeout: float) -> None:

@@ -119,7 +119,8 @@ def check_cifar_present(dataset_type: str, root: str, download_missing: bool) ->
 
 def ensure_cifar(dataset_type: str, root: str, download_missing: bool) -> str:
     """Return the data folder of `dataset_type` under root; a missing folder is downloaded (torchvision's URL and
-    MD5) when `download_missing`, by one process at a time (a file lock in root), the others waiting for it.
+    MD5) when `download_missing`, by one process at a time (a file lock in root), the others waiting for it. A
+    download that fails leaves no lock behind, nor a root folder it created (unless it keeps a part to resume).
 
     A folder already present is never touched: damaged files in it are reported by name when read.
     """
@@ -128,7 +129,6 @@ def ensure_cifar(dataset_type: str, root: str, download_missing: bool) -> str:
     if os.path.isdir(folder):
         return folder
     try:
-        os.makedirs(root, exist_ok=True)
         lock = download.file_lock(os.path.join(root, f".{fmt.folder}.lock"),
                                   waiting=f"waiting for another process to download {fmt.name} into {root}")
         with lock:
