@@ -447,7 +447,7 @@ def test_a_killed_build_continues_and_ends_byte_identical(tmp_path, data_root, t
     assert sum(forwards) == 2 * 2 * VIEWS_PER_IMAGE + 16  # chunks 3 and 4 only, then the 16 verified views
     assert (tmp_path / "resumed" / TABLE_FILE).read_bytes() == (tmp_path / "whole" / TABLE_FILE).read_bytes()
     assert resumed["table_sha256"] == whole["table_sha256"]
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == [".build.lock", "identity.json", TABLE_FILE]
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["identity.json", TABLE_FILE]
 
 
 

@@ -6,6 +6,9 @@
 `--same-t` is RLD's flag (RLD.ALPHA_T = RLD.T after the LS flags); `--M` and `--warmup` are SDD's (SDD.M, DKD.WARMUP);
 each is refused for other methods and recorded as the overrides it stands for (config.yaml, run name).
 
+`--resume` refuses a recipe other than the one the run started with (engine/run_identity.py); `--resume-changed`
+continues it with the new one, recorded in config_history/ and the worklog.
+
 SIGTERM or Ctrl-C stops after the current step, saves `latest` there, prints the command that continues the run and
 exits with 143 (SIGTERM) or 130 (SIGINT).
 
@@ -46,6 +49,7 @@ def parse_seeds(text: str) -> list[int]:
 FLAG_TAKES_VALUE = {"--cfg": True, "--resume": False, "--seeds": True, "--logit-stand": False, "--base-temp": True,
                     "--kd-weight": True, "--same-t": False}
 FLAG_TAKES_VALUE.update({"--M": True, "--warmup": True})  # SDD's flags (its authors' train_origin.py)
+FLAG_TAKES_VALUE["--resume-changed"] = False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "overrides", allow_abbrev=False)
     parser.add_argument("--cfg", type=str, default="", help="YAML config file")
     parser.add_argument("--resume", action="store_true", help="continue the run from its `latest` checkpoint")
+    parser.add_argument("--resume-changed", action="store_true",
+                        help="--resume accepting a recipe that differs from the run's start (recorded in "
+                             "config_history/ and the worklog)")
     parser.add_argument("--seeds", type=str, default=None,
                         help="comma-separated seeds: one run per seed, one after the other (`,seed:<n>` in the name)")
     parser.add_argument("--logit-stand", action="store_true", help="logit standardisation (z-score) on the logits")
@@ -140,9 +147,10 @@ def _train(argv: list[str]) -> dict | list[dict]:
         cfg = build_cfg(args)
     with distributed.process_group():  # a no-op without torchrun's environment
         try:
+            resume = args.resume or args.resume_changed
             if seeds is not None:
-                return train_sweep(cfg, args.opts or [], seeds, resume=args.resume)
-            return train_run(cfg, args.opts or [], resume=args.resume)
+                return train_sweep(cfg, args.opts or [], seeds, resume=resume, resume_changed=args.resume_changed)
+            return train_run(cfg, args.opts or [], resume=resume, resume_changed=args.resume_changed)
         except TrainingInterrupted as exc:
             if distributed.is_main_process():
                 print(f"{exc}; continue with: {resume_command(argv)}", file=sys.stderr, flush=True)

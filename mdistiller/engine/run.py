@@ -20,10 +20,11 @@ from ..distillers import get_distiller_class
 from ..errors import MdistillerError
 from ..log import get_logger, run_log
 from ..rng import deterministic_mode, set_seed
-from . import accel
+from . import accel, worklog
 from .build import build_distiller, teacher_home
-from .cfg import cfg_text, dump_cfg
+from .cfg import cfg_text
 from .dot import DOT_TRAINERS
+from .run_identity import HISTORY_DIR, record_identity, start_identity
 from .teacher_cache import cache_batch_needs, prepare_teacher_cache
 from .trainer import Trainer
 from .validate import check_first_step, validate_run
@@ -149,8 +150,12 @@ def default_device() -> torch.device:
     return distributed.device()
 
 
-def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name: bool = False) -> dict:
+def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name: bool = False,
+              resume_changed: bool = False) -> dict:
     """Train the run that cfg (frozen) describes; returns best/last top-1 and the run directory.
+
+    On resume the recipe is checked against the one the run started with (engine/run_identity.py): a difference is
+    refused unless `resume_changed`, which records it (config_history/, log.txt, worklog.txt).
 
     First everything that can be checked without training (engine/validate.py), then the data and the distiller are
     built (a damaged file or a checkpoint of another architecture fails there), and only then is the run folder
@@ -169,6 +174,9 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
             needs={**distiller_class.batch_needs_of(cfg), **cache_batch_needs(cfg, distiller_class)},
         )
         check_fits_data(cfg, num_train)
+        with distributed.raised_on_every_rank():
+            identity, changed = distributed.on_main_then_share(
+                lambda: start_identity(cfg, run_dir, train_loader, resume, resume_changed)) or (None, [])
         distiller = build_distiller(cfg, num_classes, num_data=num_train)
         teacher_cache = prepare_teacher_cache(cfg, distiller, train_loader, device)  # None when off
         with distributed.raised_on_every_rank():
@@ -180,7 +188,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
         distributed.barrier()  # the other ranks wait until the run folder exists
         with run_log(run_dir):
             if distributed.is_main_process():
-                dump_cfg(cfg, os.path.join(run_dir, "config.yaml"))
+                _record_start(cfg, run_dir, identity, changed)
             trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device, teacher_cache=teacher_cache)
             log.info(
                 f"run {run_dir}: {cfg.DISTILLER.TYPE} {cfg.DISTILLER.STUDENT}"
@@ -215,6 +223,20 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
     return {**result, "run_dir": run_dir}
 
 
+def _record_start(cfg, run_dir: str, identity: dict, changed: list[str]) -> None:
+    """config.yaml and identity.json of the run (a previous config.yaml that differs kept in config_history/); an
+    accepted recipe change (--resume-changed) noted in log.txt and worklog.txt."""
+    kept = record_identity(cfg, run_dir, identity, changed)
+    if changed:
+        note = f"resumed with a changed recipe (--resume-changed): {'; '.join(changed)}"
+        where = f"; the previous config: {os.path.relpath(kept, run_dir)}" if kept else ""
+        log.warning(note + where)
+        worklog.append(run_dir, f"{worklog.NOTE}{note}{where}{os.linesep}")
+    elif kept:
+        log.info(f"config.yaml: only keys that do not change what is computed differ from the run's start; the "
+                 f"previous one is {HISTORY_DIR}/{os.path.basename(kept)}")
+
+
 def seeded_cfg(cfg, seed: int):
     """A frozen copy of cfg with EXPERIMENT.SEED set: one run of a `--seeds` sweep."""
     out = cfg.clone()
@@ -224,7 +246,8 @@ def seeded_cfg(cfg, seed: int):
     return out
 
 
-def train_sweep(cfg, opts: Sequence[str], seeds: Sequence[int], resume: bool = False) -> list[dict]:
+def train_sweep(cfg, opts: Sequence[str], seeds: Sequence[int], resume: bool = False,
+                resume_changed: bool = False) -> list[dict]:
     """`--seeds`: the same recipe under each seed, one after the other, each in its own run folder (`,seed:<n>` in
     its name) and each appending its own result line. With resume, a seed whose folder holds `latest` continues (a
     finished one has nothing to do) and the others start."""
@@ -237,4 +260,5 @@ def train_sweep(cfg, opts: Sequence[str], seeds: Sequence[int], resume: bool = F
     if not resume and any(started):
         taken = run_dir_of(cfgs[started.index(True)], opts, True)
         raise MdistillerError(f"{taken} already holds a run: pass --resume to continue the sweep")
-    return [train_run(c, opts, resume=resume and done, seed_in_name=True) for c, done in zip(cfgs, started)]
+    return [train_run(c, opts, resume=resume and done, seed_in_name=True, resume_changed=resume_changed)
+            for c, done in zip(cfgs, started)]

@@ -12,6 +12,8 @@ loss_ce: 1.2345
 ```
 and, once the run has finished, a last `best_acc<TAB><value>` line. A killed run may have written blocks past the
 `latest` checkpoint: resume drops them (`truncate_from`), and readers keep the last block of an epoch written twice.
+Lines starting with `# ` between blocks are notes (a recipe change accepted by --resume-changed): readers skip them,
+resume keeps them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .cfg import cfg_to_dict
 
 WORKLOG = "worklog.txt"
 _DASHES = "-" * 25
+NOTE = "# "
 _VALUE_LINE = re.compile(r"^([A-Za-z0-9_.\-]+): ([-+\w.]+)$")
 
 log = get_logger(__name__)
@@ -50,6 +53,8 @@ def _blocks(lines: list[str]) -> Iterator[tuple[int | None, list[str]]]:
             match = re.fullmatch(r"epoch: (\d+)", line.strip())
             if match and epoch is None:
                 epoch = int(match.group(1))
+        elif line.startswith(NOTE):
+            yield None, [line]
 
 
 def epoch_block(epoch: int, lr: float, metrics: dict[str, float]) -> str:
@@ -85,7 +90,8 @@ def truncate_from(run_dir: str, start_epoch: int) -> None:
         return
     with open(path) as f:
         lines = f.read().splitlines()
-    keep = [line for epoch, block in _blocks(lines) if epoch is not None and epoch < start_epoch for line in block]
+    keep = [line for epoch, block in _blocks(lines)
+            if (epoch is not None and epoch < start_epoch) or block[0].startswith(NOTE) for line in block]
     if keep != lines:
         atomic_write_text(path, "".join(line + os.linesep for line in keep))
 
