@@ -66,13 +66,19 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+FINGERPRINT_MAX_BYTES = 1 << 29  # larger training sets (or ones read from files) get no fingerprint: not cheap
+
+
 def training_data_fingerprint(train_loader) -> str | None:
-    """The teacher cache's data fingerprint of the training set, where the loader holds it as arrays (CIFAR)."""
+    """The teacher cache's data fingerprint of the training set, where the loader holds it as arrays in memory
+    (CIFAR); None otherwise."""
     from ..dataset.teacher_views import data_fingerprint, loader_arrays
 
     try:
         images, labels = loader_arrays(train_loader)
     except (AttributeError, TypeError, ValueError):
+        return None
+    if images.dtype != "uint8" or images.nbytes > FINGERPRINT_MAX_BYTES:
         return None
     return data_fingerprint(images, labels)
 

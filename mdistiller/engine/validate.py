@@ -5,10 +5,11 @@ Checked: the config's values (cfg.validate_cfg), the distiller and its SOLVER.TR
 set for another method, the model names, what the distiller cannot train on (Mixup's soft labels), whether the
 teacher-output cache can serve it, the data's presence, the teacher file, the named teacher cache (or auto's folder),
 a global batch the processes cannot split, the run folder's state (an existing run without --resume, --resume without
-a run), a resumed run's recipe against the one it started with (engine/run_identity.py) and whether the output folders
-can be written. What needs the files read (a damaged data file, a teacher checkpoint of another architecture) is found
-while the run is built, still before its folder exists; so is what needs the built distiller (`check_first_step`: the
-optimizer and update rule, the batch mixer and, under DOT, the loss terms of one dry forward on a two-image batch).
+a run) and whether the output folders can be written. What needs the files read (a damaged data file, a teacher
+checkpoint of another architecture) is found while the run is built, still before its folder exists; so are a resumed
+run's recipe against the one it started with (engine/run_identity.py, once the data are loaded: their fingerprint is
+part of it) and what needs the built distiller (`check_first_step`: the optimizer and update rule, the batch mixer
+and, under DOT, the loss terms of one dry forward on a two-image batch).
 """
 
 from __future__ import annotations
