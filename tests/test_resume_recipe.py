@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mdistiller.cli import train as train_tool
@@ -113,3 +114,34 @@ def test_neutral_keys_and_the_differences_line():
     changed["data_fingerprint"] = None  # unknown now: DATASET.ROOT is then compared by its value
     assert [d.split(" ")[0] for d in differences(base, changed)] == ["DATASET.ROOT", "SOLVER.CHANNELS_LAST",
                                                                      "DISTILLER.TEACHER_CKPT"]
+
+
+def test_a_damaged_latest_names_the_newest_intact_epoch_and_resume_from_continues_exactly(tmp_path,
+                                                                                          cifar100_tiny_root):
+    args = ["--cfg", str(VANILLA), *_common(tmp_path, cifar100_tiny_root), "SOLVER.EPOCHS", "2"]
+    run_dir = Path(train_tool.main(args)["run_dir"])
+    finished = torch.load(run_dir / "student_latest", weights_only=False)["model"]
+    for name in ("latest", "epoch_2"):
+        data = (run_dir / name).read_bytes()
+        (run_dir / name).write_bytes(data[: len(data) // 2])
+    before = _files(run_dir)
+    with pytest.raises(MdistillerError) as info:
+        train_tool.main([*args, "--resume"])
+    assert str(info.value).startswith(f"{run_dir / 'latest'} is truncated or corrupt (")
+    assert str(info.value).endswith(f"the newest intact checkpoint is {run_dir / 'epoch_1'}: continue from it with "
+                                    f"--resume-from epoch_1") and "\n" not in str(info.value)
+    with pytest.raises(MdistillerError, match=r"^--resume-from epoch_2: .*epoch_2 is truncated or corrupt"):
+        train_tool.main([*args, "--resume-from", "epoch_2"])
+    with pytest.raises(MdistillerError, match="takes the name of a checkpoint in the run folder"):
+        train_tool.main([*args, "--resume-from", "../epoch_1"])
+    assert _files(run_dir) == before
+    train_tool.main([*args, "--resume-from", "epoch_1"])
+    assert (run_dir / "latest.damaged").read_bytes() == before["latest"]
+    again = torch.load(run_dir / "student_latest", weights_only=False)["model"]
+    assert all(torch.equal(finished[k], again[k]) for k in finished)  # epoch 2 trained again, to the bit
+    assert [int(e["epoch"]) for e in worklog.read(run_dir)] == [1, 2]
+
+
+def test_the_continue_command_drops_the_one_off_resume_flags():
+    command = train_tool.resume_command(["--cfg", "a.yaml", "--resume-from", "epoch_3", "--resume-changed", "X.Y", "1"])
+    assert command.endswith("--resume --cfg a.yaml X.Y 1")

@@ -7,7 +7,8 @@
 each is refused for other methods and recorded as the overrides it stands for (config.yaml, run name).
 
 `--resume` refuses a recipe other than the one the run started with (engine/run_identity.py); `--resume-changed`
-continues it with the new one, recorded in config_history/ and the worklog.
+continues it with the new one, recorded in config_history/ and the worklog. A damaged `latest` is refused naming the
+newest intact `epoch_<n>`; `--resume-from epoch_<n>` continues from that one.
 
 SIGTERM or Ctrl-C stops after the current step, saves `latest` there, prints the command that continues the run and
 exits with 143 (SIGTERM) or 130 (SIGINT).
@@ -49,7 +50,7 @@ def parse_seeds(text: str) -> list[int]:
 FLAG_TAKES_VALUE = {"--cfg": True, "--resume": False, "--seeds": True, "--logit-stand": False, "--base-temp": True,
                     "--kd-weight": True, "--same-t": False}
 FLAG_TAKES_VALUE.update({"--M": True, "--warmup": True})  # SDD's flags (its authors' train_origin.py)
-FLAG_TAKES_VALUE["--resume-changed"] = False
+FLAG_TAKES_VALUE.update({"--resume-changed": False, "--resume-from": True})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume-changed", action="store_true",
                         help="--resume accepting a recipe that differs from the run's start (recorded in "
                              "config_history/ and the worklog)")
+    parser.add_argument("--resume-from", default="", metavar="epoch_<n>",
+                        help="--resume from another checkpoint of the run folder (when latest is damaged)")
     parser.add_argument("--seeds", type=str, default=None,
                         help="comma-separated seeds: one run per seed, one after the other (`,seed:<n>` in the name)")
     parser.add_argument("--logit-stand", action="store_true", help="logit standardisation (z-score) on the logits")
@@ -119,8 +122,13 @@ def build_cfg(args: argparse.Namespace):
 
 
 def resume_command(argv: list[str]) -> str:
-    """The command line that continues this one."""
-    args = [a for a in argv if a != "--resume"]
+    """The command line that continues this one (a --resume-changed / --resume-from of this one is done by then)."""
+    args, skip = [], False
+    for a in argv:
+        dropped = a in ("--resume", "--resume-changed", "--resume-from") or a.startswith("--resume-from=")
+        if not (skip or dropped):
+            args.append(a)
+        skip = a == "--resume-from"
     script = sys.argv[0] if sys.argv[0].endswith("train.py") else "tools/train.py"
     if distributed.world_size() == 1:
         return shlex.join(["python", script, "--resume", *args])
@@ -149,8 +157,11 @@ def _train(argv: list[str]) -> dict | list[dict]:
         try:
             resume = args.resume or args.resume_changed
             if seeds is not None:
+                if args.resume_from:
+                    raise MdistillerError("--resume-from continues one run; resume the seeds one at a time")
                 return train_sweep(cfg, args.opts or [], seeds, resume=resume, resume_changed=args.resume_changed)
-            return train_run(cfg, args.opts or [], resume=resume, resume_changed=args.resume_changed)
+            return train_run(cfg, args.opts or [], resume=resume, resume_changed=args.resume_changed,
+                             resume_from=args.resume_from)
         except TrainingInterrupted as exc:
             if distributed.is_main_process():
                 print(f"{exc}; continue with: {resume_command(argv)}", file=sys.stderr, flush=True)

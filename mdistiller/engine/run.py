@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from typing import Sequence
 
@@ -151,11 +152,13 @@ def default_device() -> torch.device:
 
 
 def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name: bool = False,
-              resume_changed: bool = False) -> dict:
+              resume_changed: bool = False, resume_from: str = "") -> dict:
     """Train the run that cfg (frozen) describes; returns best/last top-1 and the run directory.
 
     On resume the recipe is checked against the one the run started with (engine/run_identity.py): a difference is
-    refused unless `resume_changed`, which records it (config_history/, log.txt, worklog.txt).
+    refused unless `resume_changed`, which records it (config_history/, log.txt, worklog.txt). A truncated or corrupt
+    `latest` is refused naming the newest intact `epoch_<n>`; `resume_from` (that name) continues from it, keeping the
+    damaged file as `latest.damaged`.
 
     First everything that can be checked without training (engine/validate.py), then the data and the distiller are
     built (a damaged file or a checkpoint of another architecture fails there), and only then is the run folder
@@ -165,7 +168,9 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
     run_dir = run_dir_of(cfg, opts, seed_in_name)
     device = default_device()
     with distributed.raised_on_every_rank():
-        distributed.on_main_then_share(lambda: validate_run(cfg, run_dir, resume, device))
+        distributed.on_main_then_share(lambda: validate_run(cfg, run_dir, resume or bool(resume_from), device,
+                                                            resume_from))
+    resume = resume or bool(resume_from)
     set_seed(cfg.EXPERIMENT.SEED)
     with deterministic_mode(cfg.EXPERIMENT.DETERMINISTIC, device):
         distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
@@ -185,6 +190,8 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
             set_seed(distributed.rank_seed(cfg.EXPERIMENT.SEED, distributed.rank()))
         if distributed.is_main_process():
             os.makedirs(run_dir, exist_ok=True)
+            if resume_from:
+                fall_back_to(run_dir, resume_from)
         distributed.barrier()  # the other ranks wait until the run folder exists
         with run_log(run_dir):
             if distributed.is_main_process():
@@ -221,6 +228,18 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
                          f"or copy it to {zoo}")
     sys.stdout.flush()
     return {**result, "run_dir": run_dir}
+
+
+def fall_back_to(run_dir: str, name: str) -> None:
+    """`latest` := a copy of the run's checkpoint `name` (checked intact); a `latest` there is kept as
+    `latest.damaged`."""
+    latest = os.path.join(run_dir, "latest")
+    if os.path.exists(latest):
+        os.replace(latest, latest + ".damaged")
+    temporary = latest + ".copying"
+    shutil.copyfile(os.path.join(run_dir, name), temporary)
+    os.replace(temporary, latest)
+    log.warning(f"continuing from {name} (--resume-from); the previous latest, if any, is kept as latest.damaged")
 
 
 def _record_start(cfg, run_dir: str, identity: dict, changed: list[str]) -> None:

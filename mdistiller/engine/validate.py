@@ -31,6 +31,7 @@ from ..rng import get_rng_state, set_rng_state
 from . import accel
 from .build import model_builder, teacher_checkpoint_path
 from .cfg import TRAINERS, validate_cfg
+from .checkpoint import load_checkpoint
 from .dot import DOT_TRAINERS, check_dot, split_losses
 from .optim import build_optimizer, update_rule
 from .placement import check_distributed
@@ -110,10 +111,16 @@ def check_writable(folder: str, what: str) -> None:
         raise MdistillerError(f"cannot write to {what} {folder}: {exc.strerror or exc}") from None
 
 
-def check_outputs(cfg, run_dir: str, resume: bool) -> None:
-    """The run folder's state against --resume, and that the run folder and LOG.RESULTS_DIR can be written."""
+def check_outputs(cfg, run_dir: str, resume: bool, resume_from: str = "") -> None:
+    """The run folder's state against --resume (and that the checkpoint it continues from is intact), and that the run
+    folder and LOG.RESULTS_DIR can be written."""
     latest = os.path.join(run_dir, "latest")
     has_run = os.path.exists(latest)
+    if resume_from:
+        check_fallback(run_dir, resume_from)
+        has_run = True
+    elif resume and has_run:
+        check_latest(run_dir)
     if resume and not has_run:
         raise MdistillerError(f"resume checkpoint not found: {latest} (no run to continue there; leave out --resume)")
     if has_run and not resume:
@@ -124,7 +131,7 @@ def check_outputs(cfg, run_dir: str, resume: bool) -> None:
     check_writable(cfg.LOG.RESULTS_DIR, "LOG.RESULTS_DIR")
 
 
-def validate_run(cfg, run_dir: str, resume: bool, device: torch.device) -> None:
+def validate_run(cfg, run_dir: str, resume: bool, device: torch.device, resume_from: str = "") -> None:
     """Every check that needs no training and writes nothing (see the module docstring)."""
     distiller_class = check_recipe(cfg)
     check_distributed(cfg, device, distributed.world_size())
@@ -132,7 +139,58 @@ def validate_run(cfg, run_dir: str, resume: bool, device: torch.device) -> None:
     if distiller_class.declares.requires_teacher:
         teacher_checkpoint_path(cfg)
     check_teacher_cache(cfg, device)
-    check_outputs(cfg, run_dir, resume)
+    check_outputs(cfg, run_dir, resume, resume_from)
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the trainer checkpoint at `path` cannot be resumed from (truncated, corrupt, not a trainer checkpoint), or
+    None when it loads."""
+    try:
+        state = load_checkpoint(path, "resume checkpoint")
+    except MdistillerError as exc:
+        text = str(exc)
+        return text if "not found" in text else f"{path} is truncated or corrupt ({text.partition(' (')[2][:-1]})"
+    if "optimizer" not in state or "epoch" not in state:
+        return f"{path} is not a trainer checkpoint (no optimizer/epoch)"
+    return None
+
+
+def newest_intact_epoch(run_dir: str) -> str | None:
+    """The name of the newest `epoch_<n>` in the run folder that loads, or None."""
+    numbered = []
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        head, _, number = name.partition("_")
+        if head == "epoch" and number.isdigit():
+            numbered.append((int(number), name))
+    for _, name in sorted(numbered, reverse=True):
+        if checkpoint_problem(os.path.join(run_dir, name)) is None:
+            return name
+    return None
+
+
+def check_latest(run_dir: str) -> None:
+    """`latest` must load: a truncated or corrupt one is named, with the newest intact epoch_<n> and the flag that
+    continues from it."""
+    problem = checkpoint_problem(os.path.join(run_dir, "latest"))
+    if problem is None:
+        return
+    fallback = newest_intact_epoch(run_dir)
+    if fallback:
+        hint = f"the newest intact checkpoint is {os.path.join(run_dir, fallback)}: continue from it with " \
+               f"--resume-from {fallback}"
+    else:
+        hint = "no intact epoch_<n> to fall back to (LOG.SAVE_CHECKPOINT_FREQ): start the run again in a new folder"
+    raise MdistillerError(f"{problem}; {hint}")
+
+
+def check_fallback(run_dir: str, name: str) -> None:
+    """`--resume-from <name>`: an intact trainer checkpoint of the run folder (epoch_<n>, best)."""
+    if os.path.basename(name) != name or name in ("", ".", "..") or name == "latest":
+        raise MdistillerError(f"--resume-from takes the name of a checkpoint in the run folder (epoch_<n>, best), "
+                              f"got {name!r}; plain --resume continues from latest")
+    problem = checkpoint_problem(os.path.join(run_dir, name))
+    if problem:
+        raise MdistillerError(f"--resume-from {name}: {problem}")
 
 
 def check_teacher_cache(cfg, device: torch.device) -> None:
