@@ -429,3 +429,57 @@ def test_torchrun_trains_kd_on_an_imagenet_folder(tmp_path, tmp_path_factory):
     worklog = (run_dir / "worklog.txt").read_text()
     assert re.findall(r"^epoch: (\d+)$", worklog, re.M) == ["1"] and re.search(r"^loss_kd: [\d.]+$", worklog, re.M)
     assert torch.load(run_dir / "student_best", weights_only=False)["arch"] == "ResNet18"
+
+
+SIGKILL_ON_RANK_1 = """
+import os, runpy, signal, sys, time
+from mdistiller.engine.trainer import Trainer
+
+calls = 0
+original = Trainer.forward_step
+
+
+def forward_step(self, batch, epoch):
+    global calls
+    calls += 1
+    if calls == 6 and int(os.environ["RANK"]) == 1:  # epoch 2, step 2: rank 1 dies without a word
+        with open(os.environ["KILLED_AT"], "w") as f:
+            f.write(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, batch, epoch)
+
+
+Trainer.forward_step = forward_step
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@needs_gloo
+def test_sigkill_of_one_rank_ends_the_job_in_seconds_with_one_line_and_resume_is_bitwise_exact(
+        ddp_run, tmp_path, cifar100_tiny_root, monkeypatch):
+    """No hang until a collective's timeout: the surviving rank's collective fails at once (the peer's socket is
+    closed), and it stops with one line naming the last good checkpoint; `latest` (the end of epoch 1) loads, and
+    --resume under torchrun ends with the uninterrupted run's weights, to the bit."""
+    import time
+
+    script = tmp_path / "sigkill_rank1.py"
+    script.write_text(SIGKILL_ON_RANK_1)
+    killed_at = tmp_path / "killed_at"
+    monkeypatch.setenv("KILLED_AT", str(killed_at))
+    args = _train_args(tmp_path, cifar100_tiny_root)
+    stopped = _torchrun(str(script), str(REPO / "tools" / "train.py"), *args)
+    ended = time.time()
+    assert stopped.returncode != 0 and ended - float(killed_at.read_text()) < 20
+    mine = [line for line in stopped.stderr.splitlines() if line.startswith("error: ")]
+    assert len(mine) == 1 and "another process of this 2-process job stopped" in mine[0], stopped.stderr[-3000:]
+    assert "(saved at the end of epoch 1) is the last good checkpoint: continue with --resume" in mine[0]
+    assert "[rank0]: Traceback" not in stopped.stderr
+    run_dir = _run_dir(tmp_path)
+    assert torch.load(run_dir / "latest", weights_only=False)["epoch"] == 1
+    resumed = _torchrun(str(REPO / "tools" / "train.py"), "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = torch.load(_run_dir(ddp_run[0]) / "student_latest", weights_only=False)["model"]
+    final = torch.load(run_dir / "student_latest", weights_only=False)["model"]
+    for key in reference:
+        assert torch.equal(final[key], reference[key]), key

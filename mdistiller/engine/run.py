@@ -212,6 +212,12 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
             try:
                 result = trainer.train(resume=resume)
             except RuntimeError as exc:  # an op without a deterministic kernel, under EXPERIMENT.DETERMINISTIC
+                lost = lost_peer(exc)
+                if lost:  # another rank died (SIGKILL, OOM): stop now, in one line, instead of a traceback
+                    raise MdistillerError(
+                        f"another process of this {distributed.world_size()}-process job stopped ({lost}); "
+                        f"{trainer.checkpoints.last_good()}: continue with --resume"
+                    ) from None
                 if not (cfg.EXPERIMENT.DETERMINISTIC and "deterministic" in str(exc)):
                     raise
                 raise MdistillerError(
@@ -228,6 +234,19 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
                          f"or copy it to {zoo}")
     sys.stdout.flush()
     return {**result, "run_dir": run_dir}
+
+
+# What gloo / NCCL raise on the surviving ranks when a peer process is gone
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted", "Socket closed")
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """The phrase of a collective's error that says a peer process is gone (under torchrun), or None."""
+    if distributed.world_size() <= 1:
+        return None
+    text = str(exc)
+    return next((f"{phrase.lower()} in a collective" for phrase in _PEER_LOST if phrase in text), None)
 
 
 def fall_back_to(run_dir: str, name: str) -> None:
