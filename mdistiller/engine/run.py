@@ -195,7 +195,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
         distributed.barrier()  # the other ranks wait until the run folder exists
         with run_log(run_dir):
             if distributed.is_main_process():
-                _record_start(cfg, run_dir, identity, changed)
+                _record_start(cfg, run_dir, identity, changed, resume)
             trainer = Trainer(run_dir, distiller, train_loader, val_loader, cfg, device, teacher_cache=teacher_cache)
             log.info(
                 f"run {run_dir}: {cfg.DISTILLER.TYPE} {cfg.DISTILLER.STUDENT}"
@@ -261,10 +261,10 @@ def fall_back_to(run_dir: str, name: str) -> None:
     log.warning(f"continuing from {name} (--resume-from); the previous latest, if any, is kept as latest.damaged")
 
 
-def _record_start(cfg, run_dir: str, identity: dict, changed: list[str]) -> None:
+def _record_start(cfg, run_dir: str, identity: dict, changed: list[str], resume: bool) -> None:
     """config.yaml and identity.json of the run (a previous config.yaml that differs kept in config_history/); an
     accepted recipe change (--resume-changed) noted in log.txt and worklog.txt."""
-    kept = record_identity(cfg, run_dir, identity, changed)
+    kept = record_identity(cfg, run_dir, identity, changed, resume)
     if changed:
         note = f"resumed with a changed recipe (--resume-changed): {'; '.join(changed)}"
         where = f"; the previous config: {os.path.relpath(kept, run_dir)}" if kept else ""

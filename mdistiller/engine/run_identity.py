@@ -157,13 +157,13 @@ def check_resume(cfg, run_dir: str, now: dict, accept_changed: bool) -> list[str
     return changed
 
 
-def record_identity(cfg, run_dir: str, identity: dict, changed: list[str]) -> str | None:
-    """Write config.yaml and identity.json at the start (or resume) of a run; a previous config.yaml that differs
-    moves to config_history/ (with its identity.json). Returns the history file written, or None."""
+def record_identity(cfg, run_dir: str, identity: dict, changed: list[str], resume: bool = True) -> str | None:
+    """Write config.yaml and identity.json at the start (or resume) of a run; on resume a previous config.yaml that
+    differs moves to config_history/ (with its identity.json). Returns the history file written, or None."""
     config_path, identity_path = os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, IDENTITY_FILE)
     text = cfg_text(cfg)
     kept = None
-    if os.path.isfile(config_path):
+    if resume and os.path.isfile(config_path):
         with open(config_path) as f:
             previous = f.read()
         if previous != text or changed:

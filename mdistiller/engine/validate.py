@@ -217,7 +217,8 @@ def check_first_step(cfg, distiller, train_loader, device: torch.device, teacher
         return  # a device-resident or iterable data path: DOT's split is then checked at the first step
     rng = get_rng_state()
     try:
-        batch = default_collate([dataset[0], dataset[1]])
+        collate = getattr(train_loader, "collate_fn", None) or default_collate
+        batch = collate([dataset[0], dataset[1]])
         if teacher_cache is not None:
             batch = teacher_cache.attach(batch)
         batch = accel.batch_to_device(batch, device)
@@ -227,6 +228,10 @@ def check_first_step(cfg, distiller, train_loader, device: torch.device, teacher
         with torch.no_grad():
             _, losses = dry(**batch, epoch=1)
         del dry
+    except MdistillerError:
+        raise
+    except Exception:  # a data path this dry batch does not fit: the first step checks the split as before
+        return
     finally:
         set_rng_state(rng)
     split_losses(losses, distiller.declares.distillation_terms)
