@@ -304,9 +304,9 @@ def ddp_run(tmp_path_factory, cifar100_tiny_root):
 def test_torchrun_run_writes_every_file_once_from_rank_0(ddp_run):
     tmp, result = ddp_run
     run_dir = _run_dir(tmp)
-    assert sorted(os.listdir(run_dir)) == ["best", "config.yaml", "epoch_1", "epoch_2", "latest", "log.txt",
-                                           "student_1", "student_2", "student_best", "student_latest", "train.events",
-                                           "worklog.txt"]
+    assert sorted(os.listdir(run_dir)) == ["best", "config.yaml", "epoch_1", "epoch_2", "identity.json", "latest",
+                                           "log.txt", "student_1", "student_2", "student_best", "student_latest",
+                                           "train.events", "worklog.txt"]
     assert (run_dir / "log.txt").read_text().count("epoch 2/2") == 1  # rank 0 alone writes the run log
     assert len(os.listdir(run_dir / "train.events")) == 1  # one tensorboard writer
     worklog = (run_dir / "worklog.txt").read_text()
