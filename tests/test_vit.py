@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from mdistiller.distillers import Distiller
+from mdistiller.distillers import Declaration, Distiller
 from mdistiller.engine.build import build_distiller, build_model
 from mdistiller.engine.cfg import OPTIMIZERS, default_cfg, load_cfg, validate_cfg
 from mdistiller.engine.optim import OPTIMIZER_BUILDERS, build_optimizer
@@ -110,10 +110,18 @@ class _TokenModel(nn.Module):
         return {"pos_embed"}
 
 
+class _WithTeacher(Distiller):
+    declares = Declaration(loss_terms=("loss_ce", "loss_kd"), distillation_terms=("loss_kd",))
+
+
+class _Alone(Distiller):
+    declares = Declaration(loss_terms=("loss_ce",), requires_teacher=False)
+
+
 def test_adamw_skips_weight_decay_on_biases_norms_and_listed_tokens():
     cfg = default_cfg()
     cfg.SOLVER.TYPE, cfg.SOLVER.LR, cfg.SOLVER.WEIGHT_DECAY = "AdamW", 5e-4, 0.05
-    distiller = Distiller(_TokenModel(), nn.Linear(2, 2), cfg)  # the teacher is never optimised
+    distiller = _WithTeacher(_TokenModel(), nn.Linear(2, 2), cfg)  # the teacher is never optimised
     optimizer = build_optimizer(cfg, distiller)
     assert isinstance(optimizer, torch.optim.AdamW)
     decay, no_decay = optimizer.param_groups
@@ -127,7 +135,7 @@ def test_adamw_skips_weight_decay_on_biases_norms_and_listed_tokens():
 
 def test_sgd_is_the_trainers_optimizer_and_other_types_are_refused():
     cfg = default_cfg()
-    distiller = Distiller(_TokenModel(), None, cfg)
+    distiller = _Alone(_TokenModel(), None, cfg)
     optimizer = build_optimizer(cfg, distiller)
     assert isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) == 1
     group = optimizer.param_groups[0]

@@ -11,6 +11,10 @@ Sources:
 - KD+DOT (Zhao et al., ICCV 2023; upstream's README): CIFAR-100, ImageNet and Tiny-ImageNet, with Tiny-ImageNet's KD.
   Result logs of DOT runs are named `KD+DOT,<teacher>,<student>.txt` (DISTILLER.TYPE + "+DOT" under SOLVER.TRAINER
   dot / crd_dot). The log names carry no data set: the ImageNet and Tiny-ImageNet pairs are ones no CIFAR table has;
+- the recent logit methods (spec recent.md): DIST from hunto/DIST_KD's README (CIFAR-100 mean of the authors' runs,
+  ImageNet) and, for the pairs outside the DIST paper, the TTM paper's own DIST runs (zkxufo/TTM README); TTM and
+  WTTM from zkxufo/TTM's README (CIFAR-100 mean of 5 runs; WTTM also ImageNet); NKD from yzd-v/cls_KD's nkd.md
+  (ImageNet only: the authors publish no CIFAR-100 number). RLD's numbers are owed (its paper's tables, not read).
 - the recent methods (spec recent.md): SD-KD / SD-DKD / SD-NKD (the SDD README's CIFAR-100 and ImageNet tables),
   KD++ / DKD++ (the ND repo's README tables 1.1 / 1.2), USKD (cls_KD's nkd.md, ImageNet, no teacher: logged as
   `USKD,none,<student>.txt`; ResNet18 / ResNet50 only in their config headers, as their log names are those of CIFAR
@@ -113,11 +117,61 @@ _DOT_NUMBERS = {
 }
 
 
+DIST_SOURCE = "Huang et al., NeurIPS 2022 (DIST), hunto/DIST_KD README"
+TTM_SOURCE = "Zheng & Yang, ICLR 2024 (TTM / WTTM), zkxufo/TTM README"
+NKD_SOURCE = "Yang et al., ICCV 2023 (NKD), yzd-v/cls_KD nkd.md"
+# (method, teacher, student): (top-1, source, data set)
+_RECENT_NUMBERS = {
+    ("DIST", "wrn_40_2", "wrn_40_1"): (74.43, DIST_SOURCE, "CIFAR-100"),
+    ("DIST", "resnet56", "resnet20"): (71.75, DIST_SOURCE, "CIFAR-100"),
+    ("DIST", "resnet32x4", "resnet8x4"): (76.31, DIST_SOURCE, "CIFAR-100"),
+    ("DIST", "ResNet50", "MobileNetV2"): (68.66, DIST_SOURCE, "CIFAR-100"),
+    ("DIST", "resnet32x4", "ShuffleV1"): (76.34, DIST_SOURCE, "CIFAR-100"),
+    ("DIST", "resnet32x4", "ShuffleV2"): (77.35, DIST_SOURCE, "CIFAR-100"),
+    ("DIST", "ResNet34", "ResNet18"): (72.07, DIST_SOURCE, "ImageNet"),
+    ("DIST", "ResNet50", "MobileNetV1"): (73.24, DIST_SOURCE, "ImageNet"),
+    ("WTTM", "ResNet34", "ResNet18"): (72.19, TTM_SOURCE, "ImageNet"),
+    ("WTTM", "ResNet50", "MobileNetV1"): (73.09, TTM_SOURCE, "ImageNet"),
+    ("NKD", "ResNet34", "ResNet18"): (71.96, NKD_SOURCE, "ImageNet"),
+    ("NKD", "ResNet50", "MobileNetV1"): (72.58, NKD_SOURCE, "ImageNet"),
+}
+_DIST_BY_TTM_SOURCE = f"{TTM_SOURCE} (the TTM paper's own DIST run), CIFAR-100"
+# teacher student | TTM | WTTM | DIST (the TTM paper's run; "-": the DIST paper's own number above)
+_TTM_TABLE = """
+wrn_40_2 wrn_16_2      | 76.23 | 76.37 | 75.51
+wrn_40_2 wrn_40_1      | 74.32 | 74.58 | -
+resnet56 resnet20      | 71.83 | 71.92 | -
+resnet110 resnet20     | 71.46 | 71.67 | 71.65
+resnet110 resnet32     | 73.97 | 74.13 | 73.69
+resnet32x4 resnet8x4   | 76.17 | 76.06 | -
+vgg13 vgg8             | 74.33 | 74.44 | 73.89
+vgg13 MobileNetV2      | 68.98 | 69.16 | 68.50
+ResNet50 MobileNetV2   | 69.24 | 69.59 | -
+ResNet50 vgg8          | 74.87 | 74.82 | 74.11
+resnet32x4 ShuffleV1   | 74.18 | 74.37 | -
+resnet32x4 ShuffleV2   | 76.57 | 76.55 | -
+wrn_40_2 ShuffleV1     | 75.39 | 75.42 | 76.40
+"""
+
+
+def _parse_recent() -> dict[tuple[str, str, str], Published]:
+    table = {key: Published(top1, None, f"{source}, {dataset}") for key, (top1, source, dataset) in
+             _RECENT_NUMBERS.items()}
+    for row in _TTM_TABLE.strip().splitlines():
+        pair, *cells = row.split("|")
+        teacher, student = pair.split()
+        for method, cell, source in zip(("TTM", "WTTM", "DIST"), cells,
+                                        (f"{TTM_SOURCE}, CIFAR-100",) * 2 + (_DIST_BY_TTM_SOURCE,)):
+            if cell.strip() != "-":
+                table[(method, teacher, student)] = Published(float(cell), None, source)
+    return table
+
+
 SDD_SOURCE = "Wei et al., CVPR 2024 (SDD), the authors' README"
 KDPP_SOURCE = "Wang et al., arXiv 2305.17007 (KD++ / DKD++), the authors' README"
 USKD_SOURCE = "Yang et al., ICCV 2023 (USKD), cls_KD nkd.md, no teacher"
 # (method, teacher, student): (top-1, source, data set)
-_RECENT_NUMBERS = {
+_RECENT_FEATURE_NUMBERS = {
     **{(method, teacher, student): (top1, SDD_SOURCE, "CIFAR-100")
        for (teacher, student), values in {
            ("resnet32x4", "ShuffleV1"): (76.30, 77.30, 76.34), ("wrn_40_2", "ShuffleV1"): (76.65, 77.21, 76.81),
@@ -165,7 +219,8 @@ def _all_numbers() -> dict[tuple[str, str, str], Published]:
     numbers.update(_parse_table())  # KD of the pairs both tables hold: the LS table's (the same values)
     for key, (top1, dataset) in _DOT_NUMBERS.items():
         numbers[key] = Published(top1, None, f"{DOT_SOURCE}, {dataset}")
-    for key, (top1, source, dataset) in _RECENT_NUMBERS.items():
+    numbers.update(_parse_recent())
+    for key, (top1, source, dataset) in _RECENT_FEATURE_NUMBERS.items():
         numbers[key] = Published(top1, None, f"{source}, {dataset}")
     return numbers
 
@@ -174,7 +229,7 @@ def _pairs_in_order() -> list[tuple[str, str]]:
     pairs = [tuple(row.split("|")[0].split()) for row in _LS_TABLE.strip().splitlines()]
     classic = [tuple(row.split("|")[0].split()) for row in _CLASSIC_TABLE.strip().splitlines()]
     dot = [(teacher, student) for _, teacher, student in _DOT_NUMBERS]
-    recent = [(teacher, student) for _, teacher, student in _RECENT_NUMBERS]
+    recent = [(teacher, student) for _, teacher, student in [*_parse_recent(), *_RECENT_FEATURE_NUMBERS]]
     for pair in classic + dot + recent:
         if pair not in pairs:
             pairs.append(pair)

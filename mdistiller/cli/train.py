@@ -1,10 +1,10 @@
 """Train a teacher (DISTILLER.TYPE NONE) or distil a student, as a config describes.
 
     python tools/train.py --cfg configs/cifar100/kd/resnet32x4_resnet8x4.yaml [--resume] [--seeds 0,1,2]
-        [--logit-stand [--base-temp 2] [--kd-weight 9]] [--M "[1,2]"] [--warmup 20] [KEY VALUE ...]
+        [--logit-stand [--base-temp 2] [--kd-weight 9]] [--same-t] [--M "[1,2]"] [--warmup 20] [KEY VALUE ...]
 
-`--M` and `--warmup` are SDD's flags (SDD.M, DKD.WARMUP; refused for other methods), recorded as the overrides they
-stand for (config.yaml, run name).
+`--same-t` is RLD's flag (RLD.ALPHA_T = RLD.T after the LS flags); `--M` and `--warmup` are SDD's (SDD.M, DKD.WARMUP);
+each is refused for other methods and recorded as the overrides it stands for (config.yaml, run name).
 
 SIGTERM or Ctrl-C stops after the current step, saves `latest` there, prints the command that continues the run and
 exits with 143 (SIGTERM) or 130 (SIGINT).
@@ -22,6 +22,7 @@ import shlex
 import sys
 
 from .. import distributed
+from ..distillers.rld import rld_same_t
 from ..distillers.sdd import sdd_flag_overrides
 from ..engine.build import apply_logit_stand_flags
 from ..engine.cfg import load_cfg, merge_opts
@@ -43,7 +44,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 FLAG_TAKES_VALUE = {"--cfg": True, "--resume": False, "--seeds": True, "--logit-stand": False, "--base-temp": True,
-                    "--kd-weight": True}
+                    "--kd-weight": True, "--same-t": False}
 FLAG_TAKES_VALUE.update({"--M": True, "--warmup": True})  # SDD's flags (its authors' train_origin.py)
 
 
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--logit-stand", action="store_true", help="logit standardisation (z-score) on the logits")
     parser.add_argument("--base-temp", type=float, default=2.0, help="temperature with --logit-stand")
     parser.add_argument("--kd-weight", type=float, default=9.0, help="distillation weight with --logit-stand")
+    parser.add_argument("--same-t", action="store_true", help="RLD: RLD.ALPHA_T = RLD.T (after --logit-stand)")
     parser.add_argument("--M", type=str, default=None, help='SDD: the scales, as the authors write them: "[1,2,4]"')
     parser.add_argument("--warmup", type=str, default=None, help="SD-DKD / SD-NKD: warm-up epochs (DKD.WARMUP)")
     parser.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. SOLVER.EPOCHS 10")
@@ -92,8 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_cfg(args: argparse.Namespace):
-    """Defaults <- --cfg <- KEY VALUE overrides <- LS flags; frozen. (The run validates it, with everything else, before
-    any side effect: engine/validate.py.)"""
+    """Defaults <- --cfg <- KEY VALUE overrides <- LS flags <- --same-t; frozen. (The run validates it, with everything
+    else, before any side effect: engine/validate.py.) --same-t is recorded as the override `RLD.ALPHA_T <T>` in
+    `args.opts`, so the run name says it as config.yaml does."""
     cfg = load_cfg(args.cfg, args.opts or [])
     sdd_opts = sdd_flag_overrides(cfg, args.M, args.warmup)  # SDD.M / DKD.WARMUP, recorded as overrides
     if sdd_opts:
@@ -101,6 +104,9 @@ def build_cfg(args: argparse.Namespace):
         args.opts = [*(args.opts or []), *sdd_opts]
     if args.logit_stand:
         apply_logit_stand_flags(cfg, args.base_temp, args.kd_weight)
+    if args.same_t:
+        rld_same_t(cfg)
+        args.opts = [*(args.opts or []), "RLD.ALPHA_T", f"{cfg.RLD.ALPHA_T:g}"]
     cfg.freeze()
     return cfg
 

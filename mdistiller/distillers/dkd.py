@@ -14,7 +14,7 @@ from .registry import register_distiller
 _TARGET_MASK_OFFSET = 1000.0
 
 
-def _target_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def target_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B, C) float mask, 1 at each row's target class."""
     return torch.zeros_like(logits).scatter_(1, target.view(-1, 1), 1.0)
 
@@ -32,7 +32,7 @@ def dkd_terms(
     """
     z_s = student_logits.float() / temperature
     z_t = teacher_logits.float() / temperature
-    gt = _target_mask(z_s, target)
+    gt = target_mask(z_s, target)
     p_s = F.softmax(z_s, dim=1)
     p_t = F.softmax(z_t, dim=1)
     p_s_gt = (p_s * gt).sum(1, keepdim=True)
