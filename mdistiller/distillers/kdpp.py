@@ -314,6 +314,7 @@ class KDPP(_NormDirection):
         teacher_reads=_reads_features,
         extra_modules=("projector",),
         logit_stand_refusal=LOGIT_STAND_REFUSAL,
+        rank_synced_buffers=("class_centres",),  # read from one file on every rank, never changed
     )
 
     @classmethod
@@ -353,6 +354,7 @@ class DKDPP(_NormDirection):
         teacher_reads=_reads_features,
         extra_modules=("projector",),
         logit_stand_refusal=LOGIT_STAND_REFUSAL,
+        rank_synced_buffers=("class_centres",),  # read from one file on every rank, never changed
     )
 
     @classmethod
