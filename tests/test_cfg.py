@@ -173,7 +173,7 @@ def test_run_name_separates_logit_stand_runs():
     assert result_log_name(plain) == "KD,resnet32x4,resnet8x4.txt"
     assert result_log_name(ls) == "KD,resnet32x4,resnet8x4,2,6.txt"
     opts = ["SOLVER.LR", "0.1", "DATASET.ROOT", "/some/where", "LOG.PREFIX", "/tmp/x"]
-    assert run_name(plain, opts) == "kd,res32x4,res8x4,SOLVER.LR:0.1"  # where-to-work keys stay out of the name
+    assert run_name(load_cfg(path, opts), opts) == "kd,res32x4,res8x4,SOLVER.LR:0.1"  # where-to-work keys stay out
 
 
 def test_dumped_config_reloads_identically(tmp_path):

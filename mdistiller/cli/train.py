@@ -111,17 +111,28 @@ def build_cfg(args: argparse.Namespace):
     """Defaults <- --cfg <- KEY VALUE overrides <- SDD's flags <- LS flags <- --same-t; frozen. (The run validates it,
     with everything else, before any side effect: engine/validate.py.)
 
-    The flags stand for overrides of the file's values; a flag that would change a key the command line also sets is
-    refused (check_flags_against_keys), so a name's `KEY:VALUE` is always what trains. --M/--warmup and --same-t are
+    The flags stand for overrides of the file's values; a flag that would replace a value the command line typed is
+    refused (check_flags_against_keys), so what a run name shows is what trains. --M/--warmup and --same-t are
     recorded as the overrides they stand for (`SDD.M`, `DKD.WARMUP`, `RLD.ALPHA_T`) in `args.opts`, so the run name
     says them as config.yaml does."""
     opts = list(args.opts or [])
     cfg = load_cfg(args.cfg, opts)
     typed = dict(zip(opts[::2], opts[1::2]))  # a key given twice counts once, with its last value
-    explicit = {key: cfg_value(cfg, key) for key in typed}
     refuse_ls_records(cfg, typed, args)
-    set_by: dict[str, str] = {}  # key -> the flag words that last changed it
     sdd_opts = sdd_flag_overrides(cfg, args.M, args.warmup)  # SDD.M / DKD.WARMUP, recorded as overrides
+    typed_cfg = cfg.clone()  # what the file and the overrides say, before the flags
+    set_by: dict[str, str] = {}  # key -> the flag words that last changed it
+    _apply_flags(cfg, args, sdd_opts, set_by)
+    check_flags_against_keys(cfg, typed_cfg, typed, set_by, lambda probe: _apply_flags(probe, args, sdd_opts, {}))
+    args.opts = [*opts, *sdd_opts]
+    if args.same_t:
+        args.opts += ["RLD.ALPHA_T", f"{cfg.RLD.ALPHA_T:g}"]
+    cfg.freeze()
+    return cfg
+
+
+def _apply_flags(cfg, args: argparse.Namespace, sdd_opts: list[str], set_by: dict[str, str]) -> None:
+    """SDD's flags, then the LS flags, then --same-t, noting in set_by which flag changed which key."""
     for key, value in zip(sdd_opts[::2], sdd_opts[1::2]):
         words = f"--M {args.M}" if key == "SDD.M" else f"--warmup {args.warmup}"
         _tracking(cfg, set_by, lambda k=key, v=value: merge_opts(cfg, [k, v]), lambda _key, w=words: w)
@@ -130,12 +141,6 @@ def build_cfg(args: argparse.Namespace):
                   _ls_words(cfg, args.base_temp, args.kd_weight))
     if args.same_t:
         _tracking(cfg, set_by, lambda: rld_same_t(cfg), lambda _key: "--same-t")
-    check_flags_against_keys(cfg, typed, explicit, set_by)
-    args.opts = [*opts, *sdd_opts]
-    if args.same_t:
-        args.opts += ["RLD.ALPHA_T", f"{cfg.RLD.ALPHA_T:g}"]
-    cfg.freeze()
-    return cfg
 
 
 def _tracking(cfg, set_by: dict[str, str], apply: Callable[[], None], words_for: Callable[[str], str]) -> None:
@@ -172,14 +177,29 @@ def _shown(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value).replace(" ", "")
 
 
-def check_flags_against_keys(cfg, typed: dict[str, str], explicit: dict[str, Any], set_by: dict[str, str]) -> None:
-    """One rule for flags against keys: a key the command line sets (`KEY VALUE`) that a flag then changes is refused
-    in one line naming both. (The flags change the file's values by design: that is what they are for.)"""
-    for key, value in explicit.items():
-        final = cfg_value(cfg, key)
-        if key in set_by and final != value:
-            raise MdistillerError(f"{key} {typed[key]} and {set_by[key]} both set {key} ({typed[key]} vs "
-                                  f"{_shown(final)}); keep one")
+def check_flags_against_keys(cfg, typed_cfg, typed: dict[str, str], set_by: dict[str, str],
+                             apply_flags: Callable[[Any], None]) -> None:
+    """One rule for flags against keys: a value the command line typed (`KEY VALUE`) that a flag then replaces is
+    refused in one line naming both. A flag that scales the typed value (DKD's and RLD's `--kd-weight` multiply
+    ALPHA and BETA, as their authors' code does) composes with it instead: the run name shows the product, the value
+    that trains. The flags replace the file's values by design: that is what they are for."""
+    for key, raw in typed.items():
+        before, final = cfg_value(typed_cfg, key), cfg_value(cfg, key)
+        if key not in set_by or final == before or _scales(typed_cfg, key, final, apply_flags):
+            continue
+        raise MdistillerError(f"{key} {raw} and {set_by[key]} both set {key} ({raw} vs {_shown(final)}); keep one")
+
+
+def _scales(typed_cfg, key: str, final: Any, apply_flags: Callable[[Any], None]) -> bool:
+    """Whether the flags' value for key follows the typed one (a multiplier), found by moving it on a copy."""
+    value = cfg_value(typed_cfg, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    probe = typed_cfg.clone()
+    section, _, leaf = key.rpartition(".")
+    cfg_value(probe, section)[leaf] = type(value)(value * 2 + 1)
+    apply_flags(probe)
+    return cfg_value(probe, key) != final
 
 
 _LS_RECORDS = ("EXPERIMENT.BASE_TEMP", "EXPERIMENT.KD_WEIGHT")  # what --logit-stand records; they set nothing else
