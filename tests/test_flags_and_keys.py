@@ -186,30 +186,38 @@ def test_every_value_a_name_shows_is_the_value_that_trains(accepted, argv):
     rest = name[len(cfg.EXPERIMENT.TAG) + 1:]
     tags = [t for t in re.split(r",(?![^\[]*\])|,(?=LS:)", rest) if t]  # commas inside [..] belong to a list
     tags = _join_ls(tags)
+    ls_tags = [t for t in tags if _LS_TAG.match(t)]
+    scaled: dict[str, float] = {}  # key -> the factor the LS tag's w multiplies it by
+    if ls_tags:  # the LS flags' τ and w: what the method's mapping makes of the typed recipe is what trains
+        (ls,) = [_LS_TAG.match(t) for t in ls_tags]
+        typed = load_cfg(str(REPO / argv[0]), train_tool.parse_args(["--cfg", *argv]).opts)
+        temp, weight = float(ls.group(1)), float(ls.group(2))
+        expected = typed.clone()
+        get_distiller_class(typed.DISTILLER.TYPE).declares.logit_stand(expected, temp, weight)
+        if "--same-t" in argv:
+            expected.RLD.ALPHA_T = expected.RLD.T
+        changed = [k for k, v in leaf_values(expected).items() if v != cfg_value(typed, k)]
+        assert changed
+        for key in changed:
+            assert cfg_value(cfg, key) == cfg_value(expected, key), key
+            if cfg_value(typed, key) and cfg_value(expected, key) == cfg_value(typed, key) * weight:
+                scaled[key] = weight
+        assert (cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT) == (temp, weight)
     for tag in tags:
-        ls = _LS_TAG.match(tag)
-        if ls:  # the LS flags' τ and w: what the method's mapping makes of the typed recipe is what trains
-            typed = load_cfg(str(REPO / argv[0]), train_tool.parse_args(["--cfg", *argv]).opts)
-            temp, weight = float(ls.group(1)), float(ls.group(2))
-            expected = typed.clone()
-            get_distiller_class(typed.DISTILLER.TYPE).declares.logit_stand(expected, temp, weight)
-            if "--same-t" in argv:
-                expected.RLD.ALPHA_T = expected.RLD.T
-            changed = [k for k, v in leaf_values(expected).items() if v != cfg_value(typed, k)]
-            assert changed, tag
-            for key in changed:
-                assert cfg_value(cfg, key) == cfg_value(expected, key), (tag, key)
-            assert (cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT) == (temp, weight)
-        elif ":" in tag:
-            key, value = tag.split(":", 1)
-            assert override_value(key, value) == cfg_value(cfg, key), tag
+        if tag in ls_tags or ":" not in tag:
+            continue
+        key, value = tag.split(":", 1)
+        assert override_value(key, value) * scaled.get(key, 1) == cfg_value(cfg, key), tag
     assert ("--logit-stand" in argv) == any(_LS_TAG.match(t) for t in tags)
 
 
-def test_a_scaled_key_shows_its_product():
-    """DKD/RLD's --kd-weight multiplies the typed ALPHA, as the authors' code does: the name shows what trains."""
+def test_a_scaled_key_shows_its_typed_factor_beside_the_scale():
+    """DKD/RLD's --kd-weight multiplies the typed ALPHA, as the authors' code does: the name keeps the factor typed
+    and the LS tag's w (as the published LS table's runs are named: DKD.BETA:2.0,LS:T2,w15 trains BETA 30)."""
     cfg, args = _build(DKD, "DKD.ALPHA", "2", "--logit-stand")
-    assert cfg.DKD.ALPHA == 18.0 and run_name(cfg, args.opts) == "dkd,res32x4,res8x4,DKD.ALPHA:18,LS:T2,w9"
+    assert cfg.DKD.ALPHA == 18.0 and run_name(cfg, args.opts) == "dkd,res32x4,res8x4,DKD.ALPHA:2,LS:T2,w9"
+    cfg, args = _build(C + "dkd/vgg13_vgg8.yaml", "--logit-stand", "--kd-weight", "15", "DKD.BETA", "2.0")
+    assert cfg.DKD.BETA == 30.0 and run_name(cfg, args.opts) == "dkd,vgg13,vgg8,DKD.BETA:2.0,LS:T2,w15"
 
 
 def test_existing_names_are_kept():

@@ -189,9 +189,9 @@ def test_no_flags_train_the_authors_defaults() -> None:
 def test_logit_stand_flags_scale_the_weights_and_set_both_temperatures() -> None:
     cfg, args = _cfg("--logit-stand", "--base-temp", "3", "--kd-weight", "5", "RLD.ALPHA", "2.0")
     assert cfg.EXPERIMENT.LOGIT_STAND is True and (cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT) == (3.0, 5.0)
-    # overrides first, then the flags: ALPHA 2 * 5, BETA 8 * 5, T = ALPHA_T = 3; the name shows the ALPHA that trains
+    # overrides first, then the flags: ALPHA 2 * 5, BETA 8 * 5, T = ALPHA_T = 3; the name shows the factor and w
     assert _rld(cfg) == (10.0, 40.0, 3.0, 3.0, 1.0, 20)
-    assert run_name(cfg, args.opts).endswith(",RLD.ALPHA:10,LS:T3,w5")
+    assert run_name(cfg, args.opts).endswith(",RLD.ALPHA:2.0,LS:T3,w5")
     with pytest.raises(MdistillerError, match=r"RLD.T 7.0 and --logit-stand --base-temp 3 both set RLD.T"):
         _cfg("--logit-stand", "--base-temp", "3", "RLD.T", "7.0")  # the flag would replace the typed T
     defaults, _ = _cfg("--logit-stand")

@@ -5,6 +5,8 @@
 
 `--same-t` is RLD's flag (RLD.ALPHA_T = RLD.T after the LS flags); `--M` and `--warmup` are SDD's (SDD.M, DKD.WARMUP);
 each is refused for other methods and recorded as the overrides it stands for (config.yaml, run name).
+A flag changes the config file's values; a flag that would replace a value typed as `KEY VALUE` is refused, naming
+both (docs/runs.md "Errors before training"), and `--base-temp` / `--kd-weight` need `--logit-stand`.
 
 SIGTERM or Ctrl-C stops after the current step, saves `latest` there, prints the command that continues the run and
 exits with 143 (SIGTERM) or 130 (SIGINT).

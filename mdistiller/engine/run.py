@@ -64,12 +64,34 @@ def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
 
 
 def _trained_value(cfg, key: str, typed: str) -> str:
-    """The value as typed when it is the one that trains, else the merged config's (a name never shows a value that
-    does not train; tools/train.py refuses a flag that would change a typed key)."""
-    final = cfg_value(cfg, key)
-    if override_value(key, typed) == final:
+    """The value as typed when it is the one that trains, or the factor the LS flags scale (DKD's and RLD's
+    `--kd-weight` multiply the typed ALPHA / BETA: `DKD.BETA:2.0,LS:T2,w15` trains BETA 30); else the merged
+    config's, so a name never shows a value that does not train (tools/train.py refuses a flag that would replace a
+    typed key)."""
+    final, value = cfg_value(cfg, key), override_value(key, typed)
+    if value == final or _scaled_by_ls(cfg, key, value, final):
         return typed
     return _fmt(final) if isinstance(final, float) else str(final).replace(" ", "")
+
+
+def _scaled_by_ls(cfg, key: str, value, final) -> bool:
+    """Whether the LS flags recorded in cfg turn the typed value into the merged one, and would turn another into
+    another (a scale, not a replacement)."""
+    if not (cfg.EXPERIMENT.LOGIT_STAND and cfg.EXPERIMENT.BASE_TEMP > 0):
+        return False
+    mapping = get_distiller_class(cfg.DISTILLER.TYPE).declares.logit_stand
+    if mapping is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+
+    def mapped(typed_value):
+        probe = cfg.clone()
+        probe.defrost()
+        section, _, leaf = key.rpartition(".")
+        cfg_value(probe, section)[leaf] = typed_value
+        mapping(probe, cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT)
+        return cfg_value(probe, key)
+
+    return mapped(value) == final and mapped(type(value)(value * 2 + 1)) != final
 
 
 def _names_trainer(name: str, tags: list[str], trainer: str) -> bool:
