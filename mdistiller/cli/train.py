@@ -183,8 +183,8 @@ def check_flags_against_keys(cfg, typed_cfg, typed: dict[str, str], set_by: dict
                              apply_flags: Callable[[Any], None]) -> None:
     """One rule for flags against keys: a value the command line typed (`KEY VALUE`) that a flag then replaces is
     refused in one line naming both. A flag that scales the typed value (DKD's and RLD's `--kd-weight` multiply
-    ALPHA and BETA, as their authors' code does) composes with it instead: the run name shows the product, the value
-    that trains. The flags replace the file's values by design: that is what they are for."""
+    ALPHA and BETA, as their authors' code does) composes with it instead: the run name keeps the typed factor beside
+    the LS tag's w (engine/run.py). The flags replace the file's values by design: that is what they are for."""
     for key, raw in typed.items():
         before, final = cfg_value(typed_cfg, key), cfg_value(cfg, key)
         if key not in set_by or final == before or _scales(typed_cfg, key, final, apply_flags):
