@@ -78,7 +78,7 @@ def test_ls_table_dry_run_counts_112_recipes_times_the_seeds(ls_dry_run):
     assert [r.seed for r in plan.runs[:112]] == [0] * 112, "seed-major: a first full table before any second seed"
 
 
-def test_ls_runs_take_the_authors_setting_from_each_config_header(ls_dry_run):
+def test_ls_runs_take_the_authors_setting_from_the_ls_settings_table(ls_dry_run):
     plan = ls_dry_run[0]["plan"]
     checked = 0
     for run in plan.runs[:112]:
@@ -89,7 +89,7 @@ def test_ls_runs_take_the_authors_setting_from_each_config_header(ls_dry_run):
         published = CIFAR100[(f"{cfg.DISTILLER.TYPE}+LS", cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT)]
         tau, w = cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT
         assert run.flags == ["--logit-stand", "--base-temp", f"{tau:g}", "--kd-weight", f"{w:g}"]
-        if published.setting is None:  # not logged: the flags' defaults, as the header says
+        if published.setting is None:  # not logged: the flags' defaults
             assert (tau, w) == (2.0, 9.0), run.config
             continue
         assert (tau, w) == tuple(float(v) for v in published.setting[:2]), run.config
@@ -162,7 +162,7 @@ runs:
     ("runs:\n  - configs: a.yaml\n    flags: [--resume]\n", "flag --resume is not one an entry may give"),
     ("runs:\n  - configs: a.yaml\n    flags: [--base-temp, x]\n", "invalid float value: 'x'"),
     ("runs:\n  - configs: a.yaml\n    opts: [SOLVER.LR]\n", "KEY VALUE pairs"),
-    ("runs:\n  - configs: a.yaml\n    ls: yes\n", "ls takes `header`"),
+    ("runs:\n  - configs: a.yaml\n    ls: yes\n", "ls takes `authors`"),
     ("seeds: [0, 0]\nruns: [a.yaml]\n", "lists a seed twice"),
     ("name: x\n", "needs `runs:`"),
 ])
@@ -184,11 +184,14 @@ def test_bad_plans_are_one_line_errors(tmp_path):
     path = _write_sweep(tmp_path, "runs: [configs/cifar100/nothing_here/*.yaml]\n")
     with pytest.raises(MdistillerError, match="matches no config file"):
         sweep_cli.main([path, "--dry-run"])
-    no_header = tmp_path / "kd_no_header.yaml"
-    no_header.write_text((REPO / KD).read_text().split("EXPERIMENT:", 1)[1].join(["EXPERIMENT:", ""]))
-    path = _write_sweep(tmp_path, f"runs:\n  - configs: {no_header}\n    ls: header\n")
-    with pytest.raises(MdistillerError, match="records no LS setting in its header"):
+    path = _write_sweep(tmp_path, f"runs:\n  - configs: {VANILLA}\n    ls: authors\n")
+    with pytest.raises(MdistillerError, match="no published LS setting for NONE"):
         sweep_plan.plan_sweep(sweep_plan.load_sweep(path))
+    no_header = tmp_path / "kd_no_header.yaml"  # the setting is data: a config without its header note still has it
+    no_header.write_text((REPO / KD).read_text().split("EXPERIMENT:", 1)[1].join(["EXPERIMENT:", ""]))
+    path = _write_sweep(tmp_path, f"runs:\n  - configs: {no_header}\n    ls: authors\n    seeds: [0]\n")
+    (run,) = sweep_plan.plan_sweep(sweep_plan.load_sweep(path)).runs
+    assert run.flags == ["--logit-stand", "--base-temp", "2", "--kd-weight", "9"]
     with pytest.raises(MdistillerError, match="unknown option --gpu "):
         sweep_cli.main(["teachers_cifar100", "--dry-run", "--gpu", "0"])
 

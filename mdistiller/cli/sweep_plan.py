@@ -14,7 +14,7 @@ A sweep file (YAML):
       - configs/cifar100/vanilla/*.yaml                   # a pattern alone, or an entry:
       - configs: [configs/cifar100/{method}/{pair}.yaml]  # paths or glob patterns (cwd first, then the project)
         flags: [--logit-stand, --base-temp, "2", --kd-weight, "9"]   # tools/train.py flags
-        ls: header                     # the LS flags (and overrides) the config's header records for its pair
+        ls: authors                    # the authors' LS flags (and overrides) for each config's pair (ls_settings)
         opts: [KEY, VALUE, ...]        # overrides for this entry's runs (before the sweep's opts)
         seeds: [0]                     # this entry's seeds instead of the sweep's
         matrix: {...}                  # this entry's placeholders (added to, or replacing, the sweep's)
@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from ..analysis.ls_settings import ls_setting
 from ..analysis.report import ResultLine, RunRef, find_result, read_result_file
 from ..distillers import get_distiller_class
 from ..engine.build import teacher_checkpoint_path
@@ -49,6 +50,8 @@ SWEEP_KEYS = ("name", "description", "seeds", "opts", "matrix", "published", "te
 ENTRY_KEYS = ("configs", "flags", "ls", "opts", "seeds", "matrix")
 # The flags an entry may give; --cfg, --seeds and --resume are the sweep's to set.
 ENTRY_FLAGS = ("--logit-stand", "--base-temp", "--kd-weight")
+# `ls:` values: the authors' setting of each pair (analysis/ls_settings.py); `header` is its former name
+LS_VALUES = ("authors", "header")
 # A teacher run trained for the sweep keeps only the sweep's where-to-work overrides (data, output folders): a
 # student's recipe (LR, epochs, method keys) is not the teacher's. `teacher_opts` adds what the teachers need.
 TEACHER_OPT_PREFIXES = ("DATASET.", "LOG.")
@@ -62,7 +65,7 @@ class Entry:
 
     patterns: list[str]
     flags: list[str] = field(default_factory=list)
-    ls_header: bool = False
+    ls_authors: bool = False
     opts: list[str] = field(default_factory=list)
     seeds: list[int] | None = None
     matrix: dict[str, list[str]] = field(default_factory=dict)
@@ -176,15 +179,16 @@ def _entry(item: Any, path: str) -> Entry:
                                            f"{item!r}"))
     _check_keys(item, ENTRY_KEYS, path, "an entry of runs")
     ls = item.get("ls")
-    if ls not in (None, "header"):
-        raise MdistillerError(_where(path, f"ls takes `header` (the LS setting each config's header records), got "
-                                           f"{ls!r}; explicit settings go in flags"))
+    if ls not in (None, *LS_VALUES):
+        raise MdistillerError(_where(path, f"ls takes `authors` (the authors' setting for each config's pair, "
+                                           f"mdistiller/analysis/ls_settings.py), got {ls!r}; explicit settings go "
+                                           "in flags"))
     flags = _str_list(item.get("flags", []), path, "flags")
     _check_flags(flags, path)
-    if ls == "header" and "--logit-stand" in flags:
-        raise MdistillerError(_where(path, "an entry gives either ls: header or --logit-stand in flags, not both"))
+    if ls is not None and "--logit-stand" in flags:
+        raise MdistillerError(_where(path, "an entry gives either ls: authors or --logit-stand in flags, not both"))
     return Entry(
-        patterns=_str_list(item["configs"], path, "configs"), flags=flags, ls_header=ls == "header",
+        patterns=_str_list(item["configs"], path, "configs"), flags=flags, ls_authors=ls is not None,
         opts=_opts(item.get("opts"), path, "opts"),
         seeds=_seeds(item["seeds"], path, "seeds") if "seeds" in item else None,
         matrix=_matrix(item.get("matrix"), path),
@@ -250,44 +254,18 @@ def glob_configs(pattern: str) -> list[str]:
     return found
 
 
-# ---- the authors' LS setting from a config's header ----
+# ---- the authors' LS setting (mdistiller/analysis/ls_settings.py) ----
 
-_LS_FLAGS = re.compile(r"--logit-stand\s+--base-temp\s+(\S+)\s+--kd-weight\s+(\S+)")
-_COMMAND = re.compile(r"python\s+tools/train\.py\s+--cfg\s+\S+\s+(.*)$")
-
-
-def header_comment(path: str) -> list[str]:
-    """The comment lines above a config's first key."""
-    lines = []
-    with open(path) as f:
-        for line in f:
-            if line.strip() and not line.lstrip().startswith("#"):
-                break
-            lines.append(line.strip().lstrip("#").strip())
-    return lines
-
-
-def ls_args_from_header(path: str) -> tuple[list[str], list[str]]:
-    """The LS setting a config's header records for its pair ("# LS: ... --logit-stand --base-temp τ --kd-weight w",
-    with the full command when the setting also changes a key): (flags, KEY VALUE overrides), as parse_args reads
-    them."""
-    lines = header_comment(path)
-    start = next((i for i, line in enumerate(lines) if line.startswith("LS:")), None)
-    if start is None:
-        raise MdistillerError(f"{path} records no LS setting in its header (a `# LS: ... --logit-stand --base-temp τ "
-                              f"--kd-weight w` line): give the flags in the sweep entry instead of ls: header")
-    block = lines[start:]
-    command = next((m.group(1) for m in map(_COMMAND.search, block) if m), None)
-    setting = _LS_FLAGS.search(" ".join(block))
+def authors_ls_args(config: str, opts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The authors' LS setting for the pair of `config` (with opts): (flags, KEY VALUE overrides)."""
+    cfg = build_recipe(config, [], opts)
+    key = (cfg.DATASET.TYPE, cfg.DISTILLER.TYPE, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT)
+    setting = ls_setting(*key)
     if setting is None:
-        raise MdistillerError(f"{path}: the header's LS note names no `--logit-stand --base-temp τ --kd-weight w`")
-    tokens = shlex.split(command) if command else ["--logit-stand", "--base-temp", setting.group(1),
-                                                    "--kd-weight", setting.group(2)]
-    args = parse_train_args(tokens, f"{path} header")
-    if not args.logit_stand or (args.base_temp, args.kd_weight) != (float(setting.group(1)), float(setting.group(2))):
-        raise MdistillerError(f"{path}: the header's LS command disagrees with its --base-temp/--kd-weight note")
-    flags = ["--logit-stand", "--base-temp", f"{args.base_temp:g}", "--kd-weight", f"{args.kd_weight:g}"]
-    return flags, list(args.opts or [])
+        raise MdistillerError(f"{config}: no published LS setting for {key[1]} {key[2]} -> {key[3]} on {key[0]} "
+                              "(mdistiller/analysis/ls_settings.py): give the flags in the sweep entry instead of "
+                              "ls: authors")
+    return setting.flags(), list(setting.opts)
 
 
 # ---- runs ----
@@ -412,8 +390,9 @@ def plan_sweep(sweep: Sweep, cli_opts: Sequence[str] = (), seeds: Sequence[int] 
         if unmatched:
             warnings.append(f"{where}: " + _describe_missing(unmatched, len(patterns)))
         for config in configs:
-            flags, header_opts = ls_args_from_header(config) if entry.ls_header else (list(entry.flags), [])
-            opts = [*header_opts, *entry.opts, *sweep.opts, *cli_opts]
+            opts = [*entry.opts, *sweep.opts, *cli_opts]
+            flags, ls_opts = authors_ls_args(config, opts) if entry.ls_authors else (list(entry.flags), [])
+            opts = [*ls_opts, *opts]
             recipe = build_recipe(config, flags, opts)
             recipe_hash = config_hash(recipe)
             for rank, seed in enumerate(seeds if seeds is not None else entry.seeds or sweep.seeds):
