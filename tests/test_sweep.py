@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mdistiller.analysis.published import CIFAR100
-from mdistiller.cli import launchers, sweep_plan
+from mdistiller.cli import launchers, sweep_file, sweep_plan, sweep_state
 from mdistiller.cli import sweep as sweep_cli
 from mdistiller.cli.launchers import Job, LocalQueue, gpu_slots
 from mdistiller.engine.run import append_result
@@ -84,11 +84,11 @@ def test_ls_runs_take_the_authors_setting_from_the_ls_settings_table(ls_dry_run)
     for run in plan.runs[:112]:
         cfg = run.cfg
         if not cfg.EXPERIMENT.LOGIT_STAND:
-            assert run.flags == []
+            assert run.flags == ()
             continue
         published = CIFAR100[(f"{cfg.DISTILLER.TYPE}+LS", cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT)]
         tau, w = cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT
-        assert run.flags == ["--logit-stand", "--base-temp", f"{tau:g}", "--kd-weight", f"{w:g}"]
+        assert run.flags == ("--logit-stand", "--base-temp", f"{tau:g}", "--kd-weight", f"{w:g}")
         if published.setting is None:  # not logged: the flags' defaults
             assert (tau, w) == (2.0, 9.0), run.config
             continue
@@ -98,12 +98,12 @@ def test_ls_runs_take_the_authors_setting_from_the_ls_settings_table(ls_dry_run)
         checked += 1
     assert checked >= 20
     dkd = next(r for r in plan.runs if r.config.endswith("dkd/vgg13_vgg8.yaml") and r.cfg.EXPERIMENT.LOGIT_STAND)
-    assert dkd.opts[:2] == ["DKD.BETA", "2.0"] and dkd.name.startswith("dkd,vgg13,vgg8,DKD.BETA:2.0,LS:T2,w15")
+    assert dkd.opts[:2] == ("DKD.BETA", "2.0") and dkd.name.startswith("dkd,vgg13,vgg8,DKD.BETA:2.0,LS:T2,w15")
 
 
 @pytest.mark.slow
 def test_classic_sweep_warns_for_configs_not_written_yet_and_runs_the_rest(tmp_path, capsys):
-    sweep = sweep_plan.load_sweep("classic_cifar100")
+    sweep = sweep_file.load_sweep("classic_cifar100")
     expected = [REPO / f"configs/cifar100/{m}/{p}.yaml" for m in sweep.matrix["method"] for p in sweep.matrix["pair"]]
     present = [p for p in expected if p.is_file()]
     assert len(expected) == 11 * 13
@@ -137,7 +137,7 @@ runs:
     opts: [SOLVER.LR, "0.01"]
     seeds: [0, 1]
 """)
-    plan = sweep_plan.plan_sweep(sweep_plan.load_sweep(path), [*_where(tmp_path), "SOLVER.EPOCHS", "5"])
+    plan = sweep_plan.plan_sweep(sweep_file.load_sweep(path), [*_where(tmp_path), "SOLVER.EPOCHS", "5"])
     names = [r.name for r in plan.runs]
     assert names == ["vanilla,resnet8,SOLVER.EPOCHS:5,seed:3", "vanilla,resnet14,SOLVER.EPOCHS:5,seed:3",
                      "kd,res56,res20,SOLVER.LR:0.01,SOLVER.EPOCHS:5,LS:T3,w6,seed:0",
@@ -168,30 +168,30 @@ runs:
 ])
 def test_bad_sweep_files_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(MdistillerError, match=message) as info:
-        sweep_plan.load_sweep(_write_sweep(tmp_path, text))
+        sweep_file.load_sweep(_write_sweep(tmp_path, text))
     assert "\n" not in str(info.value)
 
 
 def test_bad_plans_are_one_line_errors(tmp_path):
     with pytest.raises(MdistillerError, match="ls_table_cifar100"):  # the error lists the shipped sweeps
-        sweep_plan.load_sweep("no_such_sweep")
+        sweep_file.load_sweep("no_such_sweep")
     path = _write_sweep(tmp_path, "runs: ['configs/{what}.yaml']\n")
     with pytest.raises(MdistillerError, match=r"uses \{what\}, which matrix does not define"):
-        sweep_plan.plan_sweep(sweep_plan.load_sweep(path))
+        sweep_plan.plan_sweep(sweep_file.load_sweep(path))
     path = _write_sweep(tmp_path, f"runs: [{VANILLA}]\nopts: [EXPERIMENT.SEED, '1']\n")
     with pytest.raises(MdistillerError, match="EXPERIMENT.SEED in the overrides"):
-        sweep_plan.plan_sweep(sweep_plan.load_sweep(path))
+        sweep_plan.plan_sweep(sweep_file.load_sweep(path))
     path = _write_sweep(tmp_path, "runs: [configs/cifar100/nothing_here/*.yaml]\n")
     with pytest.raises(MdistillerError, match="matches no config file"):
         sweep_cli.main([path, "--dry-run"])
     path = _write_sweep(tmp_path, f"runs:\n  - configs: {VANILLA}\n    ls: authors\n")
     with pytest.raises(MdistillerError, match="no published LS setting for NONE"):
-        sweep_plan.plan_sweep(sweep_plan.load_sweep(path))
+        sweep_plan.plan_sweep(sweep_file.load_sweep(path))
     no_header = tmp_path / "kd_no_header.yaml"  # the setting is data: a config without its header note still has it
     no_header.write_text((REPO / KD).read_text().split("EXPERIMENT:", 1)[1].join(["EXPERIMENT:", ""]))
     path = _write_sweep(tmp_path, f"runs:\n  - configs: {no_header}\n    ls: authors\n    seeds: [0]\n")
-    (run,) = sweep_plan.plan_sweep(sweep_plan.load_sweep(path)).runs
-    assert run.flags == ["--logit-stand", "--base-temp", "2", "--kd-weight", "9"]
+    (run,) = sweep_plan.plan_sweep(sweep_file.load_sweep(path)).runs
+    assert run.flags == ("--logit-stand", "--base-temp", "2", "--kd-weight", "9")
     with pytest.raises(MdistillerError, match="unknown option --gpu "):
         sweep_cli.main(["teachers_cifar100", "--dry-run", "--gpu", "0"])
 
@@ -227,7 +227,7 @@ class RecordingQueue:
 def two_by_two(tmp_path):
     """A sweep of 2 recipes x 2 seeds, its path and its plan."""
     path = _write_sweep(tmp_path, f"runs: [{VANILLA}, configs/cifar100/vanilla/resnet14.yaml]\nseeds: [0, 1]\n")
-    plan = sweep_plan.plan_sweep(sweep_plan.load_sweep(path), _where(tmp_path))
+    plan = sweep_plan.plan_sweep(sweep_file.load_sweep(path), _where(tmp_path))
     return path, plan
 
 
@@ -473,7 +473,7 @@ def test_ctrl_c_of_the_sweep_leaves_a_resumable_run_and_resume_finishes_it(tmp_p
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     path = _write_sweep(tmp_path, f"runs: [{VANILLA}]\n")
     overrides = _tiny(tmp_path, cifar100_tiny_root, epochs=4)
-    (run,) = sweep_plan.plan_sweep(sweep_plan.load_sweep(path), overrides).runs
+    (run,) = sweep_plan.plan_sweep(sweep_file.load_sweep(path), overrides).runs
 
     def press_ctrl_c():  # once the run has saved its first epoch, i.e. while it trains the second
         deadline = time.time() + 180
@@ -487,7 +487,7 @@ def test_ctrl_c_of_the_sweep_leaves_a_resumable_run_and_resume_finishes_it(tmp_p
     assert info.value.code == 130
     err = capsys.readouterr().err
     assert "continue with: " in err and "--resume" in err
-    assert sweep_plan.run_status(run).status == "started", "stopped mid-run: `latest`, no result"
+    assert sweep_state.run_status(run).status == "started", "stopped mid-run: `latest`, no result"
     assert "interrupted by SIGTERM" in Path(run.log_path).read_text()
     with pytest.raises(MdistillerError, match="pass --resume"):
         sweep_cli.main([path, *overrides])
