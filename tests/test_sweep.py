@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mdistiller.analysis.published import CIFAR100
-from mdistiller.cli import launchers, sweep_file, sweep_plan, sweep_state
+from mdistiller.cli import launchers, slurm, sweep_file, sweep_plan, sweep_state
 from mdistiller.cli import sweep as sweep_cli
 from mdistiller.cli.launchers import Job, LocalQueue, gpu_slots
 from mdistiller.engine.run import append_result
@@ -421,7 +421,7 @@ def test_a_slurm_run_ignores_usr2_which_is_its_jobs_to_handle(tmp_path):
 def test_without_submitit_slurm_is_a_one_line_error_with_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)
     with pytest.raises(MdistillerError, match=r"needs submitit: pip install -e \.\[cluster\]"):
-        launchers.require_submitit()
+        slurm.require_submitit()
 
 
 RESUMABLE = """
@@ -451,7 +451,7 @@ def test_a_slurm_job_near_its_time_limit_saves_its_run_and_the_requeued_job_resu
     latest.parent.mkdir()
     log = tmp_path / "run" / "sweep.log"
     command = [sys.executable, str(script), str(latest)]
-    call = launchers.SweepJob(Job("run", "run", command, str(log)), [*command, "--resume"], str(latest))
+    call = slurm.SweepJob(Job("run", "run", command, str(log)), [*command, "--resume"], str(latest))
     executor = submitit.LocalExecutor(folder=str(tmp_path / "submitit"))
     # USR2 5 s into the job, as Slurm signals a job before its time limit (or on preemption)
     executor.update_parameters(timeout_min=0.5, signal_delay_s=25)

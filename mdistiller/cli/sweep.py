@@ -30,14 +30,10 @@ from .launchers import (
     Job,
     LocalQueue,
     Outcome,
-    SlurmOptions,
-    SweepJob,
     gpu_slots,
-    make_executor,
     python_command,
-    submit,
-    wait_for,
 )
+from .slurm import SlurmOptions, SweepJob, make_executor, submit, wait_for
 from .sweep_file import load_sweep
 from .sweep_plan import Plan, Run, plan_with_state
 from .sweep_report import check_can_start, missing_teachers_text, print_plan, summary, sweep_report
