@@ -546,3 +546,24 @@ def test_teacher_cache_goes_to_the_logit_runs_it_can_serve_and_keeps_their_recip
     assert config_hash(cached) == config_hash(kd.cfg)  # an fp32 cache: the same recipe, finished runs still count
     cached.DISTILLER.TEACHER_CACHE_DTYPE = "fp16"
     assert config_hash(cached) != config_hash(kd.cfg)  # fp16 storage rounds the teacher's logits
+
+
+@pytest.mark.slow
+def test_local_queue_trains_the_missing_teacher_then_its_student(tmp_path, cifar100_tiny_root, capsys, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    path = _write_sweep(tmp_path, f"""
+teacher_opts: [SOLVER.EPOCHS, 1, SOLVER.BATCH_SIZE, 16]
+runs:
+  - configs: {KD}
+    opts: [DISTILLER.TEACHER, resnet8, DISTILLER.STUDENT, resnet8]
+""")
+    overrides = _tiny(tmp_path, cifar100_tiny_root)
+    result = sweep_cli.main([path, "--train-missing-teachers", *overrides])
+    teacher, student = result["plan"].runs
+    assert teacher.is_teacher and student.teacher_run == teacher.run_dir
+    assert all(s.status == "done" for s in result["statuses"].values())
+    student_log = Path(student.log_path).read_text()
+    assert f"DISTILLER.TEACHER_CKPT {os.path.abspath(teacher.run_dir)}/student_best" in student_log
+    capsys.readouterr()
+    again = sweep_cli.main([path, "--train-missing-teachers", *overrides])
+    assert "nothing to do" in capsys.readouterr().out and len(again["plan"].runs) == 1
