@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...dataset.cifar import CIFAR_FORMATS
 from ...engine.build import build_distiller
 from ...engine.dot import DOT_TRAINERS
 from ...errors import MdistillerError
@@ -24,7 +25,6 @@ from .timing import time_row, warmup_steps
 # KD 11 ms, FitNet 14, OFD 19, RKD 25, ReviewKD 26, CRD 41): DISTILLER.TYPE -> ratio
 PAPER_STEP_VS_KD = {"KD": 1.0, "FITNET": 14 / 11, "OFD": 19 / 11, "RKD": 25 / 11, "REVIEWKD": 26 / 11, "CRD": 41 / 11}
 DOT_NAMES = ("kd+dot", "dot")
-CIFAR_CLASSES = {"cifar100": 100, "cifar10": 10}
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ def bench_methods(args: argparse.Namespace, device: torch.device) -> list[dict]:
             raise MdistillerError(f"--methods times methods on KD's data ({loaded[0].DATASET.TYPE}); {method.path} "
                                   f"trains on {cfg.DATASET.TYPE}")
     for cfg in loaded:  # each built once before any data or timing: what only a built method finds fails now
-        build_distiller(cfg, cfg.DATASET.NUM_CLASSES or CIFAR_CLASSES[cfg.DATASET.TYPE], random_teacher=True)
+        classes = cfg.DATASET.NUM_CLASSES or CIFAR_FORMATS[cfg.DATASET.TYPE].num_classes
+        build_distiller(cfg, classes, random_teacher=True)
     results = []
     with contextlib.ExitStack() as stack:
         data = CifarData(loaded[0], args.data, args.synthetic_size, stack)

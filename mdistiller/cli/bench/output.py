@@ -13,7 +13,7 @@ import torch
 
 from ...analysis.table import Grid
 from ...engine.validate import check_writable
-from ...errors import MdistillerError
+from ..report import write_text
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> int:
@@ -99,9 +99,4 @@ def emit(args: argparse.Namespace, text: list[str], markdown: str, payload: dict
 
 def write_json(path: str, payload: dict) -> None:
     """The results as JSON."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
-    except OSError as exc:
-        raise MdistillerError(f"could not write {path}: {exc.strerror or exc}") from None
+    write_text(path, json.dumps(payload, indent=2))
