@@ -197,13 +197,18 @@ def build_kwargs(distiller_class, num_data: int | None = None) -> dict:
     return kwargs
 
 
-def build_distiller(cfg, num_classes: int, num_data: int | None = None):
+def build_distiller(cfg, num_classes: int, num_data: int | None = None, random_teacher: bool = False):
     """Student, (teacher) and the distiller of DISTILLER.TYPE; `num_data` (the training-set size) is passed to a
-    distiller that declares it in `build_needs` (CRD)."""
+    distiller that declares it in `build_needs` (CRD). random_teacher: the teacher keeps its random initial weights,
+    no checkpoint read (tools/bench.py: a step costs the same time whatever the weights)."""
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     kwargs = build_kwargs(distiller_class, num_data)
     student = build_model(cfg.DISTILLER.STUDENT, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE)
-    teacher = build_teacher(cfg, num_classes) if distiller_class.declares.requires_teacher else None
+    teacher = None
+    if distiller_class.declares.requires_teacher and random_teacher:
+        teacher = build_model(cfg.DISTILLER.TEACHER, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE).eval()
+    elif distiller_class.declares.requires_teacher:
+        teacher = build_teacher(cfg, num_classes)
     return distiller_class(student, teacher, cfg, **kwargs)
 
 

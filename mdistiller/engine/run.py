@@ -180,6 +180,12 @@ def default_device() -> torch.device:
     return distributed.device()
 
 
+def step_trainer(cfg, distiller, device: torch.device, run_dir: str, teacher_cache=None) -> Trainer:
+    """A Trainer to step by hand (its train_step and epoch_progress): no loaders, so no epochs, validation or
+    checkpoints (tools/bench.py times the very step a run trains with)."""
+    return Trainer(run_dir, distiller, None, None, cfg, device, teacher_cache=teacher_cache)
+
+
 def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name: bool = False) -> dict:
     """Train the run that cfg (frozen) describes; returns best/last top-1 and the run directory.
 
