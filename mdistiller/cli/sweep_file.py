@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import io
 import os
 import shlex
@@ -32,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from ..errors import MdistillerError
+from ..errors import MdistillerError, did_you_mean
 from ..files import PROJECT_ROOT
 from .train import parse_args
 
@@ -210,8 +209,7 @@ _CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
 
 
 def _unknown_key(key: str, allowed: Sequence[str], where: str) -> _Bad:
-    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else f" (keys: {', '.join(allowed)})"
+    hint = did_you_mean(key, allowed, 0.6) or f" (keys: {', '.join(allowed)})"
     return _Bad(f"unknown key {key!r} in {where}{hint}")
 
 

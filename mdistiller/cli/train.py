@@ -18,7 +18,6 @@ SOLVER.BATCH_SIZE is then the global batch.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import shlex
 import sys
@@ -31,7 +30,7 @@ from ..engine.build import apply_logit_stand_flags
 from ..engine.cfg import cfg_value, leaf_values, load_cfg, merge_opts
 from ..engine.guards import TrainingInterrupted
 from ..engine.run import train_run, train_sweep
-from ..errors import MdistillerError
+from ..errors import MdistillerError, did_you_mean
 from . import run_cli
 
 
@@ -89,8 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             flags += argv[i:i + 1 + takes_value]
             i += 1 + takes_value
         elif arg.startswith("--") and len(opts) % 2 == 0:  # a flag where a KEY should stand
-            close = difflib.get_close_matches(name, list(FLAG_TAKES_VALUE), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = did_you_mean(name, FLAG_TAKES_VALUE, 0.6)
             raise MdistillerError(f"unknown flag {name}{hint}; train.py takes {', '.join(FLAG_TAKES_VALUE)} and "
                                   f"KEY VALUE overrides")
         else:  # KEY or VALUE (a value may look like a flag: "-1", "-1e-3")

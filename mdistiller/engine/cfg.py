@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import difflib
 import os
 from typing import Any, Iterable
 
@@ -21,7 +20,7 @@ from yacs.config import CfgNode as CN
 
 from ..distillers import method_sections
 from ..distillers.config import check_choices, to_cfgnode
-from ..errors import MdistillerError
+from ..errors import MdistillerError, closest, did_you_mean
 from ..files import DEFAULT_DATA_ROOT, atomic_write_text
 
 # Allowed values of the keys that take one of a few names.
@@ -155,12 +154,11 @@ def _all_keys(node: CN, prefix: str = "") -> list[str]:
 
 def _unknown_key_error(full_key: str, root: CN, source: str) -> MdistillerError:
     candidates = _all_keys(root)
-    close = difflib.get_close_matches(full_key, candidates, n=1, cutoff=0.6)
-    if not close:  # a typo in the leaf name is the common case: compare leaf names too
-        leaf = full_key.rsplit(".", 1)[-1]
+    hint = did_you_mean(full_key, candidates, 0.6)
+    if not hint:  # a typo in the leaf name is the common case: compare leaf names too
         leaves = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
-    hint = f" (did you mean {close[0]}?)" if close else ""
+        leaf = closest(full_key.rsplit(".", 1)[-1], leaves, 0.6)
+        hint = f" (did you mean {leaves[leaf]}?)" if leaf else ""
     return MdistillerError(f"unknown config key {full_key} in {source}{hint}")
 
 
