@@ -130,15 +130,22 @@ def test_kd_configs_cover_the_logit_standardisation_table():
 
 
 def test_cli_overrides_then_logit_stand_flags():
-    """LS flags apply after the KEY VALUE overrides: --base-temp wins over KD.TEMPERATURE given as an override."""
+    """LS flags apply after the KEY VALUE overrides to the keys the overrides leave alone; an override of a key the
+    flags set (KD.TEMPERATURE 8 with --base-temp 3) is refused, not silently replaced (tests/test_flags_and_keys.py)."""
     args = train_tool.parse_args([
         "--cfg", str(REPO / "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"), "--logit-stand", "--base-temp", "3",
-        "--kd-weight", "12", "KD.TEMPERATURE", "8", "KD.LOSS.CE_WEIGHT", "0.5",
+        "--kd-weight", "12", "KD.LOSS.CE_WEIGHT", "0.5",
     ])
     cfg = train_tool.build_cfg(args)
     assert cfg.EXPERIMENT.LOGIT_STAND is True
     assert (cfg.KD.TEMPERATURE, cfg.KD.LOSS.KD_WEIGHT, cfg.KD.LOSS.CE_WEIGHT) == (3.0, 12.0, 0.5)
     assert cfg.is_frozen()
+    args = train_tool.parse_args([
+        "--cfg", str(REPO / "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"), "--logit-stand", "--base-temp", "3",
+        "KD.TEMPERATURE", "8",
+    ])
+    with pytest.raises(MdistillerError, match="KD.TEMPERATURE 8 and --logit-stand --base-temp 3 both set"):
+        train_tool.build_cfg(args)
 
 
 def test_logit_stand_flag_defaults_and_absence():
@@ -166,7 +173,7 @@ def test_run_name_separates_logit_stand_runs():
     assert result_log_name(plain) == "KD,resnet32x4,resnet8x4.txt"
     assert result_log_name(ls) == "KD,resnet32x4,resnet8x4,2,6.txt"
     opts = ["SOLVER.LR", "0.1", "DATASET.ROOT", "/some/where", "LOG.PREFIX", "/tmp/x"]
-    assert run_name(plain, opts) == "kd,res32x4,res8x4,SOLVER.LR:0.1"  # where-to-work keys stay out of the name
+    assert run_name(load_cfg(path, opts), opts) == "kd,res32x4,res8x4,SOLVER.LR:0.1"  # where-to-work keys stay out
 
 
 def test_dumped_config_reloads_identically(tmp_path):

@@ -1,6 +1,7 @@
-"""Every `python tools/<tool>.py ...` line shown in a code block of README.md and docs/*.md parses with that tool's own
-argument parser, and every config file it names exists and loads: a renamed flag, tool or config in the docs fails
-here. Links between the pages point at files that exist."""
+"""Every `python tools/<tool>.py ...` or console-script (`mdistiller-<tool> ...`) line shown in a code block of
+README.md and docs/*.md parses with that tool's own argument parser, its KEY VALUE overrides come in pairs, and every
+config file it names exists and loads: a renamed flag, tool, script or config in the docs fails here. Links between
+the pages point at files that exist."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ from pathlib import Path
 import pytest
 
 from mdistiller.engine.cfg import load_cfg
+from mdistiller.errors import MdistillerError
 
 from conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TOOL = re.compile(r"(?:^|\s)(?:python3? )?tools/(\w+)\.py\b(.*)$")
+SCRIPT = re.compile(r"(?:^|\s)(mdistiller-[\w-]+)(?=\s|$)(.*)$")
+# console script -> the cli module behind it (pyproject.toml's [project.scripts]: `name = "mdistiller.cli.x:entry"`)
+SCRIPTS = dict(re.findall(r'^(mdistiller-[\w-]+) = "mdistiller\.cli\.(\w+):entry_point"$',
+                          (REPO / "pyproject.toml").read_text(), re.M))
 PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|\$\w+|\{[^}]*\}")
+ELLIPSIS = "..."
+# what a placeholder word (`<file>`, `$NODE_RANK`) stands for while parsing: a word every flag's type accepts
+STAND_IN = "1"
 
 
 def _code_blocks(page: Path) -> list[list[str]]:
@@ -73,15 +82,24 @@ def _commands() -> list[tuple[str, str, list[str]]]:
                     except ValueError:
                         variables[assignment.group(1)] = value
                     continue
-                match = TOOL.search(_expand(line, variables))
-                if not match:
-                    continue
+                expanded = _expand(line, variables)
+                code = expanded.split(" #")[0]
+                if code.strip() and not code.lstrip().startswith("#"):  # a trailing comment shows no command
+                    expanded = code
+                match = TOOL.search(expanded)
+                if match:
+                    tool = match.group(1)
+                else:
+                    match = SCRIPT.search(expanded)
+                    if not match:
+                        continue
+                    tool = SCRIPTS.get(match.group(1), match.group(1))  # an unknown script fails the test
                 args = match.group(2).split(" #")[0]
                 try:
                     argv = shlex.split(args)
                 except ValueError:  # an unbalanced quote in an example: compare as written
                     argv = args.split()
-                found.append((page.name, match.group(1), argv))
+                found.append((page.name, tool, argv))
     return found
 
 
@@ -95,19 +113,31 @@ def test_the_docs_show_the_main_tools():
 
 @pytest.mark.parametrize("page,tool,argv", COMMANDS, ids=[f"{p}:{t}:{' '.join(a)[:40]}" for p, t, a in COMMANDS])
 def test_documented_command_parses(page, tool, argv):
-    assert (REPO / "tools" / f"{tool}.py").is_file(), f"{page} shows tools/{tool}.py, which does not exist"
+    assert (REPO / "tools" / f"{tool}.py").is_file(), f"{page}: no tools/{tool}.py"
     module = importlib.import_module(f"mdistiller.cli.{tool}")
-    argv = [a for a in argv if not PLACEHOLDER.fullmatch(a)]  # `<file>`, `...`, `$NODE_RANK`-style placeholders
+    # `...` (more of the same) is dropped; a placeholder word (`<file>`, `$NODE_RANK`) stands for one value
+    argv = [STAND_IN if PLACEHOLDER.fullmatch(a) else a for a in argv if a != ELLIPSIS]
     try:
         parsed = module.parse_args(argv)
     except SystemExit as exc:  # argparse's way to say a flag is unknown or a value is missing
         raise AssertionError(f"{page}: tools/{tool}.py {' '.join(argv)} does not parse (exit {exc.code})") from None
+    except MdistillerError as exc:  # a tool's own refusal (e.g. sweep.py's odd override count)
+        raise AssertionError(f"{page}: tools/{tool}.py {' '.join(argv)}: {exc}") from None
+    opts = getattr(parsed, "opts", None)
+    if isinstance(opts, list):
+        assert len(opts) % 2 == 0, f"{page}: tools/{tool}.py {' '.join(argv)}: an odd number of KEY VALUE words"
     if tool == "train":
         cfg_path = parsed.cfg
-        if cfg_path and not PLACEHOLDER.search(cfg_path):
+        if cfg_path and cfg_path != STAND_IN and not PLACEHOLDER.search(cfg_path):
             assert (REPO / cfg_path).is_file(), f"{page}: {cfg_path} does not exist"
-            opts = [o for o in parsed.opts if not PLACEHOLDER.search(o)]
-            load_cfg(str(REPO / cfg_path), opts if len(opts) % 2 == 0 else [])
+            pairs = [(k, v) for k, v in zip(opts[::2], opts[1::2]) if STAND_IN not in (k, v)
+                     and not PLACEHOLDER.search(k + v)]
+            load_cfg(str(REPO / cfg_path), [t for pair in pairs for t in pair])
+
+
+def test_console_script_lines_are_read():
+    assert any(page and tool == "sweep" and argv[:1] == ["ls_table_cifar100"] for page, tool, argv in COMMANDS)
+    assert len(SCRIPTS) >= 10 and set(SCRIPTS.values()) <= {path.stem for path in (REPO / "tools").glob("*.py")}
 
 
 def test_links_between_pages_point_at_files():

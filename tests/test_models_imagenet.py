@@ -12,6 +12,7 @@ from torch import nn
 
 from mdistiller.dataset.contrastive import ContrastiveSampler
 from mdistiller.distillers import get_distiller_class
+from mdistiller.distillers.kdpp import save_centres
 from mdistiller.engine.build import build_kwargs, build_model, model_builder, teacher_checkpoint_path
 from mdistiller.engine.cfg import default_cfg, load_cfg, validate_cfg
 from mdistiller.errors import MdistillerError
@@ -241,6 +242,11 @@ def test_imagenet_config_trains_a_cpu_smoke_step(tmp_path, path):
     torch.manual_seed(0)
     student = build_model(cfg.DISTILLER.STUDENT, 10, "imagenet", 64)
     teacher = build_model(cfg.DISTILLER.TEACHER, 10, "imagenet", 64)
+    if cfg.DISTILLER.TYPE in ("KDPP", "DKDPP"):  # class centres of this random teacher's embedding size
+        with torch.no_grad():
+            dim = teacher.eval()(torch.zeros(1, 3, 64, 64))[1]["pooled_feat"].shape[1]
+        save_centres(str(tmp_path / "centres.json"), torch.randn(10, dim))
+        cfg[cfg.DISTILLER.TYPE].CENTERS = str(tmp_path / "centres.json")
     distiller = distiller_class(student, teacher, cfg, **build_kwargs(distiller_class, num_data=40))
     trainer = Trainer(str(tmp_path), distiller, [], [], cfg, torch.device("cpu"))
     trainer.distiller.train()

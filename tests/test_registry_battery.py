@@ -174,3 +174,26 @@ def test_the_trainer_refuses_a_loss_term_the_method_does_not_declare(tmp_path):
     batch = {"image": torch.randn(2, 3, 32, 32), "target": torch.tensor([0, 1]), "index": torch.arange(2)}
     with pytest.raises(MdistillerError, match="returned loss term\\(s\\) loss_extra that its Declaration.loss_terms"):
         trainer.train_step(batch, 1)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_builds_from_plain_values_as_from_its_config(name, tmp_path):
+    """`Method(student, teacher, **hyperparameters)` (no config) builds what `Method(student, teacher, cfg)` builds."""
+    cls = distiller_dict[name]
+    cfg = load_cfg(str(_configs_by_type()[name])) if name in _configs_by_type() else CFG.clone()
+    if "CRD" in cfg:
+        cfg.CRD.NCE.K = 16
+    _stand_in_files(cfg, tmp_path)
+    built = []
+    for from_config in (True, False):
+        torch.manual_seed(0)
+        student = cifar_model_dict[cfg.DISTILLER.STUDENT][0](num_classes=100)
+        teacher = cifar_model_dict[cfg.DISTILLER.TEACHER][0](num_classes=100) if cls.declares.requires_teacher else None
+        facts = build_kwargs(cls, num_data=64)
+        if from_config:
+            built.append(cls(student, teacher, cfg, **facts))
+        else:
+            built.append(cls(student, teacher, **cls.hparams(cfg), **facts))
+    a, b = (d.state_dict() for d in built)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)

@@ -187,11 +187,13 @@ def test_no_flags_train_the_authors_defaults() -> None:
 
 
 def test_logit_stand_flags_scale_the_weights_and_set_both_temperatures() -> None:
-    cfg, args = _cfg("--logit-stand", "--base-temp", "3", "--kd-weight", "5", "RLD.ALPHA", "2.0", "RLD.T", "7.0")
+    cfg, args = _cfg("--logit-stand", "--base-temp", "3", "--kd-weight", "5", "RLD.ALPHA", "2.0")
     assert cfg.EXPERIMENT.LOGIT_STAND is True and (cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT) == (3.0, 5.0)
-    # overrides first, then the flags: ALPHA 2 * 5, BETA 8 * 5, T = ALPHA_T = 3 (the override T 7 is replaced)
+    # overrides first, then the flags: ALPHA 2 * 5, BETA 8 * 5, T = ALPHA_T = 3; the name shows the factor and w
     assert _rld(cfg) == (10.0, 40.0, 3.0, 3.0, 1.0, 20)
-    assert "LS:T3,w5" in run_name(cfg, args.opts)
+    assert run_name(cfg, args.opts).endswith(",RLD.ALPHA:2.0,LS:T3,w5")
+    with pytest.raises(MdistillerError, match=r"RLD.T 7.0 and --logit-stand --base-temp 3 both set RLD.T"):
+        _cfg("--logit-stand", "--base-temp", "3", "RLD.T", "7.0")  # the flag would replace the typed T
     defaults, _ = _cfg("--logit-stand")
     assert _rld(defaults) == (9.0, 72.0, 2.0, 2.0, 1.0, 20)  # --base-temp 2 --kd-weight 9
 
@@ -200,14 +202,17 @@ def test_same_t_sets_alpha_t_to_t_and_is_recorded_in_the_run_name() -> None:
     cfg, args = _cfg("--same-t", "RLD.ALPHA", "1.", "RLD.BETA", "8.", "RLD.T", "4.")  # the authors' README command
     assert _rld(cfg) == (1.0, 8.0, 4.0, 4.0, 1.0, 20)
     assert run_name(cfg, args.opts).endswith(",RLD.ALPHA_T:4")
-    other, args = _cfg("RLD.T", "6.0", "RLD.ALPHA_T", "0.5", "--same-t")  # a flag after the overrides: the same
+    other, args = _cfg("RLD.T", "6.0", "--same-t")  # a flag after the overrides: the same
     assert (other.RLD.T, other.RLD.ALPHA_T) == (6.0, 6.0) and "RLD.ALPHA_T:6" in run_name(other, args.opts)
-    assert "RLD.ALPHA_T:0.5" not in run_name(other, args.opts)  # the override it replaced is not named
+    with pytest.raises(MdistillerError, match=r"RLD.ALPHA_T 0.5 and --same-t both set RLD.ALPHA_T"):
+        _cfg("RLD.T", "6.0", "RLD.ALPHA_T", "0.5", "--same-t")  # the flag would replace the typed ALPHA_T
 
 
 def test_same_t_applies_after_the_logit_stand_flags() -> None:
-    cfg, _ = _cfg("--same-t", "--logit-stand", "--base-temp", "3", "--kd-weight", "2", "RLD.ALPHA_T", "9.0")
+    cfg, _ = _cfg("--same-t", "--logit-stand", "--base-temp", "3", "--kd-weight", "2")
     assert _rld(cfg) == (2.0, 16.0, 3.0, 3.0, 1.0, 20)
+    with pytest.raises(MdistillerError, match=r"RLD.ALPHA_T 9.0 and --logit-stand --base-temp 3 both set"):
+        _cfg("--same-t", "--logit-stand", "--base-temp", "3", "--kd-weight", "2", "RLD.ALPHA_T", "9.0")
 
 
 def test_same_t_is_refused_for_another_method() -> None:

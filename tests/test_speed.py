@@ -16,6 +16,7 @@ from mdistiller.distillers.crd import contrast_loss
 from mdistiller.distillers.ctkd import per_sample_kd_loss
 from mdistiller.distillers.dkd import dkd_loss
 from mdistiller.distillers.kd import kd_loss
+from mdistiller.distillers.kdpp import save_centres
 from mdistiller.distillers.logit_stand import standardize_logits
 from mdistiller.distillers.mlkd import mlkd_losses
 from mdistiller.distillers.ot import gaussian_wasserstein_loss, prepare_cost, wkd_logit_loss
@@ -207,6 +208,19 @@ DISTILLER_CONFIGS = {
     "WKD": ({"WKD.LOSS.WKD_FEAT_WEIGHT": 2.0, "WKD.HINT_LAYER": 2}, {}),
     "VKD": ({}, {}),
     "CRD": ({"CRD.NCE.K": 16}, {}),
+    # the recent methods (SDD's whole-loss guard and CAT-KD's default full-map transfer must not read the host)
+    "DIST": ({}, {}),
+    "TTM": ({}, {}),
+    "WTTM": ({}, {}),
+    "NKD": ({}, {}),
+    "RLD": ({}, {}),
+    "USKD": ({}, {}),
+    "SDD_KD": ({}, {}),
+    "SDD_DKD": ({}, {}),
+    "SDD_NKD": ({}, {}),
+    "CAT_KD": ({"if_test": True}, {}),
+    "KDPP": ({"KDPP.CENTERS": "centres"}, {}),
+    "DKDPP": ({"DKDPP.CENTERS": "centres"}, {}),
 }
 
 
@@ -216,6 +230,12 @@ def test_the_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatc
     reads); it returns tensors only."""
     cfg = make_cfg(AMP=True)
     for key, value in DISTILLER_CONFIGS[distiller_type][0].items():
+        if value == "centres":  # KD++ / DKD++: class centres of the teacher (resnet20: 64-d) over 10 classes
+            value = str(tmp_path / "centres.json")
+            save_centres(value, torch.randn(10, 64))
+        if "." not in key:  # a top-level key (CAT-KD's if_test)
+            cfg[key] = value
+            continue
         section, *rest = key.split(".")
         node = getattr(cfg, section)
         for part in rest[:-1]:

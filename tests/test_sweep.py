@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mdistiller.analysis.published import CIFAR100
-from mdistiller.cli import launchers, sweep_plan
+from mdistiller.cli import launchers, slurm, sweep_file, sweep_plan, sweep_state
 from mdistiller.cli import sweep as sweep_cli
 from mdistiller.cli.launchers import Job, LocalQueue, gpu_slots
 from mdistiller.engine.run import append_result
@@ -78,18 +78,18 @@ def test_ls_table_dry_run_counts_112_recipes_times_the_seeds(ls_dry_run):
     assert [r.seed for r in plan.runs[:112]] == [0] * 112, "seed-major: a first full table before any second seed"
 
 
-def test_ls_runs_take_the_authors_setting_from_each_config_header(ls_dry_run):
+def test_ls_runs_take_the_authors_setting_from_the_ls_settings_table(ls_dry_run):
     plan = ls_dry_run[0]["plan"]
     checked = 0
     for run in plan.runs[:112]:
         cfg = run.cfg
         if not cfg.EXPERIMENT.LOGIT_STAND:
-            assert run.flags == []
+            assert run.flags == ()
             continue
         published = CIFAR100[(f"{cfg.DISTILLER.TYPE}+LS", cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT)]
         tau, w = cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT
-        assert run.flags == ["--logit-stand", "--base-temp", f"{tau:g}", "--kd-weight", f"{w:g}"]
-        if published.setting is None:  # not logged: the flags' defaults, as the header says
+        assert run.flags == ("--logit-stand", "--base-temp", f"{tau:g}", "--kd-weight", f"{w:g}")
+        if published.setting is None:  # not logged: the flags' defaults
             assert (tau, w) == (2.0, 9.0), run.config
             continue
         assert (tau, w) == tuple(float(v) for v in published.setting[:2]), run.config
@@ -98,12 +98,12 @@ def test_ls_runs_take_the_authors_setting_from_each_config_header(ls_dry_run):
         checked += 1
     assert checked >= 20
     dkd = next(r for r in plan.runs if r.config.endswith("dkd/vgg13_vgg8.yaml") and r.cfg.EXPERIMENT.LOGIT_STAND)
-    assert dkd.opts[:2] == ["DKD.BETA", "2.0"] and dkd.name.startswith("dkd,vgg13,vgg8,DKD.BETA:2.0,LS:T2,w15")
+    assert dkd.opts[:2] == ("DKD.BETA", "2.0") and dkd.name.startswith("dkd,vgg13,vgg8,DKD.BETA:2.0,LS:T2,w15")
 
 
 @pytest.mark.slow
 def test_classic_sweep_warns_for_configs_not_written_yet_and_runs_the_rest(tmp_path, capsys):
-    sweep = sweep_plan.load_sweep("classic_cifar100")
+    sweep = sweep_file.load_sweep("classic_cifar100")
     expected = [REPO / f"configs/cifar100/{m}/{p}.yaml" for m in sweep.matrix["method"] for p in sweep.matrix["pair"]]
     present = [p for p in expected if p.is_file()]
     assert len(expected) == 11 * 13
@@ -137,7 +137,7 @@ runs:
     opts: [SOLVER.LR, "0.01"]
     seeds: [0, 1]
 """)
-    plan = sweep_plan.plan_sweep(sweep_plan.load_sweep(path), [*_where(tmp_path), "SOLVER.EPOCHS", "5"])
+    plan = sweep_plan.plan_sweep(sweep_file.load_sweep(path), [*_where(tmp_path), "SOLVER.EPOCHS", "5"])
     names = [r.name for r in plan.runs]
     assert names == ["vanilla,resnet8,SOLVER.EPOCHS:5,seed:3", "vanilla,resnet14,SOLVER.EPOCHS:5,seed:3",
                      "kd,res56,res20,SOLVER.LR:0.01,SOLVER.EPOCHS:5,LS:T3,w6,seed:0",
@@ -162,33 +162,36 @@ runs:
     ("runs:\n  - configs: a.yaml\n    flags: [--resume]\n", "flag --resume is not one an entry may give"),
     ("runs:\n  - configs: a.yaml\n    flags: [--base-temp, x]\n", "invalid float value: 'x'"),
     ("runs:\n  - configs: a.yaml\n    opts: [SOLVER.LR]\n", "KEY VALUE pairs"),
-    ("runs:\n  - configs: a.yaml\n    ls: yes\n", "ls takes `header`"),
+    ("runs:\n  - configs: a.yaml\n    ls: yes\n", "ls takes `authors`"),
     ("seeds: [0, 0]\nruns: [a.yaml]\n", "lists a seed twice"),
     ("name: x\n", "needs `runs:`"),
 ])
 def test_bad_sweep_files_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(MdistillerError, match=message) as info:
-        sweep_plan.load_sweep(_write_sweep(tmp_path, text))
+        sweep_file.load_sweep(_write_sweep(tmp_path, text))
     assert "\n" not in str(info.value)
 
 
 def test_bad_plans_are_one_line_errors(tmp_path):
     with pytest.raises(MdistillerError, match="ls_table_cifar100"):  # the error lists the shipped sweeps
-        sweep_plan.load_sweep("no_such_sweep")
+        sweep_file.load_sweep("no_such_sweep")
     path = _write_sweep(tmp_path, "runs: ['configs/{what}.yaml']\n")
     with pytest.raises(MdistillerError, match=r"uses \{what\}, which matrix does not define"):
-        sweep_plan.plan_sweep(sweep_plan.load_sweep(path))
+        sweep_plan.plan_sweep(sweep_file.load_sweep(path))
     path = _write_sweep(tmp_path, f"runs: [{VANILLA}]\nopts: [EXPERIMENT.SEED, '1']\n")
     with pytest.raises(MdistillerError, match="EXPERIMENT.SEED in the overrides"):
-        sweep_plan.plan_sweep(sweep_plan.load_sweep(path))
+        sweep_plan.plan_sweep(sweep_file.load_sweep(path))
     path = _write_sweep(tmp_path, "runs: [configs/cifar100/nothing_here/*.yaml]\n")
     with pytest.raises(MdistillerError, match="matches no config file"):
         sweep_cli.main([path, "--dry-run"])
-    no_header = tmp_path / "kd_no_header.yaml"
+    path = _write_sweep(tmp_path, f"runs:\n  - configs: {VANILLA}\n    ls: authors\n")
+    with pytest.raises(MdistillerError, match="no published LS setting for NONE"):
+        sweep_plan.plan_sweep(sweep_file.load_sweep(path))
+    no_header = tmp_path / "kd_no_header.yaml"  # the setting is data: a config without its header note still has it
     no_header.write_text((REPO / KD).read_text().split("EXPERIMENT:", 1)[1].join(["EXPERIMENT:", ""]))
-    path = _write_sweep(tmp_path, f"runs:\n  - configs: {no_header}\n    ls: header\n")
-    with pytest.raises(MdistillerError, match="records no LS setting in its header"):
-        sweep_plan.plan_sweep(sweep_plan.load_sweep(path))
+    path = _write_sweep(tmp_path, f"runs:\n  - configs: {no_header}\n    ls: authors\n    seeds: [0]\n")
+    (run,) = sweep_plan.plan_sweep(sweep_file.load_sweep(path)).runs
+    assert run.flags == ("--logit-stand", "--base-temp", "2", "--kd-weight", "9")
     with pytest.raises(MdistillerError, match="unknown option --gpu "):
         sweep_cli.main(["teachers_cifar100", "--dry-run", "--gpu", "0"])
 
@@ -224,7 +227,7 @@ class RecordingQueue:
 def two_by_two(tmp_path):
     """A sweep of 2 recipes x 2 seeds, its path and its plan."""
     path = _write_sweep(tmp_path, f"runs: [{VANILLA}, configs/cifar100/vanilla/resnet14.yaml]\nseeds: [0, 1]\n")
-    plan = sweep_plan.plan_sweep(sweep_plan.load_sweep(path), _where(tmp_path))
+    plan = sweep_plan.plan_sweep(sweep_file.load_sweep(path), _where(tmp_path))
     return path, plan
 
 
@@ -418,7 +421,7 @@ def test_a_slurm_run_ignores_usr2_which_is_its_jobs_to_handle(tmp_path):
 def test_without_submitit_slurm_is_a_one_line_error_with_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)
     with pytest.raises(MdistillerError, match=r"needs submitit: pip install -e \.\[cluster\]"):
-        launchers.require_submitit()
+        slurm.require_submitit()
 
 
 RESUMABLE = """
@@ -448,7 +451,7 @@ def test_a_slurm_job_near_its_time_limit_saves_its_run_and_the_requeued_job_resu
     latest.parent.mkdir()
     log = tmp_path / "run" / "sweep.log"
     command = [sys.executable, str(script), str(latest)]
-    call = launchers.SweepJob(Job("run", "run", command, str(log)), [*command, "--resume"], str(latest))
+    call = slurm.SweepJob(Job("run", "run", command, str(log)), [*command, "--resume"], str(latest))
     executor = submitit.LocalExecutor(folder=str(tmp_path / "submitit"))
     # USR2 5 s into the job, as Slurm signals a job before its time limit (or on preemption)
     executor.update_parameters(timeout_min=0.5, signal_delay_s=25)
@@ -470,7 +473,7 @@ def test_ctrl_c_of_the_sweep_leaves_a_resumable_run_and_resume_finishes_it(tmp_p
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     path = _write_sweep(tmp_path, f"runs: [{VANILLA}]\n")
     overrides = _tiny(tmp_path, cifar100_tiny_root, epochs=4)
-    (run,) = sweep_plan.plan_sweep(sweep_plan.load_sweep(path), overrides).runs
+    (run,) = sweep_plan.plan_sweep(sweep_file.load_sweep(path), overrides).runs
 
     def press_ctrl_c():  # once the run has saved its first epoch, i.e. while it trains the second
         deadline = time.time() + 180
@@ -484,7 +487,7 @@ def test_ctrl_c_of_the_sweep_leaves_a_resumable_run_and_resume_finishes_it(tmp_p
     assert info.value.code == 130
     err = capsys.readouterr().err
     assert "continue with: " in err and "--resume" in err
-    assert sweep_plan.run_status(run).status == "started", "stopped mid-run: `latest`, no result"
+    assert sweep_state.run_status(run).status == "started", "stopped mid-run: `latest`, no result"
     assert "interrupted by SIGTERM" in Path(run.log_path).read_text()
     with pytest.raises(MdistillerError, match="pass --resume"):
         sweep_cli.main([path, *overrides])
@@ -543,3 +546,24 @@ def test_teacher_cache_goes_to_the_logit_runs_it_can_serve_and_keeps_their_recip
     assert config_hash(cached) == config_hash(kd.cfg)  # an fp32 cache: the same recipe, finished runs still count
     cached.DISTILLER.TEACHER_CACHE_DTYPE = "fp16"
     assert config_hash(cached) != config_hash(kd.cfg)  # fp16 storage rounds the teacher's logits
+
+
+@pytest.mark.slow
+def test_local_queue_trains_the_missing_teacher_then_its_student(tmp_path, cifar100_tiny_root, capsys, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    path = _write_sweep(tmp_path, f"""
+teacher_opts: [SOLVER.EPOCHS, 1, SOLVER.BATCH_SIZE, 16]
+runs:
+  - configs: {KD}
+    opts: [DISTILLER.TEACHER, resnet8, DISTILLER.STUDENT, resnet8]
+""")
+    overrides = _tiny(tmp_path, cifar100_tiny_root)
+    result = sweep_cli.main([path, "--train-missing-teachers", *overrides])
+    teacher, student = result["plan"].runs
+    assert teacher.is_teacher and student.teacher_run == teacher.run_dir
+    assert all(s.status == "done" for s in result["statuses"].values())
+    student_log = Path(student.log_path).read_text()
+    assert f"DISTILLER.TEACHER_CKPT {os.path.abspath(teacher.run_dir)}/student_best" in student_log
+    capsys.readouterr()
+    again = sweep_cli.main([path, "--train-missing-teachers", *overrides])
+    assert "nothing to do" in capsys.readouterr().out and len(again["plan"].runs) == 1

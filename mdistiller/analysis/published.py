@@ -3,7 +3,8 @@
 Sources:
 - the logit-standardisation paper's (Sun et al., CVPR 2024) CIFAR-100 seed table, which also lists KD, CTKD, DKD and
   MLKD without LS, and the published `cifar_teachers.tar` teachers. Best-epoch top-1, mean of 4-5 runs. `setting`
-  is the authors' logged (--base-temp τ, --kd-weight w[, DKD β]) for the LS columns, None where they logged none;
+  is the authors' logged (--base-temp τ, --kd-weight w[, DKD β]) for the LS columns (from ls_settings.py), None
+  where they logged none;
 - the classic methods on CIFAR-100 (upstream mdistiller's README publishes none): FitNet, AT, SP, VID, RKD, PKT,
   NST, CRD and KD from the CRD paper (Tian et al., ICLR 2020; its code base's README table), OFD and ReviewKD from
   the DKD paper (Zhao et al., CVPR 2022, Tables 6-7). Methods are named by DISTILLER.TYPE (FITNET, REVIEWKD). KD
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .ls_settings import ls_setting
+
 
 class Published(NamedTuple):
     """One published number and the LS setting (τ, w[, β]) it was obtained with (None: not logged / no LS)."""
@@ -40,30 +43,23 @@ TEACHERS: dict[str, float] = {  # cifar_teachers.tar
 }
 
 _LS_COLUMNS = ("KD", "KD+LS", "CTKD", "CTKD+LS", "DKD", "DKD+LS", "MLKD", "MLKD+LS")
-# teacher student | KD | KD+LS (τ,w) | CTKD | CTKD+LS | DKD | DKD+LS (τ,w,β) | MLKD | MLKD+LS (τ,w)
+# teacher student | KD | KD+LS | CTKD | CTKD+LS | DKD | DKD+LS | MLKD | MLKD+LS  (the LS columns' settings: ls_settings)
 _LS_TABLE = """
-resnet32x4 resnet8x4   | 73.33 | 76.62 (2,9) | 73.39 | 76.67 | 76.32 | 77.01 (2,9,8)  | 77.08 | 78.28 (2,9)
-vgg13 vgg8             | 72.98 | 74.36 (3,9) | 73.52 | 74.47 | 74.68 | 74.81 (2,15,2) | 75.18 | 75.22 (2,6)
-wrn_40_2 wrn_40_1      | 73.54 | 74.37 (2,9) | 73.93 | 74.58 | 74.81 | 74.89 (2,12,2) | 75.35 | 75.56
-wrn_40_2 wrn_16_2      | 74.92 | 76.11 (2,9) | 75.45 | 76.08 | 76.24 | 76.39 (2,12,2) | 76.63 | 76.95
-resnet56 resnet20      | 70.66 | 71.43 (2,9) | 71.19 | 71.34 | 71.97 | 72.32 (3,18,2) | 72.19 | 72.33
-resnet110 resnet32     | 73.08 | 74.17 (2,9) | 73.52 | 74.01 | 74.11 | 74.29 (2,15,2) | 74.11 | 74.32
-resnet110 resnet20     | 70.67 | 71.48 (4,12) | 70.99 | 71.39 | 71.06 | 71.85 (2,15,2) | 71.89 | 72.27
-resnet32x4 ShuffleV2   | 74.45 | 75.56 (2,9) | 75.37 | 76.18 | 77.07 | 77.37 (2,9,8)  | 78.44 | 78.76 (2,6)
-resnet32x4 wrn_16_2    | 74.90 | 75.26 (3,9) | 74.57 | 75.16 | 75.70 | 76.19 (2,9,2)  | 76.52 | 77.53
-resnet32x4 wrn_40_2    | 77.70 | 77.92 (3,9) | 77.66 | 77.99 | 78.46 | 78.95 (2,9,8)  | 79.26 | 79.66
-wrn_40_2 resnet8x4     | 73.97 | 77.11 (2,9) | 74.61 | 77.03 | 75.56 | 76.75 (2,18,2) | 77.33 | 77.68
-wrn_40_2 MobileNetV2   | 68.36 | 69.23 (3,9) | 68.34 | 69.53 | 69.28 | 70.01 (2,15,2) | 70.78 | 71.61
-vgg13 MobileNetV2      | 67.37 | 68.61 (3,9) | 68.50 | 68.98 | 69.71 | 69.98 (3,9,2)  | 70.57 | 70.94 (2,6)
-ResNet50 MobileNetV2   | 67.35 | 69.02 (3,1) | 68.67 | 69.36 | 70.35 | 70.45 (2,15,2) | 71.04 | 71.19
+resnet32x4 resnet8x4   | 73.33 | 76.62 | 73.39 | 76.67 | 76.32 | 77.01 | 77.08 | 78.28
+vgg13 vgg8             | 72.98 | 74.36 | 73.52 | 74.47 | 74.68 | 74.81 | 75.18 | 75.22
+wrn_40_2 wrn_40_1      | 73.54 | 74.37 | 73.93 | 74.58 | 74.81 | 74.89 | 75.35 | 75.56
+wrn_40_2 wrn_16_2      | 74.92 | 76.11 | 75.45 | 76.08 | 76.24 | 76.39 | 76.63 | 76.95
+resnet56 resnet20      | 70.66 | 71.43 | 71.19 | 71.34 | 71.97 | 72.32 | 72.19 | 72.33
+resnet110 resnet32     | 73.08 | 74.17 | 73.52 | 74.01 | 74.11 | 74.29 | 74.11 | 74.32
+resnet110 resnet20     | 70.67 | 71.48 | 70.99 | 71.39 | 71.06 | 71.85 | 71.89 | 72.27
+resnet32x4 ShuffleV2   | 74.45 | 75.56 | 75.37 | 76.18 | 77.07 | 77.37 | 78.44 | 78.76
+resnet32x4 wrn_16_2    | 74.90 | 75.26 | 74.57 | 75.16 | 75.70 | 76.19 | 76.52 | 77.53
+resnet32x4 wrn_40_2    | 77.70 | 77.92 | 77.66 | 77.99 | 78.46 | 78.95 | 79.26 | 79.66
+wrn_40_2 resnet8x4     | 73.97 | 77.11 | 74.61 | 77.03 | 75.56 | 76.75 | 77.33 | 77.68
+wrn_40_2 MobileNetV2   | 68.36 | 69.23 | 68.34 | 69.53 | 69.28 | 70.01 | 70.78 | 71.61
+vgg13 MobileNetV2      | 67.37 | 68.61 | 68.50 | 68.98 | 69.71 | 69.98 | 70.57 | 70.94
+ResNet50 MobileNetV2   | 67.35 | 69.02 | 68.67 | 69.36 | 70.35 | 70.45 | 71.04 | 71.19
 """
-_CTKD_LS_SETTING = (2, 9)  # "CTKD+LS logs all use (2,9)"
-
-
-def _parse_cell(text: str) -> Published:
-    value, _, setting = text.strip().partition(" ")
-    numbers = tuple(int(v) for v in setting.strip("() ").split(",")) if setting else None
-    return Published(float(value), numbers)
 
 
 def _parse_table() -> dict[tuple[str, str, str], Published]:
@@ -72,10 +68,9 @@ def _parse_table() -> dict[tuple[str, str, str], Published]:
         pair, *cells = row.split("|")
         teacher, student = pair.split()
         for method, cell in zip(_LS_COLUMNS, cells):
-            entry = _parse_cell(cell)
-            if method == "CTKD+LS":
-                entry = entry._replace(setting=_CTKD_LS_SETTING)
-            table[(method, teacher, student)] = entry
+            base, _, ls = method.partition("+")
+            setting = ls_setting("cifar100", base, teacher, student) if ls else None
+            table[(method, teacher, student)] = Published(float(cell), None if setting is None else setting.published)
     return table
 
 

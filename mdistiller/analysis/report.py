@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from ..errors import MdistillerError
 from .published import PAIRS, Published, published_top1
+from .table import Grid
 
 # Methods in the order of the papers' tables; others follow alphabetically. A DOT run (SOLVER.TRAINER dot / crd_dot)
 # is logged as `<TYPE>+DOT`, e.g. `KD+DOT,resnet32x4,resnet8x4.txt`, and gets its own row after its method's.
@@ -314,11 +315,10 @@ def _title(table: Table) -> str:
 
 def to_markdown(table: Table) -> str:
     """The table as GitHub markdown, with its title and notes."""
-    header = ["method", *(column_label(c) for c in table.columns)]
-    lines = [_title(table), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table.rows:
-        cells = [format_cell(table.cells.get((row, c)), table.with_published) for c in table.columns]
-        lines.append("| " + " | ".join([row, *cells]) + " |")
+    grid = Grid.of(["method", *(column_label(c) for c in table.columns)],
+                   [[row, *(format_cell(table.cells.get((row, c)), table.with_published) for c in table.columns)]
+                    for row in table.rows], numeric=False)
+    lines = [_title(table), "", grid.markdown()]
     if table.notes:
         lines.append("")
         lines += [f"- {note}" for note in table.notes]

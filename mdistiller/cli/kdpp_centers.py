@@ -19,17 +19,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..dataset import DATASETS, DataRequest, num_classes_of
 from ..distillers.kdpp import class_centres, default_centres_path, save_centres
-from ..engine.build import build_teacher
-from ..engine.cfg import default_cfg, load_cfg, merge_opts
-from ..engine.run import default_device
 from ..errors import MdistillerError
-from ..rng import set_seed
 from . import run_cli
+from .teacher_pass import teacher_pass
 
 CENTRE_SECTIONS = ("KDPP", "DKDPP")  # the config sections whose CENTERS key names the file
 
@@ -66,22 +61,9 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     if args.batch_size <= 0:
         raise MdistillerError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.cfg:
-        cfg = load_cfg(args.cfg, args.opts or [])
-    else:
-        cfg = default_cfg()
-        merge_opts(cfg, args.opts or [])
-    if args.ckpt:
-        cfg.DISTILLER.TEACHER_CKPT = args.ckpt
-    out = args.out or default_output(cfg)
-    num_classes = num_classes_of(cfg)
-    device = default_device()
-    teacher = build_teacher(cfg, num_classes).to(device).eval()
-    set_seed(cfg.EXPERIMENT.SEED)
-    train_set, _, _ = DATASETS.get(cfg.DATASET.TYPE).build(cfg, DataRequest({"image": "standard"}))
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=False, num_workers=cfg.DATASET.NUM_WORKERS,
-                        pin_memory=device.type == "cuda")
-    centres = class_centres(teacher_embeddings(teacher, loader, device), num_classes)
+    run = teacher_pass(args, default_output, "standard")  # the training augmentation, as the authors
+    cfg, out, num_classes, train_set = run.cfg, run.out, run.num_classes, run.train_set
+    centres = class_centres(teacher_embeddings(run.teacher, run.loader, run.device), num_classes)
     save_centres(out, centres)
     print(f"wrote {out}: {num_classes} class centres of {centres.shape[1]} ({cfg.DISTILLER.TEACHER}'s pooled feature "
           f"over {len(train_set)} training images, training augmentation). Train with KDPP.CENTERS {out} "

@@ -1,225 +1,31 @@
-"""A sweep file -> the runs it stands for, each with its frozen config built exactly as tools/train.py builds it, and
-each run's status read from its run folder and its result log (a sweep keeps no state of its own).
-
-A sweep file (YAML):
-
-    name: ls_table_cifar100            # default: the file's name
-    seeds: [0, 1, 2]                   # every run of every recipe, as `tools/train.py --seeds <n>` (one seed a run)
-    opts: [KEY, VALUE, ...]            # overrides for every run (a mapping KEY: VALUE works too)
-    matrix: {method: [kd, dkd], pair: [resnet32x4_resnet8x4, ...]}   # fills {method} / {pair} in config patterns
-    published: true                    # the report shows the published numbers beside ours
-    teacher_seed: 0                    # --train-missing-teachers: the seed of the vanilla teacher runs
-    teacher_opts: [KEY, VALUE, ...]    # --train-missing-teachers: overrides for the teacher runs only
-    runs:
-      - configs/cifar100/vanilla/*.yaml                   # a pattern alone, or an entry:
-      - configs: [configs/cifar100/{method}/{pair}.yaml]  # paths or glob patterns (cwd first, then the project)
-        flags: [--logit-stand, --base-temp, "2", --kd-weight, "9"]   # tools/train.py flags
-        ls: header                     # the LS flags (and overrides) the config's header records for its pair
-        opts: [KEY, VALUE, ...]        # overrides for this entry's runs (before the sweep's opts)
-        seeds: [0]                     # this entry's seeds instead of the sweep's
-        matrix: {...}                  # this entry's placeholders (added to, or replacing, the sweep's)
+"""A sweep -> the runs it stands for, each with its frozen config built exactly as tools/train.py builds it
+(`expand_runs`), then the plan (`plan_runs`): which runs wait for a teacher run trained first, which lack their
+teacher, repeats dropped. The planner is a pure function of the runs and their state (sweep_state.read_state, read
+once by the caller); `plan_sweep` puts the three steps together. The sweep file itself: sweep_file.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import glob
-import io
 import itertools
 import os
 import re
-import shlex
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
-import yaml
-
-from ..analysis.report import ResultLine, RunRef, find_result, read_result_file
-from ..distillers import get_distiller_class
-from ..engine.build import teacher_checkpoint_path
+from ..analysis.ls_settings import ls_setting
+from ..analysis.report import RunRef
 from ..engine.run import config_hash, result_log_name, run_dir_of, seeded_cfg
 from ..errors import MdistillerError
 from ..files import PROJECT_ROOT, resolve_project_path
-from .launchers import INTERRUPTED_CODES, LOG_NAME, MARK
-from .train import build_cfg, parse_args
+from .launchers import LOG_NAME
+from .sweep_file import Sweep, parse_train_args
+from .sweep_state import RunStatus, SweepState, read_state, read_statuses
+from .train import build_cfg
 
-SWEEP_DIR = "configs/sweeps"
-SWEEP_KEYS = ("name", "description", "seeds", "opts", "matrix", "published", "teacher_seed", "teacher_opts", "runs")
-ENTRY_KEYS = ("configs", "flags", "ls", "opts", "seeds", "matrix")
-# The flags an entry may give; --cfg, --seeds and --resume are the sweep's to set.
-ENTRY_FLAGS = ("--logit-stand", "--base-temp", "--kd-weight")
 # A teacher run trained for the sweep keeps only the sweep's where-to-work overrides (data, output folders): a
 # student's recipe (LR, epochs, method keys) is not the teacher's. `teacher_opts` adds what the teachers need.
 TEACHER_OPT_PREFIXES = ("DATASET.", "LOG.")
-
-
-# ---- the sweep file ----
-
-@dataclass
-class Entry:
-    """One item of `runs:`: config patterns and how to train them."""
-
-    patterns: list[str]
-    flags: list[str] = field(default_factory=list)
-    ls_header: bool = False
-    opts: list[str] = field(default_factory=list)
-    seeds: list[int] | None = None
-    matrix: dict[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass
-class Sweep:
-    """A parsed sweep file."""
-
-    name: str
-    path: str
-    entries: list[Entry]
-    seeds: list[int]
-    opts: list[str] = field(default_factory=list)
-    matrix: dict[str, list[str]] = field(default_factory=dict)
-    published: bool = False
-    teacher_seed: int = 0
-    teacher_opts: list[str] = field(default_factory=list)
-
-
-def shipped_sweeps() -> list[str]:
-    """The names of the sweep files shipped in configs/sweeps/."""
-    folder = PROJECT_ROOT / SWEEP_DIR
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def find_sweep(name_or_path: str) -> str:
-    """A sweep file's path: the path itself, or configs/sweeps/<name>.yaml (working directory, then the project)."""
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    stem = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
-    for candidate in (os.path.join(SWEEP_DIR, stem + ".yaml"), str(PROJECT_ROOT / SWEEP_DIR / (stem + ".yaml"))):
-        if os.path.isfile(candidate):
-            return candidate
-    raise MdistillerError(f"no sweep file {name_or_path}: give a YAML file or one of the shipped sweeps "
-                          f"({', '.join(shipped_sweeps()) or f'none in {SWEEP_DIR}'})")
-
-
-def _where(path: str, what: str) -> str:
-    return f"sweep file {path}: {what}"
-
-
-def _str_list(value: Any, path: str, what: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(v, (str, int, float, bool)) for v in value):
-        raise MdistillerError(_where(path, f"{what} must be a string or a list of strings, got {value!r}"))
-    return [str(v) for v in value]
-
-
-def _opts(value: Any, path: str, what: str) -> list[str]:
-    """`[KEY, VALUE, ...]` or `{KEY: VALUE}` -> a flat KEY VALUE list of strings."""
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        return [str(v) for item in value.items() for v in item]
-    items = _str_list(value, path, what)
-    if len(items) % 2:
-        raise MdistillerError(_where(path, f"{what} must be KEY VALUE pairs, got an odd number of items: {items}"))
-    return items
-
-
-def _seeds(value: Any, path: str, what: str) -> list[int]:
-    seeds = value if isinstance(value, list) else [value]
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise MdistillerError(_where(path, f"{what} must be an integer or a list of integers, got {value!r}"))
-    if len(set(seeds)) != len(seeds):
-        raise MdistillerError(_where(path, f"{what} lists a seed twice: {seeds}"))
-    return [int(s) for s in seeds]
-
-
-def _matrix(value: Any, path: str) -> dict[str, list[str]]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise MdistillerError(_where(path, f"matrix must map names to lists, got {value!r}"))
-    return {str(k): _str_list(v, path, f"matrix {k}") for k, v in value.items()}
-
-
-def _check_keys(data: dict, allowed: Sequence[str], path: str, where: str) -> None:
-    unknown = [k for k in data if k not in allowed]
-    if unknown:
-        raise MdistillerError(_where(path, f"unknown key {unknown[0]!r} in {where} (keys: {', '.join(allowed)})"))
-
-
-def parse_train_args(tokens: Sequence[str], where: str) -> argparse.Namespace:
-    """tools/train.py's parse_args, with its usage errors as one-line MdistillerErrors naming where they came from."""
-    messages = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(messages):
-            return parse_args(list(tokens))
-    except SystemExit:
-        reason = messages.getvalue().strip().splitlines()[-1:] or ["bad arguments"]
-        raise MdistillerError(f"{where}: {reason[0].replace('train.py: ', '')}: {shlex.join(tokens)}") from None
-
-
-def _check_flags(flags: list[str], path: str) -> None:
-    for token in flags:
-        if token.startswith("--") and token not in ENTRY_FLAGS:
-            raise MdistillerError(_where(path, f"flag {token} is not one an entry may give ({', '.join(ENTRY_FLAGS)}); "
-                                               "KEY VALUE overrides go in opts"))
-    if parse_train_args(flags, f"sweep file {path}").opts:  # values the tool would refuse are refused here
-        raise MdistillerError(_where(path, f"flags {flags} hold KEY VALUE overrides: put them in opts"))
-
-
-def _entry(item: Any, path: str) -> Entry:
-    if isinstance(item, str):
-        return Entry([item])
-    if not isinstance(item, dict) or "configs" not in item:
-        raise MdistillerError(_where(path, f"each item of runs is a config pattern or a mapping with configs, got "
-                                           f"{item!r}"))
-    _check_keys(item, ENTRY_KEYS, path, "an entry of runs")
-    ls = item.get("ls")
-    if ls not in (None, "header"):
-        raise MdistillerError(_where(path, f"ls takes `header` (the LS setting each config's header records), got "
-                                           f"{ls!r}; explicit settings go in flags"))
-    flags = _str_list(item.get("flags", []), path, "flags")
-    _check_flags(flags, path)
-    if ls == "header" and "--logit-stand" in flags:
-        raise MdistillerError(_where(path, "an entry gives either ls: header or --logit-stand in flags, not both"))
-    return Entry(
-        patterns=_str_list(item["configs"], path, "configs"), flags=flags, ls_header=ls == "header",
-        opts=_opts(item.get("opts"), path, "opts"),
-        seeds=_seeds(item["seeds"], path, "seeds") if "seeds" in item else None,
-        matrix=_matrix(item.get("matrix"), path),
-    )
-
-
-def load_sweep(name_or_path: str) -> Sweep:
-    """Read and check a sweep file (or a shipped sweep by name)."""
-    path = find_sweep(name_or_path)
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as exc:
-        raise MdistillerError(f"cannot read sweep file {path}: {str(exc).splitlines()[0]}") from None
-    if isinstance(data, list):  # a bare list of config patterns
-        data = {"runs": data}
-    if not isinstance(data, dict) or not data.get("runs"):
-        raise MdistillerError(_where(path, "needs `runs:`, a list of configs or glob patterns"))
-    _check_keys(data, SWEEP_KEYS, path, "the sweep")
-    if not isinstance(data["runs"], list):
-        raise MdistillerError(_where(path, "runs must be a list"))
-    teacher_seed = data.get("teacher_seed", 0)
-    if not isinstance(teacher_seed, int) or isinstance(teacher_seed, bool):
-        raise MdistillerError(_where(path, f"teacher_seed must be an integer, got {teacher_seed!r}"))
-    return Sweep(
-        name=str(data.get("name") or os.path.splitext(os.path.basename(path))[0]),
-        path=path,
-        entries=[_entry(item, path) for item in data["runs"]],
-        seeds=_seeds(data.get("seeds", [0]), path, "seeds"),
-        opts=_opts(data.get("opts"), path, "opts"),
-        matrix=_matrix(data.get("matrix"), path),
-        published=bool(data.get("published", False)),
-        teacher_seed=teacher_seed,
-        teacher_opts=_opts(data.get("teacher_opts"), path, "teacher_opts"),
-    )
 
 
 # ---- patterns -> config files ----
@@ -227,7 +33,7 @@ def load_sweep(name_or_path: str) -> Sweep:
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
-def expand_pattern(pattern: str, matrix: dict[str, list[str]], where: str) -> list[str]:
+def expand_pattern(pattern: str, matrix: Mapping[str, Sequence[str]], where: str) -> list[str]:
     """`configs/{method}/{pair}.yaml` -> one pattern per combination of the placeholders' values."""
     names = list(dict.fromkeys(_PLACEHOLDER.findall(pattern)))
     unknown = [n for n in names if n not in matrix]
@@ -250,69 +56,38 @@ def glob_configs(pattern: str) -> list[str]:
     return found
 
 
-# ---- the authors' LS setting from a config's header ----
+# ---- the authors' LS setting (mdistiller/analysis/ls_settings.py) ----
 
-_LS_FLAGS = re.compile(r"--logit-stand\s+--base-temp\s+(\S+)\s+--kd-weight\s+(\S+)")
-_COMMAND = re.compile(r"python\s+tools/train\.py\s+--cfg\s+\S+\s+(.*)$")
-
-
-def header_comment(path: str) -> list[str]:
-    """The comment lines above a config's first key."""
-    lines = []
-    with open(path) as f:
-        for line in f:
-            if line.strip() and not line.lstrip().startswith("#"):
-                break
-            lines.append(line.strip().lstrip("#").strip())
-    return lines
-
-
-def ls_args_from_header(path: str) -> tuple[list[str], list[str]]:
-    """The LS setting a config's header records for its pair ("# LS: ... --logit-stand --base-temp τ --kd-weight w",
-    with the full command when the setting also changes a key): (flags, KEY VALUE overrides), as parse_args reads
-    them."""
-    lines = header_comment(path)
-    start = next((i for i, line in enumerate(lines) if line.startswith("LS:")), None)
-    if start is None:
-        raise MdistillerError(f"{path} records no LS setting in its header (a `# LS: ... --logit-stand --base-temp τ "
-                              f"--kd-weight w` line): give the flags in the sweep entry instead of ls: header")
-    block = lines[start:]
-    command = next((m.group(1) for m in map(_COMMAND.search, block) if m), None)
-    setting = _LS_FLAGS.search(" ".join(block))
+def authors_ls_args(config: str, opts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The authors' LS setting for the pair of `config` (with opts): (flags, KEY VALUE overrides)."""
+    cfg = build_recipe(config, [], opts)
+    key = (cfg.DATASET.TYPE, cfg.DISTILLER.TYPE, cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT)
+    setting = ls_setting(*key)
     if setting is None:
-        raise MdistillerError(f"{path}: the header's LS note names no `--logit-stand --base-temp τ --kd-weight w`")
-    tokens = shlex.split(command) if command else ["--logit-stand", "--base-temp", setting.group(1),
-                                                    "--kd-weight", setting.group(2)]
-    args = parse_train_args(tokens, f"{path} header")
-    if not args.logit_stand or (args.base_temp, args.kd_weight) != (float(setting.group(1)), float(setting.group(2))):
-        raise MdistillerError(f"{path}: the header's LS command disagrees with its --base-temp/--kd-weight note")
-    flags = ["--logit-stand", "--base-temp", f"{args.base_temp:g}", "--kd-weight", f"{args.kd_weight:g}"]
-    return flags, list(args.opts or [])
+        raise MdistillerError(f"{config}: no published LS setting for {key[1]} {key[2]} -> {key[3]} on {key[0]} "
+                              "(mdistiller/analysis/ls_settings.py): give the flags in the sweep entry instead of "
+                              "ls: authors")
+    return setting.flags(), list(setting.opts)
 
 
 # ---- runs ----
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """One training run of the sweep: tools/train.py --cfg <config> --seeds <seed> <flags> <opts>."""
+    """One training run of the sweep: tools/train.py --cfg <config> --seeds <seed> <flags> <opts>. Built by
+    make_run; with_teacher returns a new one."""
 
     config: str
     seed: int
-    flags: list[str]
-    opts: list[str]
+    flags: tuple[str, ...]
+    opts: tuple[str, ...]
     cfg: Any  # the frozen config tools/train.py builds for it, seed set
+    run_dir: str  # what tools/train.py derives from cfg
+    result_file: str
+    config_hash: str
     teacher_run: str = ""  # run_dir of the sweep's teacher run this one waits for
     is_teacher: bool = False  # a vanilla run added by --train-missing-teachers
     teacher_missing: str = ""  # why its teacher's weights are not found (and no teacher run was added)
-    # what tools/train.py derives from cfg (filled in from cfg)
-    run_dir: str = ""
-    result_file: str = ""
-    config_hash: str = ""
-
-    def __post_init__(self) -> None:
-        self.run_dir = run_dir_of(self.cfg, self.opts, seed_in_name=True)
-        self.result_file = os.path.join(self.cfg.LOG.RESULTS_DIR, result_log_name(self.cfg))
-        self.config_hash = self.config_hash or config_hash(self.cfg)  # the seeds of a recipe share it: given once
 
     @property
     def name(self) -> str:
@@ -332,6 +107,30 @@ class Run:
                 *self.opts]
 
 
+def make_run(config: str, seed: int, flags: Sequence[str], opts: Sequence[str], recipe: Any,
+             recipe_hash: str = "", is_teacher: bool = False) -> Run:
+    """The run of `recipe` (the unseeded frozen config of config + flags + opts) at `seed`; recipe_hash, when given,
+    saves hashing it again (the seeds of a recipe share it)."""
+    cfg = seeded_cfg(recipe, seed)
+    return Run(config, seed, tuple(flags), tuple(opts), cfg, run_dir=run_dir_of(cfg, list(opts), seed_in_name=True),
+               result_file=os.path.join(cfg.LOG.RESULTS_DIR, result_log_name(cfg)),
+               config_hash=recipe_hash or config_hash(cfg), is_teacher=is_teacher)
+
+
+def with_teacher(run: Run, teacher: Run) -> Run:
+    """The run distilling from the teacher run's weights (its student_best), given as DISTILLER.TEACHER_CKPT: a key
+    that changes neither the run's folder name nor its recipe hash."""
+    ckpt = os.path.abspath(os.path.join(teacher.run_dir, "student_best"))
+    opts = (*run.opts, "DISTILLER.TEACHER_CKPT", ckpt)
+    cfg = run.cfg.clone()
+    cfg.defrost()
+    cfg.DISTILLER.TEACHER_CKPT = ckpt
+    cfg.freeze()
+    if (run_dir_of(cfg, list(opts), seed_in_name=True), config_hash(cfg)) != (run.run_dir, run.config_hash):
+        raise MdistillerError(f"DISTILLER.TEACHER_CKPT changed the folder or recipe hash of {run.run_dir}")
+    return replace(run, opts=opts, cfg=cfg, teacher_run=teacher.run_dir, teacher_missing="")
+
+
 def build_recipe(config: str, flags: Sequence[str], opts: Sequence[str]):
     """The frozen config of `tools/train.py --cfg config flags opts` (seed not yet set)."""
     if "EXPERIMENT.SEED" in list(opts)[::2]:
@@ -341,19 +140,6 @@ def build_recipe(config: str, flags: Sequence[str], opts: Sequence[str]):
         return build_cfg(parse_train_args(["--cfg", config, *flags, *opts], config))
     except MdistillerError as exc:
         raise MdistillerError(f"{config}: {exc}") from None
-
-
-def missing_teacher(cfg) -> str:
-    """Why the teacher of cfg's run is not on disk ("" when it is, or when the method needs none)."""
-    if not get_distiller_class(cfg.DISTILLER.TYPE).declares.requires_teacher:
-        return ""
-    try:
-        path = teacher_checkpoint_path(cfg)
-    except MdistillerError as exc:
-        return str(exc)
-    if not os.path.isfile(path):
-        return f"DISTILLER.TEACHER_CKPT {cfg.DISTILLER.TEACHER_CKPT} not found"
-    return ""
 
 
 def vanilla_config(teacher: str, dataset_type: str) -> str:
@@ -366,7 +152,7 @@ def vanilla_config(teacher: str, dataset_type: str) -> str:
     return path
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """The runs of a sweep (teachers first) and warnings about what the sweep file matched."""
 
@@ -392,16 +178,16 @@ def _describe_missing(patterns: list[str], total: int) -> str:
     return (f"{len(patterns)} of {total} config patterns match no file (not written yet?), skipped: {shown}")
 
 
-def plan_sweep(sweep: Sweep, cli_opts: Sequence[str] = (), seeds: Sequence[int] | None = None,
-               train_missing_teachers: bool = False) -> Plan:
-    """Every run of the sweep with its config, the teacher runs it needs first (with train_missing_teachers), and
-    warnings for patterns that match nothing. Seeds given here replace the file's."""
+def expand_runs(sweep: Sweep, cli_opts: Sequence[str] = (), seeds: Sequence[int] | None = None
+                ) -> tuple[list[Run], list[str]]:
+    """Every run of the sweep with its config (seed-major), and warnings for patterns that match nothing. Seeds
+    given here replace the file's."""
     ranked: list[tuple[int, Run]] = []
     warnings = []
     for number, entry in enumerate(sweep.entries, 1):
         where = f"{sweep.path} entry {number}"
         matrix = {**sweep.matrix, **entry.matrix}
-        patterns = [p for pattern in entry.patterns for p in expand_pattern(pattern, matrix, where)]
+        patterns = [p for pattern in entry.configs for p in expand_pattern(pattern, matrix, where)]
         unmatched = []
         configs: list[str] = []
         for pattern in patterns:
@@ -412,53 +198,71 @@ def plan_sweep(sweep: Sweep, cli_opts: Sequence[str] = (), seeds: Sequence[int] 
         if unmatched:
             warnings.append(f"{where}: " + _describe_missing(unmatched, len(patterns)))
         for config in configs:
-            flags, header_opts = ls_args_from_header(config) if entry.ls_header else (list(entry.flags), [])
-            opts = [*header_opts, *entry.opts, *sweep.opts, *cli_opts]
+            opts = [*entry.opts, *sweep.opts, *cli_opts]
+            flags, ls_opts = authors_ls_args(config, opts) if entry.ls_authors else (list(entry.flags), [])
+            opts = [*ls_opts, *opts]
             recipe = build_recipe(config, flags, opts)
             recipe_hash = config_hash(recipe)
             for rank, seed in enumerate(seeds if seeds is not None else entry.seeds or sweep.seeds):
-                ranked.append((rank, Run(config, seed, flags, opts, seeded_cfg(recipe, seed), config_hash=recipe_hash)))
+                ranked.append((rank, make_run(config, seed, flags, opts, recipe, recipe_hash)))
     # seed-major: every recipe's first seed before any second one, so a sweep cut short still fills the table
-    runs = [run for _, run in sorted(ranked, key=lambda item: item[0])]
+    return [run for _, run in sorted(ranked, key=lambda item: item[0])], warnings
+
+
+MakeTeacher = Callable[[str, str], Run]  # (teacher, DATASET.TYPE) -> the run that trains it
+
+
+def plan_runs(sweep: Sweep, runs: Sequence[Run], state: SweepState, make_teacher: MakeTeacher | None = None,
+              warnings: Sequence[str] = ()) -> Plan:
+    """The plan of the runs given their state (a pure function): a run whose teacher is missing waits for a teacher
+    run (make_teacher, once per teacher; --train-missing-teachers) or records why its teacher is missing; a finished
+    run needs its teacher no more. Teacher runs go first; repeats of one run are dropped."""
     teachers: dict[str, Run] = {}
-    results: dict[str, list[ResultLine]] = {}
+    planned = []
     for run in runs:
-        why = missing_teacher(run.cfg)
-        if not why or run_status(run, results).status == "done":  # a finished run needs its teacher no more
-            continue
-        name = run.cfg.DISTILLER.TEACHER
-        if run.cfg.DISTILLER.TEACHER_CKPT or not train_missing_teachers:
-            run.teacher_missing = why
-            continue
-        if name not in teachers:
-            teachers[name] = teacher_run(sweep, name, run.cfg.DATASET.TYPE, cli_opts)
-        attach_teacher(run, teachers[name])
-    return Plan(sweep, unique_runs([*teachers.values(), *runs]), warnings)
+        why = state.teacher_missing.get(run.run_dir, "")
+        if not why or state.status(run.run_dir).status == "done":
+            planned.append(run)
+        elif run.cfg.DISTILLER.TEACHER_CKPT or make_teacher is None:
+            planned.append(replace(run, teacher_missing=why))
+        else:
+            name = run.cfg.DISTILLER.TEACHER
+            if name not in teachers:
+                teachers[name] = make_teacher(name, run.cfg.DATASET.TYPE)
+            planned.append(with_teacher(run, teachers[name]))
+    return Plan(sweep, unique_runs([*teachers.values(), *planned]), list(warnings))
 
 
-def teacher_run(sweep: Sweep, teacher: str, dataset_type: str, cli_opts: Sequence[str]) -> Run:
-    """The vanilla run that trains `teacher` for the sweep (teacher_seed, where-to-work overrides, teacher_opts)."""
+def teacher_runs_for(sweep: Sweep, cli_opts: Sequence[str]) -> MakeTeacher:
+    """make_teacher for plan_runs: the vanilla run that trains a teacher for the sweep (teacher_seed, the sweep's
+    where-to-work overrides, teacher_opts)."""
     opts = [*sweep.opts, *cli_opts]
     kept = [t for key, value in zip(opts[::2], opts[1::2]) if key.startswith(TEACHER_OPT_PREFIXES)
             for t in (key, value)]
-    opts = [*kept, *sweep.teacher_opts]
-    config = vanilla_config(teacher, dataset_type)
-    recipe = build_recipe(config, [], opts)
-    return Run(config, sweep.teacher_seed, [], opts, seeded_cfg(recipe, sweep.teacher_seed), is_teacher=True)
+    teacher_opts = [*kept, *sweep.teacher_opts]
+
+    def make_teacher(teacher: str, dataset_type: str) -> Run:
+        config = vanilla_config(teacher, dataset_type)
+        recipe = build_recipe(config, [], teacher_opts)
+        return make_run(config, sweep.teacher_seed, [], teacher_opts, recipe, is_teacher=True)
+    return make_teacher
 
 
-def attach_teacher(run: Run, teacher: Run) -> None:
-    """Make run distil from the teacher run's weights (its student_best), given as DISTILLER.TEACHER_CKPT: a key that
-    changes neither the run's folder name nor its recipe hash."""
-    ckpt = os.path.abspath(os.path.join(teacher.run_dir, "student_best"))
-    before = (run.run_dir, run.config_hash)
-    run.opts = [*run.opts, "DISTILLER.TEACHER_CKPT", ckpt]
-    run.cfg = seeded_cfg(build_recipe(run.config, run.flags, run.opts), run.seed)
-    run.config_hash = ""
-    run.__post_init__()
-    if (run.run_dir, run.config_hash) != before:  # the engine keeps the teacher file out of both
-        raise MdistillerError(f"DISTILLER.TEACHER_CKPT changed the folder or recipe hash of {before[0]}")
-    run.teacher_run = teacher.run_dir
+def plan_with_state(sweep: Sweep, cli_opts: Sequence[str] = (), seeds: Sequence[int] | None = None,
+                    train_missing_teachers: bool = False) -> tuple[Plan, dict[str, RunStatus]]:
+    """The plan of a sweep and the status of each of its runs: the runs, their state read once, the planner."""
+    runs, warnings = expand_runs(sweep, cli_opts, seeds)
+    state = read_state(runs)
+    make_teacher = teacher_runs_for(sweep, cli_opts) if train_missing_teachers else None
+    plan = plan_runs(sweep, runs, state, make_teacher, warnings)
+    statuses = {**state.statuses, **read_statuses(r for r in plan.runs if r.run_dir not in state.statuses)}
+    return plan, {run.run_dir: statuses[run.run_dir] for run in plan.runs}
+
+
+def plan_sweep(sweep: Sweep, cli_opts: Sequence[str] = (), seeds: Sequence[int] | None = None,
+               train_missing_teachers: bool = False) -> Plan:
+    """plan_with_state's plan."""
+    return plan_with_state(sweep, cli_opts, seeds, train_missing_teachers)[0]
 
 
 def unique_runs(runs: list[Run]) -> list[Run]:
@@ -474,54 +278,3 @@ def unique_runs(runs: list[Run]) -> list[Run]:
             raise MdistillerError(f"two runs of the sweep share the folder {run.run_dir} with different recipes "
                                   f"({other.config} and {run.config}): give one an EXPERIMENT.NAME override")
     return out
-
-
-# ---- status, read from the run folders and result logs ----
-
-@dataclass
-class RunStatus:
-    """Where a run stands: done (a result line), started (a `latest` checkpoint, no result), failed or to do."""
-
-    status: str  # "done" | "started" | "failed" | "todo"
-    result: ResultLine | None = None
-    exit_code: int | None = None  # the last exit code the launcher recorded in sweep.log
-    last_line: str = ""  # the last line the run printed
-
-    @property
-    def remains(self) -> bool:
-        return self.status != "done"
-
-
-def read_run_log(path: str) -> tuple[int | None, str]:
-    """(the last exit code the launcher recorded, the last line the run itself printed) of a run's sweep.log."""
-    if not os.path.isfile(path):
-        return None, ""
-    exit_code, last = None, ""
-    with open(path, errors="replace") as f:
-        for raw in f:
-            line = raw.rstrip("\n").split("\r")[-1].strip()  # progress bars rewrite their line with \r
-            if line.startswith(MARK):
-                match = re.search(r" exit (-?\d+)", line)
-                if match:
-                    exit_code = int(match.group(1))
-                elif " start " in line:
-                    exit_code, last = None, ""
-            elif line:
-                last = line
-    return exit_code, last
-
-
-def run_status(run: Run, results_cache: dict[str, list[ResultLine]] | None = None) -> RunStatus:
-    """The run's status from its result log and its folder."""
-    cache = results_cache if results_cache is not None else {}
-    if run.result_file not in cache:
-        cache[run.result_file] = read_result_file(run.result_file)
-    line = find_result(cache[run.result_file], run.ref)
-    exit_code, last = read_run_log(run.log_path)
-    if line is not None:
-        return RunStatus("done", line, exit_code, last)
-    if os.path.exists(os.path.join(run.run_dir, "latest")):
-        return RunStatus("started", None, exit_code, last)
-    if exit_code not in (None, 0, *INTERRUPTED_CODES):  # stopped before it saved anything: simply to do again
-        return RunStatus("failed", None, exit_code, last)
-    return RunStatus("todo", None, exit_code, last)

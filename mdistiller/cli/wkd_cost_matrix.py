@@ -25,17 +25,13 @@ import os
 import sys
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..dataset import DATASETS, DataRequest, num_classes_of
 from ..distillers.ot import linear_cka_distance
-from ..engine.build import build_teacher
-from ..engine.cfg import default_cfg, load_cfg, merge_opts
 from ..engine.checkpoint import save_checkpoint
-from ..engine.run import default_device
 from ..errors import MdistillerError
 from . import run_cli
+from .teacher_pass import teacher_pass
 
 FEATURES = {
     "feats": lambda logits, feats: feats["feats"][-1].flatten(2).transpose(1, 2),  # B x HW x C
@@ -104,22 +100,11 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     if args.batch_size <= 0 or args.max_per_class < 0:
         raise MdistillerError("--batch-size must be positive and --max-per-class non-negative")
-    if args.cfg:
-        cfg = load_cfg(args.cfg, args.opts or [])
-    else:
-        cfg = default_cfg()
-        merge_opts(cfg, args.opts or [])
-    if args.ckpt:
-        cfg.DISTILLER.TEACHER_CKPT = args.ckpt
-    out = args.out or default_output(cfg)
-    num_classes = num_classes_of(cfg)
-    device = default_device()
-    teacher = build_teacher(cfg, num_classes).to(device).eval()
     # the training images without augmentation (every data set's "test" view)
-    train_set, _, _ = DATASETS.get(cfg.DATASET.TYPE).build(cfg, DataRequest({"image": "test"}))
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=False, num_workers=cfg.DATASET.NUM_WORKERS,
-                        pin_memory=device.type == "cuda")
-    feats, present, per_class = class_features(teacher, loader, num_classes, args.feature, args.max_per_class, device)
+    run = teacher_pass(args, default_output, "test")
+    cfg, out, num_classes, device = run.cfg, run.out, run.num_classes, run.device
+    feats, present, per_class = class_features(run.teacher, run.loader, num_classes, args.feature,
+                                               args.max_per_class, device)
     cost = cost_matrix(feats, present, num_classes, device)
     save_checkpoint(cost, out)
     print(

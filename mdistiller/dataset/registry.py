@@ -15,14 +15,13 @@ This module imports nothing of the package, so every module of it can register h
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
-from ..errors import MdistillerError
+from ..errors import MdistillerError, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -70,8 +69,7 @@ class Registry(Generic[T]):
 
     def did_you_mean(self, name: str) -> str:
         """' (did you mean X?)' for the registered name closest to `name`, '' when none is close."""
-        close = difflib.get_close_matches(str(name), list(self._entries), n=1, cutoff=0.5)
-        return f" (did you mean {close[0]}?)" if close else ""
+        return did_you_mean(name, self._entries)
 
     def names(self) -> list[str]:
         """The registered names, sorted."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MdistillerError
-from ..files import DEFAULT_DATA_ROOT, atomic_write_text, resolve_project_path
+from ..files import atomic_write_text, resolve_project_path
 from ..models.common import classifier_weights, num_classes_of_model
 from ._base import FEATURES, LOGITS, Declaration, Distiller, cross_entropy
 from .config import Key, config_section
@@ -44,6 +44,7 @@ from .dkd import dkd_loss
 from .kd import kd_loss
 from .precision import fp32_loss
 from .registry import register_distiller
+from .tool_hints import teacher_tool_command
 
 CENTRE_DECIMALS = 4  # the authors round each per-sample value, then each class mean, to 4 decimals
 _SCALE = 10**CENTRE_DECIMALS
@@ -197,13 +198,7 @@ def make_projector(d_student: int, d_teacher: int, init: str = "cifar") -> nn.Se
 
 def centres_command(cfg, out: str) -> str:
     """The tools/kdpp_centers.py command line that writes `out` for this config's teacher and data."""
-    parts = ["python tools/kdpp_centers.py", "-o", out, "DATASET.TYPE", cfg.DATASET.TYPE,
-             "DISTILLER.TEACHER", cfg.DISTILLER.TEACHER]
-    if cfg.DISTILLER.TEACHER_CKPT:
-        parts += ["DISTILLER.TEACHER_CKPT", cfg.DISTILLER.TEACHER_CKPT]
-    if cfg.DATASET.ROOT != DEFAULT_DATA_ROOT:
-        parts += ["DATASET.ROOT", cfg.DATASET.ROOT]
-    return " ".join(str(p) for p in parts)
+    return teacher_tool_command("kdpp_centers.py", cfg, out)
 
 
 def default_centres_path(dataset_type: str, teacher: str) -> str:
@@ -314,6 +309,7 @@ class KDPP(_NormDirection):
         teacher_reads=_reads_features,
         extra_modules=("projector",),
         logit_stand_refusal=LOGIT_STAND_REFUSAL,
+        rank_synced_buffers=("class_centres",),  # read from one file on every rank, never changed
     )
 
     @classmethod
@@ -353,6 +349,7 @@ class DKDPP(_NormDirection):
         teacher_reads=_reads_features,
         extra_modules=("projector",),
         logit_stand_refusal=LOGIT_STAND_REFUSAL,
+        rank_synced_buffers=("class_centres",),  # read from one file on every rank, never changed
     )
 
     @classmethod

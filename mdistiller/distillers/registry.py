@@ -7,7 +7,6 @@ MDISTILLER_METHODS (os.pathsep-separated; each `*.py` file is imported) and of t
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import os
@@ -16,7 +15,7 @@ import sys
 from importlib.metadata import entry_points
 from typing import Callable, TypeVar
 
-from ..errors import MdistillerError
+from ..errors import MdistillerError, did_you_mean
 from ..log import get_logger
 
 log = get_logger(__name__)
@@ -59,8 +58,7 @@ def get_distiller_class(name: str):
     """The class registered as `name`, resolving published aliases with a warning."""
     name = resolve_name(name)
     if name not in distiller_dict:
-        close = difflib.get_close_matches(name, list(distiller_dict), n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = did_you_mean(name, distiller_dict)
         raise MdistillerError(
             f"unknown distiller DISTILLER.TYPE {name!r}{hint}; available: {', '.join(sorted(distiller_dict))}"
         )

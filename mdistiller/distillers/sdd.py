@@ -1,15 +1,23 @@
-"""SDD (Wei et al., CVPR 2024): scale-decoupled distillation over pooled regions (spec recent.md §5), pure losses.
+"""SDD (Wei et al., CVPR 2024): scale-decoupled distillation over pooled regions (spec recent.md §5): `SDD_KD`,
+`SDD_DKD`, `SDD_NKD` (the authors' names and keys: SDD.M, KD.*, DKD.*).
 
-Region logits are (B, C, N): the classifier applied to each region vector of `spatial_pyramid`. The losses flatten
-them region-major (row `n * B + b`, as the reference's permute(2, 0, 1) + reshape) and weight each row by
-`region_weights`, then return `sum(weight * row) / (N * B)` (shicaiwei123/SDD-CVPR2024 `KD.py`, `SDD_DKD.py`,
-`SDD_nkd.py`). Region 0 must be the global region (scale 1 first), as the reference's row weights assume.
+Region logits are (B, C, N): each model's own classifier (weight and bias) applied to each region vector of
+`spatial_pyramid` over its pre-pool map (`feats["prepool"]`); the student's with gradient, the teacher's under
+no_grad. The losses flatten them region-major (row `n * B + b`, as the reference's permute(2, 0, 1) + reshape) and
+weight each row by `region_weights`, then return `sum(weight * row) / (N * B)` (shicaiwei123/SDD-CVPR2024 `KD.py`,
+`SDD_DKD.py`, `SDD_nkd.py`). Region 0 must be the global region (SDD.M starts with 1), as the row weights assume.
 
 "Right" in the row weights is the TEACHER's prediction on that row (argmax of its region logits) against the label,
-and "global" is the teacher's prediction on region 0 of the same sample; the student's logits play no part.
+and "global" is the teacher's prediction on region 0 of the same sample; the student's logits play no part. Under
+torchrun they are per-rank batch computations, as the reference's.
 
 With N = 1 (`M = [1]`, pass `logits.unsqueeze(2)`) every row weight is 1 and each loss is its plain batch-mean form
-(KD, mdistiller's DKD, NKD with the label column kept): the reference's `M == '[1]'` branches.
+(KD, mdistiller's DKD, NKD with the label column kept): the reference's `M == '[1]'` branches, which the distillers
+take on the ordinary logits (teacher logits only: the teacher-output cache can serve them).
+
+The reference's whole-loss guard (a NaN/inf region loss becomes a fresh 0) is `guarded`, decided on the device without
+a host read, exact in value and in gradient (none); see its docstring. The authors' `--M` / `--warmup` flags are
+`sdd_flag_overrides` (tools/train.py).
 """
 
 from __future__ import annotations

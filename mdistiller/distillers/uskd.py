@@ -7,7 +7,8 @@ The reference (yzd-v/cls_KD `mmcls/models/dis_losses/uskd.py`) is reproduced wit
 - Zipf weights `1 / (k + 1)` go by 0-based rank over all C classes (label included), then the label is dropped and
   the C - 1 weights renormalised;
 - MU scales the weak-supervision term inside it (`L_weak = -mean_b sum_c MU * q_c * log softmax(w)_c`).
-Hard labels only (the reference's soft-label branch, top-2 entries of a mixed target, is not implemented).
+Hard labels only (the reference's soft-label branch, top-2 entries of a mixed target, is not implemented): DATASET.MIXUP
+is refused for USKD. The authors never standardise logits: `--logit-stand` is refused too.
 Ties in the rank sort have no defined order in the reference; here a stable sort puts the lower class index first.
 """
 
@@ -138,6 +139,7 @@ class USKD(Distiller):
         requires_teacher=False,
         extra_modules=("weak_fc",),
         logit_stand_refusal=LOGIT_STAND_REFUSAL,
+        rank_synced_buffers=("zipf",),  # a constant table
     )
 
     @classmethod

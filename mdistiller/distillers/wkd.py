@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MdistillerError
-from ..files import DEFAULT_DATA_ROOT, resolve_project_path
+from ..files import resolve_project_path
 from ..models.common import classifier
 from ._base import FEATURES, LOGITS, Declaration, Distiller, cross_entropy
 from .config import Key, config_section
@@ -44,6 +44,7 @@ from .ot import (
 )
 from .probe import DEFAULT_SETTING, Setting, map_shapes, probe_features, probe_input_size
 from .registry import register_distiller
+from .tool_hints import teacher_tool_command
 
 BOTTLENECK_HIDDEN = 256
 
@@ -133,13 +134,7 @@ def load_cost_matrix(path: str, make_command: str) -> torch.Tensor:
 
 def cost_matrix_command(cfg, out: str) -> str:
     """The tools/wkd_cost_matrix.py command line that writes `out` for this config's teacher and data."""
-    parts = ["python tools/wkd_cost_matrix.py", "-o", out, "DATASET.TYPE", cfg.DATASET.TYPE,
-             "DISTILLER.TEACHER", cfg.DISTILLER.TEACHER]
-    if cfg.DISTILLER.TEACHER_CKPT:
-        parts += ["DISTILLER.TEACHER_CKPT", cfg.DISTILLER.TEACHER_CKPT]
-    if cfg.DATASET.ROOT != DEFAULT_DATA_ROOT:
-        parts += ["DATASET.ROOT", cfg.DATASET.ROOT]
-    return " ".join(str(p) for p in parts)
+    return teacher_tool_command("wkd_cost_matrix.py", cfg, out)
 
 
 config_section("WKD", {

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 
 from torch import nn
 
 from ..distillers import get_distiller_class
-from ..errors import MdistillerError
+from ..errors import MdistillerError, did_you_mean
 from ..files import resolve_project_path
 from ..log import get_logger
 from ..models import cifar_model_dict, imagenet_model_dict, tiny_imagenet_model_dict
@@ -63,8 +62,7 @@ def model_builder(name: str, dataset_type: str | None = None):
     if is_imagenet(dataset_type):
         name = zoo_name(name, dataset_type)
         if name not in imagenet_model_dict:
-            close = difflib.get_close_matches(name, list(imagenet_model_dict), n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = did_you_mean(name, imagenet_model_dict)
             raise MdistillerError(f"unknown model {name!r}{hint}; ImageNet models: {', '.join(imagenet_model_dict)}")
         return imagenet_model_dict[name][0]
     zoo, label, _ = small_image_zoo(dataset_type)
@@ -72,8 +70,7 @@ def model_builder(name: str, dataset_type: str | None = None):
     if name not in zoo and dataset_type is None and name in imagenet_model_dict:
         return imagenet_model_dict[name][0]
     if name not in zoo:
-        close = difflib.get_close_matches(name, list(zoo), n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = did_you_mean(name, zoo)
         raise MdistillerError(f"unknown model {name!r}{hint}; {label} models: {', '.join(zoo)}")
     return zoo[name][0]
 
@@ -197,13 +194,18 @@ def build_kwargs(distiller_class, num_data: int | None = None) -> dict:
     return kwargs
 
 
-def build_distiller(cfg, num_classes: int, num_data: int | None = None):
+def build_distiller(cfg, num_classes: int, num_data: int | None = None, random_teacher: bool = False):
     """Student, (teacher) and the distiller of DISTILLER.TYPE; `num_data` (the training-set size) is passed to a
-    distiller that declares it in `build_needs` (CRD)."""
+    distiller that declares it in `build_needs` (CRD). random_teacher: the teacher keeps its random initial weights,
+    no checkpoint read (tools/bench.py: a step costs the same time whatever the weights)."""
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     kwargs = build_kwargs(distiller_class, num_data)
     student = build_model(cfg.DISTILLER.STUDENT, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE)
-    teacher = build_teacher(cfg, num_classes) if distiller_class.declares.requires_teacher else None
+    teacher = None
+    if distiller_class.declares.requires_teacher and random_teacher:
+        teacher = build_model(cfg.DISTILLER.TEACHER, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE).eval()
+    elif distiller_class.declares.requires_teacher:
+        teacher = build_teacher(cfg, num_classes)
     return distiller_class(student, teacher, cfg, **kwargs)
 
 

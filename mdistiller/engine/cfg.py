@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import difflib
 import os
 from typing import Any, Iterable
 
@@ -21,7 +20,7 @@ from yacs.config import CfgNode as CN
 
 from ..distillers import method_sections
 from ..distillers.config import check_choices, to_cfgnode
-from ..errors import MdistillerError
+from ..errors import MdistillerError, closest, did_you_mean
 from ..files import DEFAULT_DATA_ROOT, atomic_write_text
 
 # Allowed values of the keys that take one of a few names.
@@ -155,12 +154,11 @@ def _all_keys(node: CN, prefix: str = "") -> list[str]:
 
 def _unknown_key_error(full_key: str, root: CN, source: str) -> MdistillerError:
     candidates = _all_keys(root)
-    close = difflib.get_close_matches(full_key, candidates, n=1, cutoff=0.6)
-    if not close:  # a typo in the leaf name is the common case: compare leaf names too
-        leaf = full_key.rsplit(".", 1)[-1]
+    hint = did_you_mean(full_key, candidates, 0.6)
+    if not hint:  # a typo in the leaf name is the common case: compare leaf names too
         leaves = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
-    hint = f" (did you mean {close[0]}?)" if close else ""
+        leaf = closest(full_key.rsplit(".", 1)[-1], leaves, 0.6)
+        hint = f" (did you mean {leaves[leaf]}?)" if leaf else ""
     return MdistillerError(f"unknown config key {full_key} in {source}{hint}")
 
 
@@ -205,6 +203,34 @@ def merge_dict(cfg: CN, values: dict, source: str, prefix: str = "", root: CN | 
             cfg[key] = _coerce(_decode(value), default, full_key, source)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently: a second
+    `SOLVER:` section would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key} given twice (first at line {first})", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_line(path: str, exc: yaml.MarkedYAMLError) -> str:
+    """`config file <path> line L, column C is not valid YAML: <problem> (<context>)`, 1-based like an editor."""
+    mark = exc.problem_mark or exc.context_mark
+    place = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = exc.problem or exc.context or type(exc).__name__
+    context = ""
+    if exc.context and exc.problem:
+        begun = exc.context_mark
+        context = f" ({exc.context}" + (f" begun at line {begun.line + 1})" if begun is not None else ")")
+    return f"config file {path}{place} is not valid YAML: {problem}{context}"
+
+
 def merge_file(cfg: CN, path: str) -> None:
     """Merge a YAML config file (with yacs' `_BASE_` inheritance) into cfg."""
     if not path:
@@ -213,7 +239,9 @@ def merge_file(cfg: CN, path: str) -> None:
         raise MdistillerError(f"config file not found: {path}")
     try:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = yaml.load(f, Loader=_StrictLoader) or {}
+    except yaml.MarkedYAMLError as exc:
+        raise MdistillerError(_yaml_error_line(path, exc)) from None
     except yaml.YAMLError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MdistillerError(f"config file {path} is not valid YAML: {first_line}") from None
@@ -237,6 +265,24 @@ def merge_opts(cfg: CN, opts: list[str]) -> None:
             node = node.setdefault(part, {})
         node[parts[-1]] = raw
         merge_dict(cfg, nested, "the command line")
+
+
+def cfg_value(cfg: CN, full_key: str) -> Any:
+    """The value of a dotted key (`KD.LOSS.KD_WEIGHT`)."""
+    node: Any = cfg
+    for part in full_key.split("."):
+        node = node[part]
+    return node
+
+
+def leaf_values(cfg: CN) -> dict[str, Any]:
+    """Every leaf of a config as {dotted key: value}."""
+    return {key: cfg_value(cfg, key) for key in _all_keys(cfg) if not isinstance(cfg_value(cfg, key), CN)}
+
+
+def override_value(full_key: str, raw: str) -> Any:
+    """The value a command-line `KEY VALUE` pair gives its key, typed as the merge types it."""
+    return _coerce(_decode(raw), cfg_value(CFG, full_key), full_key, "the command line")
 
 
 def validate_cfg(cfg: CN) -> None:

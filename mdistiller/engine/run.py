@@ -23,7 +23,7 @@ from ..log import get_logger, run_log
 from ..rng import deterministic_mode, set_seed
 from . import accel, worklog
 from .build import build_distiller, teacher_home
-from .cfg import cfg_text
+from .cfg import cfg_text, cfg_value, override_value
 from .dot import DOT_TRAINERS
 from .run_identity import HISTORY_DIR, record_identity, start_identity
 from .teacher_cache import cache_batch_needs, prepare_teacher_cache
@@ -50,7 +50,7 @@ def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
     final_values = dict(zip(opts[::2], opts[1::2]))  # a key given twice counts once, with its last value
     tags = [
-        f"{key}:{value}"
+        f"{key}:{_trained_value(cfg, key, value)}"
         for key, value in final_values.items()
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in _KEYS_NOT_IN_NAME)
     ]
@@ -63,6 +63,37 @@ def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
     if tags:
         name += "," + ",".join(tags)
     return name.replace(os.sep, "_")
+
+
+def _trained_value(cfg, key: str, typed: str) -> str:
+    """The value as typed when it is the one that trains, or the factor the LS flags scale (DKD's and RLD's
+    `--kd-weight` multiply the typed ALPHA / BETA: `DKD.BETA:2.0,LS:T2,w15` trains BETA 30); else the merged
+    config's, so a name never shows a value that does not train (tools/train.py refuses a flag that would replace a
+    typed key)."""
+    final, value = cfg_value(cfg, key), override_value(key, typed)
+    if value == final or _scaled_by_ls(cfg, key, value, final):
+        return typed
+    return _fmt(final) if isinstance(final, float) else str(final).replace(" ", "")
+
+
+def _scaled_by_ls(cfg, key: str, value, final) -> bool:
+    """Whether the LS flags recorded in cfg turn the typed value into the merged one, and would turn another into
+    another (a scale, not a replacement)."""
+    if not (cfg.EXPERIMENT.LOGIT_STAND and cfg.EXPERIMENT.BASE_TEMP > 0):
+        return False
+    mapping = get_distiller_class(cfg.DISTILLER.TYPE).declares.logit_stand
+    if mapping is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+
+    def mapped(typed_value):
+        probe = cfg.clone()
+        probe.defrost()
+        section, _, leaf = key.rpartition(".")
+        cfg_value(probe, section)[leaf] = typed_value
+        mapping(probe, cfg.EXPERIMENT.BASE_TEMP, cfg.EXPERIMENT.KD_WEIGHT)
+        return cfg_value(probe, key)
+
+    return mapped(value) == final and mapped(type(value)(value * 2 + 1)) != final
 
 
 def _names_trainer(name: str, tags: list[str], trainer: str) -> bool:
@@ -149,6 +180,12 @@ def run_dir_of(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str
 def default_device() -> torch.device:
     """CUDA when present (cuda:LOCAL_RANK under torchrun), else CPU."""
     return distributed.device()
+
+
+def step_trainer(cfg, distiller, device: torch.device, run_dir: str, teacher_cache=None) -> Trainer:
+    """A Trainer to step by hand (its train_step and epoch_progress): no loaders, so no epochs, validation or
+    checkpoints (tools/bench.py times the very step a run trains with)."""
+    return Trainer(run_dir, distiller, None, None, cfg, device, teacher_cache=teacher_cache)
 
 
 def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name: bool = False,

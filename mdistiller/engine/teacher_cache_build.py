@@ -246,3 +246,21 @@ def _build_locked(path: str, teacher: nn.Module, images: np.ndarray, identity: d
     atomic_write_text(os.path.join(path, IDENTITY_FILE), json.dumps(written, indent=1) + "\n")
     os.remove(progress_file)
     return written
+
+
+def build_zero_padded_cache(folder: str, teacher: nn.Module, images: np.ndarray, identity: dict, device,
+                            num_images: int, **build_options) -> tuple[str, dict, dict]:
+    """A table built for real (build_cache) over `images`, then widened with zero rows to `num_images` images, for
+    timing a step that reads it (tools/bench.py: the step's speed depends on the values no more than on a random
+    teacher's weights). Returns (the widened table's folder, its identity, the build's identity); the widened folder
+    holds the table file alone, its identity goes to TeacherLogitTable directly."""
+    built = build_cache(os.path.join(folder, "built"), teacher, images, identity, device, **build_options)
+    full = {**built, "num_images": int(num_images)}
+    widened = os.path.join(folder, "full")
+    os.makedirs(widened, exist_ok=True)
+    table_file = os.path.join(widened, TABLE_FILE)
+    os.replace(os.path.join(folder, "built", TABLE_FILE), table_file)
+    rows, classes = table_shape(full)
+    with open(table_file, "r+b") as f:
+        f.truncate(rows * classes * STORAGE[full["dtype"]].itemsize)  # sparse zeros
+    return widened, full, built
