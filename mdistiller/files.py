@@ -5,6 +5,7 @@ Foundation code: imports nothing of the package but errors.py.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -81,3 +82,12 @@ def resolve_project_path(path: str) -> str:
         return path
     in_project = PROJECT_ROOT / path
     return str(in_project) if in_project.exists() else path
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

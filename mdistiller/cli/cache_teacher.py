@@ -24,7 +24,7 @@ from ..engine.build import build_teacher, model_builder
 from ..engine.cfg import TEACHER_CACHE_DTYPES, data_cfg, load_cfg, validate_cfg
 from ..engine.run import default_device
 from ..engine.teacher_cache import cache_refusal, ensure_teacher_cache
-from ..engine.teacher_cache_build import VERIFY_SAMPLES, file_sha256, open_table_file, verify_table
+from ..engine.teacher_cache_build import VERIFY_SAMPLES, open_table_file, verify_table
 from ..engine.teacher_cache_identity import (
     AUTO,
     TABLE_FILE,
@@ -35,6 +35,7 @@ from ..engine.teacher_cache_identity import (
     run_identity,
 )
 from ..errors import MdistillerError
+from ..files import file_sha256
 from . import run_cli
 
 

@@ -24,14 +24,13 @@ the kernels and so the bits; they are compared like any recipe key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 from .. import __version__
 from ..distillers import get_distiller_class
 from ..errors import MdistillerError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, file_sha256
 from .build import teacher_checkpoint_path
 from .cfg import cfg_text, cfg_to_dict, load_cfg
 
@@ -56,14 +55,6 @@ def flat_config(cfg) -> dict[str, object]:
 
     walk(cfg_to_dict(cfg), "")
     return json.loads(json.dumps(out))  # tuples and lists alike, as read back from identity.json
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 FINGERPRINT_MAX_BYTES = 1 << 29  # larger training sets (or ones read from files) get no fingerprint: not cheap

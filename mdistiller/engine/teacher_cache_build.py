@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import time
@@ -29,7 +28,7 @@ from ..dataset.device_cifar import VIEWS_PER_IMAGE
 from ..dataset.teacher_views import pil_view, views_of
 from ..download import file_lock
 from ..errors import MdistillerError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, file_sha256
 from ..log import get_logger
 from .accel import AMP_DTYPE
 from .teacher_cache_identity import (
@@ -95,15 +94,6 @@ def _read_progress(path: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def file_sha256(file: str) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _device_name(device: torch.device) -> str:
