@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from mdistiller.detection.coco import CocoDetection, collate, group_by_aspect, infinite_shuffled, load_coco_records
-from mdistiller.detection.transforms import TRAIN_SHORT_EDGES, EvalResize, TrainAugment, hflip, resize, resized_shape
+from mdistiller.detection.transforms import (
+    TRAIN_SHORT_EDGES,
+    EvalResize,
+    Geometry,
+    KeepSize,
+    TrainAugment,
+    hflip,
+    resize,
+    resized_shape,
+)
 from mdistiller.errors import MdistillerError
 
 from coco_files import CATEGORY_IDS, write_synthetic_coco
@@ -22,8 +31,7 @@ def coco(tmp_path_factory):
         return image_dir, ann_file, json.load(f)
 
 
-def identity(image, boxes, generator=None):
-    return image, boxes.float()
+identity = KeepSize()
 
 
 def test_labels_follow_sorted_category_ids(coco):
@@ -199,3 +207,51 @@ def test_missing_or_mismatched_image_file(tmp_path):
     with pytest.raises(MdistillerError, match="the JSON says 50x128"):
         ds[0]
     assert np.all(ds.records[0].labels >= 0)
+
+
+def painted_boxes_mask(data, image_id, h, w):
+    out = []
+    for ann in data["annotations"]:
+        if ann["image_id"] == image_id and not ann["iscrowd"]:
+            x, y, bw, bh = (int(v) for v in ann["bbox"])
+            m = np.zeros((h, w), dtype=np.uint8)
+            m[y:y + bh, x:x + bw] = 1
+            out.append(m)
+    return np.stack(out)
+
+
+def test_polygons_become_masks_that_follow_resize_and_flip(coco):
+    pytest.importorskip("pycocotools")
+    image_dir, ann_file, data = coco
+    plain = CocoDetection(image_dir, ann_file, train=True, masks=True, transform=identity)
+    image, target = plain[2]
+    expected = painted_boxes_mask(data, 12, 96, 128)
+    assert target["masks"].dtype == torch.uint8 and np.array_equal(target["masks"].numpy(), expected)
+    assert ((image != 30).any(0).numpy() == expected.any(0)).all()  # masks cover exactly the painted pixels
+    flipped = CocoDetection(image_dir, ann_file, train=True, masks=True,
+                            transform=TrainAugment(short_edges=(96,), flip_prob=1.0))
+    assert np.array_equal(flipped[2][1]["masks"].numpy(), expected[:, :, ::-1])
+    doubled = CocoDetection(image_dir, ann_file, train=True, masks=True, transform=EvalResize(short_edge=192))
+    assert np.array_equal(doubled[2][1]["masks"].numpy(), expected.repeat(2, 1).repeat(2, 2))
+
+
+def test_rle_segmentation_becomes_the_same_mask(tmp_path):
+    mask_util = pytest.importorskip("pycocotools.mask")
+    image_dir, ann_file = write_synthetic_coco(str(tmp_path), n_images=3, crowd_only=False, empty=False)
+    with open(ann_file) as f:
+        data = json.load(f)
+    expected = painted_boxes_mask(data, 11, 128, 96)
+    rle = mask_util.encode(np.asfortranarray(expected[0]))
+    data["annotations"][1]["segmentation"] = dict(rle, counts=rle["counts"].decode())
+    with open(ann_file, "w") as f:
+        json.dump(data, f)
+    for transform, flip in ((identity, False), (TrainAugment(short_edges=(96,), flip_prob=1.0), True)):
+        ds = CocoDetection(image_dir, ann_file, train=True, masks=True, transform=transform)
+        got = ds[1][1]["masks"].numpy()
+        assert np.array_equal(got, expected[:, :, ::-1] if flip else expected)
+
+
+def test_geometry_of_plans():
+    assert KeepSize().plan(96, 128) == Geometry(96, 128, False)
+    assert EvalResize().plan(480, 640) == Geometry(800, 1067, False)
+    assert TrainAugment(short_edges=(640,), flip_prob=0.0).plan(333, 1000) == Geometry(444, 1333, False)  # capped

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -13,7 +14,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from mdistiller.detection.transforms import EvalResize, TrainAugment, clip_and_drop_empty
+from mdistiller.detection.transforms import (
+    EvalResize,
+    Geometry,
+    TrainAugment,
+    apply_geometry,
+    clip_and_drop_empty,
+    transform_polygon,
+)
 from mdistiller.errors import MdistillerError
 
 
@@ -110,6 +118,36 @@ def read_image(path: str) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def _mask_api():
+    try:
+        from pycocotools import mask as mask_util
+    except ImportError:
+        raise MdistillerError('COCO masks need pycocotools: pip install -e ".[detection]"') from None
+    return mask_util
+
+
+def segmentation_to_mask(segm, height: int, width: int, geometry: Geometry) -> np.ndarray:
+    """One annotation's polygons (moved, then rasterised as detectron2's polygons_to_bitmask) or RLE (decoded, then
+    resized nearest and flipped) as a uint8 (new_h, new_w) mask of the transformed image."""
+    mask_util = _mask_api()
+    with warnings.catch_warnings():  # pycocotools' decode warns under numpy 2 (its __array__ signature)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _segmentation_to_mask(mask_util, segm, height, width, geometry)
+
+
+def _segmentation_to_mask(mask_util, segm, height: int, width: int, geometry: Geometry) -> np.ndarray:
+    if isinstance(segm, list):
+        polys = [transform_polygon(p, height, width, geometry) for p in segm]
+        return mask_util.decode(mask_util.merge(mask_util.frPyObjects(polys, geometry.new_h, geometry.new_w)))
+    if isinstance(segm, dict):
+        rle = mask_util.frPyObjects(segm, height, width) if isinstance(segm.get("counts"), list) else segm
+        mask = mask_util.decode(rle)
+        if mask.shape != (geometry.new_h, geometry.new_w):
+            mask = np.asarray(Image.fromarray(mask).resize((geometry.new_w, geometry.new_h), Image.NEAREST))
+        return np.ascontiguousarray(mask[:, ::-1] if geometry.flip else mask)
+    raise MdistillerError(f"unsupported segmentation of type {type(segm).__name__} (polygons or RLE expected)")
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """(image, target) pairs of a COCO-format folder; `train` selects detectron2's training behaviour.
 
@@ -117,11 +155,12 @@ class CocoDetection(torch.utils.data.Dataset):
     the targets, TrainAugment (multi-scale resize + flip), boxes clipped and empty ones dropped. Evaluation: every
     image, EvalResize, all annotations kept with their `iscrowd` flag (COCO AP itself reads the JSON).
     target: boxes (N, 4) float32 xyxy in the resized image, labels (N,) int64 0..K-1, iscrowd (N,) int64, image_id,
-    orig_size (h, w) of the file and size (h, w) after the transform.
+    orig_size (h, w) of the file and size (h, w) after the transform; with `masks`, masks (N, h, w) uint8 too.
+    `transform` is any object with `plan(height, width, generator) -> Geometry` (TrainAugment, EvalResize, KeepSize).
     """
 
     def __init__(self, image_dir: str, ann_file: str, *, train: bool, transform: Callable | None = None,
-                 filter_empty: bool = True, generator: torch.Generator | None = None):
+                 filter_empty: bool = True, masks: bool = False, generator: torch.Generator | None = None):
         if not os.path.isdir(image_dir):
             raise MdistillerError(f"COCO image folder not found: {image_dir}")
         records, self.category_ids = load_coco_records(ann_file)
@@ -134,6 +173,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.train = train
         self.transform = transform if transform is not None else (TrainAugment() if train else EvalResize())
         self.generator = generator
+        self.masks = masks
+        if masks:
+            _mask_api()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -152,12 +194,22 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes = torch.from_numpy(rec.boxes[keep].copy())
         labels = torch.from_numpy(rec.labels[keep].copy())
         iscrowd = torch.from_numpy(rec.iscrowd[keep].copy())
-        image, boxes = self.transform(image, boxes, generator=self.generator)
+        geometry = self.transform.plan(rec.height, rec.width, self.generator)
+        image, boxes = apply_geometry(image, boxes, geometry)
         nonempty = clip_and_drop_empty(boxes, image.shape[1], image.shape[2])
-        if self.train:
-            boxes, labels, iscrowd = boxes[nonempty], labels[nonempty], iscrowd[nonempty]
-        target = {"boxes": boxes, "labels": labels, "iscrowd": iscrowd, "image_id": rec.image_id,
-                  "orig_size": (rec.height, rec.width), "size": (image.shape[1], image.shape[2])}
+        if not self.train:
+            nonempty[:] = True
+        target = {"boxes": boxes[nonempty], "labels": labels[nonempty], "iscrowd": iscrowd[nonempty],
+                  "image_id": rec.image_id, "orig_size": (rec.height, rec.width),
+                  "size": (image.shape[1], image.shape[2])}
+        if self.masks:
+            segms = [seg for seg, k in zip(rec.polygons, keep) if k]
+            segms = [seg for seg, k in zip(segms, nonempty.tolist()) if k]
+            if any(seg is None for seg in segms):
+                raise MdistillerError(f"image {rec.file_name}: an annotation has no 'segmentation' (masks requested)")
+            masks = [segmentation_to_mask(seg, rec.height, rec.width, geometry) for seg in segms]
+            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(
+                0, geometry.new_h, geometry.new_w, dtype=torch.uint8)
         return image, target
 
 

@@ -60,6 +60,33 @@ def clip_and_drop_empty(boxes: torch.Tensor, height: int, width: int, min_side: 
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """What one image's transform does: resize to (new_h, new_w), then mirror when `flip`."""
+
+    new_h: int
+    new_w: int
+    flip: bool = False
+
+
+def apply_geometry(image: torch.Tensor, boxes: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize (skipped at the same size) then flip a uint8 CHW image and its xyxy boxes."""
+    if tuple(image.shape[1:]) != (geometry.new_h, geometry.new_w):
+        image, boxes = resize(image, boxes, geometry.new_h, geometry.new_w)
+    boxes = boxes.float()
+    if geometry.flip:
+        image, boxes = hflip(image, boxes)
+    return image, boxes
+
+
+def transform_polygon(polygon: list[float], height: int, width: int, geometry: Geometry) -> list[float]:
+    """A flat [x, y, ...] polygon of a height x width image moved as apply_geometry moves the image."""
+    xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2) * [geometry.new_w / width, geometry.new_h / height]
+    if geometry.flip:
+        xy[:, 0] = geometry.new_w - xy[:, 0]
+    return xy.reshape(-1).tolist()
+
+
+@dataclass(frozen=True)
 class TrainAugment:
     """ResizeShortestEdge (short side drawn uniformly from `short_edges`, "choice" style) then RandomFlip(p)."""
 
@@ -73,14 +100,13 @@ class TrainAugment:
         flip = bool(torch.rand((), generator=generator) < self.flip_prob)
         return short, flip
 
+    def plan(self, height: int, width: int, generator: torch.Generator | None = None) -> Geometry:
+        short, flip = self.draw(generator)
+        return Geometry(*resized_shape(height, width, short, self.max_size), flip)
+
     def __call__(self, image: torch.Tensor, boxes: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        short, flip = self.draw(generator)
-        new_h, new_w = resized_shape(image.shape[1], image.shape[2], short, self.max_size)
-        image, boxes = resize(image, boxes, new_h, new_w)
-        if flip:
-            image, boxes = hflip(image, boxes)
-        return image, boxes
+        return apply_geometry(image, boxes, self.plan(image.shape[1], image.shape[2], generator))
 
 
 @dataclass(frozen=True)
@@ -90,7 +116,16 @@ class EvalResize:
     short_edge: int = TEST_SHORT_EDGE
     max_size: int = TEST_MAX_SIZE
 
+    def plan(self, height: int, width: int, generator: torch.Generator | None = None) -> Geometry:
+        return Geometry(*resized_shape(height, width, self.short_edge, self.max_size))
+
     def __call__(self, image: torch.Tensor, boxes: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        new_h, new_w = resized_shape(image.shape[1], image.shape[2], self.short_edge, self.max_size)
-        return resize(image, boxes, new_h, new_w)
+        return apply_geometry(image, boxes, self.plan(image.shape[1], image.shape[2]))
+
+
+class KeepSize:
+    """No resize, no flip (tests, and callers that resize elsewhere)."""
+
+    def plan(self, height: int, width: int, generator: torch.Generator | None = None) -> Geometry:
+        return Geometry(height, width)
