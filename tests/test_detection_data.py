@@ -1,5 +1,6 @@
 """COCO-format reader, detectron2's resize/flip and aspect-ratio grouping (issue 26, spec detection.md 1.8 and 5.1)."""
 
+import itertools
 import json
 import os
 
@@ -7,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from mdistiller.detection.coco import CocoDetection, collate, group_by_aspect, infinite_shuffled, load_coco_records
+from mdistiller.detection.coco import (
+    CocoDetection,
+    GroupedBatchSampler,
+    collate,
+    group_by_aspect,
+    infinite_shuffled,
+    load_coco_records,
+)
 from mdistiller.detection.transforms import (
     TRAIN_SHORT_EDGES,
     EvalResize,
@@ -255,3 +263,19 @@ def test_geometry_of_plans():
     assert KeepSize().plan(96, 128) == Geometry(96, 128, False)
     assert EvalResize().plan(480, 640) == Geometry(800, 1067, False)
     assert TrainAugment(short_edges=(640,), flip_prob=0.0).plan(333, 1000) == Geometry(444, 1333, False)  # capped
+
+
+def test_grouped_batch_sampler_shards_and_resumes():
+    wide = [i % 3 == 0 for i in range(10)]
+    first = list(itertools.islice(iter(GroupedBatchSampler(wide, 2, seed=5)), 6))
+    again = list(itertools.islice(iter(GroupedBatchSampler(wide, 2, seed=5)), 6))
+    assert first == again and all(len({wide[i] for i in b}) == 1 for b in first)
+    resumed = list(itertools.islice(iter(GroupedBatchSampler(wide, 2, seed=5, skip_batches=4)), 2))
+    assert resumed == first[4:6]
+    # two ranks split one permutation stream: rank r takes positions r, r + 2, ...
+    stream = list(itertools.islice(infinite_shuffled(10, torch.Generator().manual_seed(5)), 40))
+    for rank in (0, 1):
+        own = list(itertools.islice(iter(GroupedBatchSampler(wide, 1, seed=5, rank=rank, world_size=2)), 20))
+        assert [b[0] for b in own] == stream[rank::2]
+    with pytest.raises(MdistillerError, match="rank 2 outside 0..1"):
+        GroupedBatchSampler(wide, 2, seed=0, rank=2, world_size=2)

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from mdistiller.detection.evaluate import coco_box_metrics, coco_mask_metrics, detections_to_coco_json
+from mdistiller.detection.evaluate import (
+    boxes_to_original,
+    coco_box_metrics,
+    coco_mask_metrics,
+    detections_to_coco_json,
+)
 from mdistiller.errors import MdistillerError
 
 from coco_files import write_synthetic_coco
@@ -111,3 +116,10 @@ def test_no_detections_give_nan_and_bad_inputs_refuse(gt):
         coco_box_metrics(ann_file + ".missing", empty)
     with pytest.raises(MdistillerError, match="needs 'masks'"):
         coco_mask_metrics(ann_file, gt_as_detections(data))
+
+
+def test_boxes_back_to_original_size():
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0], [150.0, 0.0, 170.0, 10.0], [170.0, 5.0, 180.0, 9.0]])
+    out, keep = boxes_to_original(boxes, size=(80, 160), orig_size=(40, 80))  # half size; the last box is outside
+    assert out.tolist() == [[5.0, 10.0, 25.0, 30.0], [75.0, 0.0, 80.0, 5.0], [80.0, 2.5, 80.0, 4.5]]
+    assert keep.tolist() == [True, True, False]

@@ -4,6 +4,7 @@ non-crowd annotation dropped for training (DATALOADER.FILTER_EMPTY_ANNOTATIONS),
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
@@ -232,6 +233,24 @@ def infinite_shuffled(n: int, generator: torch.Generator) -> Iterator[int]:
     """detectron2's TrainingSampler: an endless stream of random permutations of range(n)."""
     while True:
         yield from torch.randperm(n, generator=generator).tolist()
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """detectron2's training stream as a batch sampler: TrainingSampler (one seed, endless permutations, rank r taking
+    every world_size-th index from r) then aspect-ratio grouping into per-process batches. `skip_batches` drops the
+    first batches, so a resumed run continues the same stream."""
+
+    def __init__(self, is_wide: Sequence[bool], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 skip_batches: int = 0):
+        if not 0 <= rank < world_size:
+            raise MdistillerError(f"rank {rank} outside 0..{world_size - 1}")
+        self.is_wide, self.batch_size, self.seed = list(is_wide), batch_size, seed
+        self.rank, self.world_size, self.skip_batches = rank, world_size, skip_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        indices = itertools.islice(infinite_shuffled(len(self.is_wide), generator), self.rank, None, self.world_size)
+        return itertools.islice(group_by_aspect(indices, self.is_wide, self.batch_size), self.skip_batches, None)
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:

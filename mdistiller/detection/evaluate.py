@@ -51,6 +51,17 @@ def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def boxes_to_original(boxes: torch.Tensor, size: tuple[int, int], orig_size: tuple[int, int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """detectron2's detector_postprocess for boxes: xyxy boxes of the resized (h, w) image scaled to the original
+    (h, w), clipped to it; returns (boxes, keep-mask of the non-empty ones)."""
+    scale = torch.tensor([orig_size[1] / size[1], orig_size[0] / size[0]] * 2, dtype=boxes.dtype, device=boxes.device)
+    out = boxes * scale
+    out[:, 0::2] = out[:, 0::2].clamp(0, orig_size[1])
+    out[:, 1::2] = out[:, 1::2].clamp(0, orig_size[0])
+    return out, (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+
+
 def detections_to_coco_json(detections: Sequence[Mapping], label_to_category_id: Sequence[int]) -> list[dict]:
     """COCO result entries from per-image dicts {image_id, boxes (N,4) xyxy in original pixels, scores, labels
     [, masks (N,H,W) bool at original size]}, as detectron2's instances_to_coco_json."""
