@@ -4,8 +4,10 @@ compared tensor by tensor; bad files are refused in one line; a malicious pickle
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from mdistiller.cli import convert_detectron2 as tool
 from mdistiller.cli import run_cli
 from mdistiller.detection.detectron2_weights import (
     build_torchvision_faster_rcnn,
+    check_against_model,
     convert_detectron2_state_dict,
     infer_depth,
     load_detectron2_faster_rcnn,
@@ -94,6 +97,12 @@ def r18(tmp_path_factory):
     return tv, d2, path
 
 
+@pytest.fixture(scope="module")
+def r18_loaded(r18):
+    """load_detectron2_faster_rcnn of the R18 fixture's .pkl: (model, converted state dict, depth)."""
+    return load_detectron2_faster_rcnn(r18[2])
+
+
 def one_line_error(fn, *args, **kwargs) -> str:
     with pytest.raises(MdistillerError) as info:
         fn(*args, **kwargs)
@@ -117,9 +126,9 @@ def test_inverse_map_covers_every_name_once():
         assert expected in names
 
 
-def test_pkl_round_trip_every_tensor_equal_and_strict_load(r18):
-    tv, d2, path = r18
-    model, converted, depth = load_detectron2_faster_rcnn(path)
+def test_pkl_round_trip_every_tensor_equal_and_strict_load(r18, r18_loaded):
+    tv, _, _ = r18
+    model, converted, depth = r18_loaded
     assert depth == 18 and set(converted) == set(tv)
     for name, value in converted.items():
         if name.startswith("roi_heads.box_predictor.bbox_pred."):
@@ -130,9 +139,9 @@ def test_pkl_round_trip_every_tensor_equal_and_strict_load(r18):
     assert all(torch.equal(loaded[k], converted[k]) for k in converted)
 
 
-def test_class_rows_reordered_by_hand(r18):
-    _, d2, path = r18
-    _, sd, _ = load_detectron2_faster_rcnn(path)
+def test_class_rows_reordered_by_hand(r18, r18_loaded):
+    _, d2, _ = r18
+    _, sd, _ = r18_loaded
     for field in ("weight", "bias"):
         score = sd[f"roi_heads.box_predictor.cls_score.{field}"]
         d2_score = torch.from_numpy(d2[f"roi_heads.box_predictor.cls_score.{field}"])
@@ -150,9 +159,9 @@ def test_class_rows_reordered_by_hand(r18):
         assert torch.equal(deltas[320:324], d2_deltas[316:320])
 
 
-def test_frozen_bn_buffers_and_fpn_rpn_names_by_hand(r18):
-    _, d2, path = r18
-    _, sd, _ = load_detectron2_faster_rcnn(path)
+def test_frozen_bn_buffers_and_fpn_rpn_names_by_hand(r18, r18_loaded):
+    _, d2, _ = r18
+    _, sd, _ = r18_loaded
     pairs = {
         "backbone.body.bn1.running_var": "backbone.bottom_up.stem.conv1.norm.running_var",
         "backbone.body.layer3.1.bn2.weight": "backbone.bottom_up.res4.1.conv2.norm.weight",
@@ -167,17 +176,27 @@ def test_frozen_bn_buffers_and_fpn_rpn_names_by_hand(r18):
         assert torch.equal(sd[tv_name], torch.from_numpy(d2[d2_name])), tv_name
 
 
-def test_r50_and_r101_from_a_torch_pth(tmp_path):
+def test_r50_and_r101_convert_and_load_strictly():
     for depth in (50, 101):
-        tv = random_state_dict(depth, seed=depth)
+        model = build_torchvision_faster_rcnn(depth)
+        tv = model.state_dict()  # kaiming-initialised convs and fcs: distinct values
         d2 = {k: torch.from_numpy(v) for k, v in to_detectron2_weights(tv).items()}
         assert infer_depth(d2) == depth
-        path = str(tmp_path / f"r{depth}.pth")
-        torch.save({"model": d2, "iteration": 5}, path)
-        model, sd, got = load_detectron2_faster_rcnn(path)
-        assert got == depth and len(sd) == {50: 295, 101: 550}[depth]
-        assert torch.equal(sd["backbone.body.layer3.5.conv3.weight"], tv["backbone.body.layer3.5.conv3.weight"])
+        sd = convert_detectron2_state_dict(d2)
+        check_against_model(sd, model)
+        model.load_state_dict(sd, strict=True)
+        assert len(sd) == {50: 295, 101: 550}[depth]
+        name = "backbone.body.layer3.5.conv3.weight"
+        assert torch.equal(sd[name], tv[name]) and torch.equal(sd[name], d2["backbone.bottom_up.res4.5.conv3.weight"])
         assert model.backbone.body.layer4[0].conv1.stride == (2, 2)
+
+
+def test_torch_pth_with_model_entry(r18, tmp_path):
+    tv, d2, _ = r18
+    path = str(tmp_path / "model_final.pth")
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in d2.items()}, "iteration": 5}, path)
+    _, sd, depth = load_detectron2_faster_rcnn(path)
+    assert depth == 18 and torch.equal(sd["roi_heads.box_head.fc6.weight"], tv["roi_heads.box_head.fc6.weight"])
 
 
 def test_extra_or_missing_key_refused_in_one_line(r18, tmp_path):
@@ -200,6 +219,30 @@ def test_mask_head_refused_unless_dropped(r18):
     with_mask["roi_heads.mask_head.mask_fcn1.weight"] = torch.zeros(256, 256, 3, 3)
     assert "--drop-mask-head" in one_line_error(convert_detectron2_state_dict, with_mask)
     assert len(convert_detectron2_state_dict(with_mask, drop_mask_head=True)) == 130
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2's `str` (BINSTRING), as the model-zoo files written by Python 2 hold them."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def test_python2_style_model_zoo_pickle(tmp_path):
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], dtype=np.int64)}
+    buf = io.BytesIO()
+    _Python2Pickler(buf, protocol=2).dump({"model": arrays, "__author__": "Detectron2 Model Zoo"})
+    data = buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # numpy 1's module name
+    assert b"numpy.core.multiarray" in data and b"_codecs" not in data
+    path = tmp_path / "py2.pkl"
+    path.write_bytes(data)
+    got = read_detectron2_checkpoint(str(path))
+    assert torch.equal(got["a"], torch.arange(6.0).reshape(2, 3)) and got["b"].tolist() == [1, -2]
 
 
 class _Evil:
