@@ -191,12 +191,24 @@ def test_r50_and_r101_convert_and_load_strictly():
         assert model.backbone.body.layer4[0].conv1.stride == (2, 2)
 
 
-def test_torch_pth_with_model_entry(r18, tmp_path):
+def test_torch_files_zip_and_legacy_and_a_teacher_prefix(r18, tmp_path):
     tv, d2, _ = r18
+    tensors = {k: torch.from_numpy(v) for k, v in d2.items()}
     path = str(tmp_path / "model_final.pth")
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in d2.items()}, "iteration": 5}, path)
+    torch.save({"model": tensors, "iteration": 5}, path)
     _, sd, depth = load_detectron2_faster_rcnn(path)
     assert depth == 18 and torch.equal(sd["roi_heads.box_head.fc6.weight"], tv["roi_heads.box_head.fc6.weight"])
+    legacy = str(tmp_path / "legacy.pkl")  # torch.save's pre-1.6 format, whatever the extension says
+    small = {"backbone.fpn_output2.bias": tensors["backbone.fpn_output2.bias"]}
+    torch.save({"model": small}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_detectron2_checkpoint(legacy)["backbone.fpn_output2.bias"], tv[
+        "backbone.fpn.layer_blocks.0.0.bias"])
+    bundle = str(tmp_path / "r18-r101.pth")  # ReviewKD's files: teacher.* beside the student's own names
+    torch.save({"model": {**{f"teacher.{k}": v for k, v in tensors.items()}, "backbone.bottom_up.stem.conv1.weight":
+                          torch.zeros(1)}}, bundle)
+    _, from_bundle, _ = load_detectron2_faster_rcnn(bundle, prefix="teacher.")
+    assert all(torch.equal(from_bundle[k], sd[k]) for k in sd)
+    assert "no weights named student.*" in one_line_error(read_detectron2_checkpoint, bundle, "student.")
 
 
 def test_extra_or_missing_key_refused_in_one_line(r18, tmp_path):
@@ -261,6 +273,9 @@ def test_malicious_pickle_refused_and_runs_nothing(tmp_path, monkeypatch):
     with open(path, "wb") as f:  # a builtin that would run code
         f.write(b"cbuiltins\neval\n(V1+1\ntR.")
     assert "builtins.eval" in one_line_error(read_detectron2_checkpoint, str(path))
+    renamed = tmp_path / "evil.pth"  # the extension does not decide: a non-zip file goes to the restricted unpickler
+    path.rename(renamed)
+    assert "builtins.eval" in one_line_error(read_detectron2_checkpoint, str(renamed))
     weights = tmp_path / "obj.pkl"
     write_pkl(weights, {"x": np.array(["a", "b"], dtype=object)})
     assert "not an array" in one_line_error(read_detectron2_checkpoint, str(weights))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -73,33 +74,47 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: only numpy arrays are allowed")
 
 
-def read_detectron2_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """The `model` weights of a detectron2 `.pkl` (restricted unpickling) or `.pth` (weights_only) as CPU tensors."""
+def _torch_load(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or non-tensor file
+        raise MdistillerError(f"detectron2 checkpoint {path} is unreadable or not tensors only "
+                              f"({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
+def read_detectron2_checkpoint(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The `model` weights of a detectron2 checkpoint as CPU tensors: a model-zoo pickle (numpy-only unpickling) or a
+    `torch.save`d file (weights_only), whatever its extension. With `prefix` (e.g. "teacher." for a file bundling
+    teacher and student), only the names that start with it, prefix removed."""
     if not os.path.isfile(path):
         raise MdistillerError(f"detectron2 checkpoint not found: {path}")
-    if path.endswith(".pkl"):
+    if zipfile.is_zipfile(path):  # torch.save's format since torch 1.6
+        obj = _torch_load(path)
+    else:
         try:
             with open(path, "rb") as f:
                 obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()
         except Exception as exc:  # UnpicklingError (refused global, corrupt file), EOFError, ...
             raise MdistillerError(f"detectron2 checkpoint {path} is not a safe numpy pickle "
                                   f"({type(exc).__name__}: {str(exc)[:160]})") from None
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise MdistillerError(f"detectron2 checkpoint {path} is unreadable or not tensors only "
-                                  f"({type(exc).__name__}: {str(exc)[:160]})") from None
+        if isinstance(obj, int):  # the magic number that starts torch.save's legacy format
+            obj = _torch_load(path)
     if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping):
         raise MdistillerError(f"detectron2 checkpoint {path} holds no {{'model': {{name: array}}}} dict")
     weights = {}
     for name, value in obj["model"].items():
+        name = str(name)
+        if not name.startswith(prefix):
+            continue
         if isinstance(value, (np.ndarray, np.generic)) and np.asarray(value).dtype.kind in "biuf":
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
             raise MdistillerError(f"detectron2 checkpoint {path}: entry {name} is a {type(value).__name__}, "
                                   f"not an array")
-        weights[str(name)] = value
+        weights[name[len(prefix):]] = value
+    if not weights:
+        some = _listing(sorted(map(str, obj["model"])), 3)
+        raise MdistillerError(f"detectron2 checkpoint {path} has no weights named {prefix}* (it has {some})")
     return weights
 
 
@@ -232,10 +247,11 @@ def check_against_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module
 
 
 def load_detectron2_faster_rcnn(path: str, drop_mask_head: bool = False, flip_input_channels: bool = False,
-                                stride_in_1x1: bool = True) -> tuple[nn.Module, dict[str, torch.Tensor], int]:
+                                stride_in_1x1: bool = True,
+                                prefix: str = "") -> tuple[nn.Module, dict[str, torch.Tensor], int]:
     """(torchvision FasterRCNN holding a detectron2 checkpoint's weights, loaded strictly; the converted state dict;
     the ResNet depth)."""
-    weights = read_detectron2_checkpoint(path)
+    weights = read_detectron2_checkpoint(path, prefix)
     converted = convert_detectron2_state_dict(weights, drop_mask_head, flip_input_channels)
     depth = infer_depth(weights)
     model = build_torchvision_faster_rcnn(depth, infer_num_classes(weights), stride_in_1x1)
