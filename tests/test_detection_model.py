@@ -203,6 +203,25 @@ def test_r50_puts_the_stride_on_the_1x1_conv() -> None:
     assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2, 1]
 
 
+def test_state_dict_has_torchvisions_fasterrcnn_names_and_the_specs_counts() -> None:
+    # the checkpoint converter maps detectron2's names onto exactly these (spec 3.2): 130 / 295 / 550 tensors
+    counts = {"R18": 130, "R50": 295, "R101": 550}
+    for arch, count in counts.items():
+        sd = build_detector(arch).state_dict()
+        assert len(sd) == count
+        assert sd["backbone.body.bn1.running_var"].shape == (64,)
+        assert sd["backbone.fpn.inner_blocks.0.0.weight"].shape[:2] == (256, 64 if arch == "R18" else 256)
+        assert sd["backbone.fpn.layer_blocks.3.0.weight"].shape == (256, 256, 3, 3)
+        assert sd["rpn.head.conv.0.0.weight"].shape == (256, 256, 3, 3)
+        assert sd["rpn.head.cls_logits.weight"].shape == (3, 256, 1, 1)
+        assert sd["rpn.head.bbox_pred.weight"].shape == (12, 256, 1, 1)
+        assert sd["roi_heads.box_head.fc6.weight"].shape == (1024, 12544)
+        assert sd["roi_heads.box_head.fc7.weight"].shape == (1024, 1024)
+        assert sd["roi_heads.box_predictor.cls_score.weight"].shape == (81, 1024)
+        assert sd["roi_heads.box_predictor.bbox_pred.weight"].shape == (324, 1024)
+    assert "backbone.body.layer4.2.downsample.0.weight" not in sd
+
+
 def test_bad_builds_are_refused_in_one_line() -> None:
     with pytest.raises(MdistillerError, match="did you mean R18"):
         build_detector("R8")
@@ -304,6 +323,8 @@ def test_training_forward_returns_upstreams_losses_and_what_distillation_needs(r
     # recomputing the box head on the sample gives the same logits (upstream recomputes; once is identical)
     torch.testing.assert_close(roi_logits(r18, out.features, sample.proposals, il.image_sizes), sample.class_logits)
     assert set(r18(il, targets)) == LOSS_NAMES
+    with pytest.raises(MdistillerError, match="needs targets"):
+        r18(il)
 
 
 def test_teacher_logits_on_student_proposals(r18) -> None:

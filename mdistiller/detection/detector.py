@@ -171,11 +171,7 @@ class D2RoIHeads(RoIHeads):
             return super().forward(features, proposals, image_shapes, targets)
         if targets is None:
             raise MdistillerError("detector: training forward needs targets (boxes and labels per image)")
-        sample = sample_proposals(self, proposals, targets)
-        class_logits, box_regression = box_outputs(self, features, sample.proposals, image_shapes)
-        loss_cls, loss_box = roi_losses(class_logits, box_regression, sample.labels, sample.regression_targets)
-        self.last_sample = sample._replace_logits(class_logits)
-        return [], {"loss_cls": loss_cls, "loss_box_reg": loss_box}
+        return [], box_losses(self, features, proposals, image_shapes, targets)[0]
 
 
 @dataclass
@@ -186,9 +182,6 @@ class Sample:
     labels: Tensor  # (N,), 0 = background, k = k-th class
     regression_targets: Tensor  # (N, 4), encoded with BOX_REG_WEIGHTS
     class_logits: Tensor | None = None  # (N, 81) once the box head ran on them
-
-    def _replace_logits(self, logits: Tensor) -> Sample:
-        return Sample(self.proposals, self.labels, self.regression_targets, logits)
 
     @property
     def labels_detectron2(self) -> Tensor:
@@ -207,6 +200,16 @@ def box_outputs(roi_heads: RoIHeads, features: dict[str, Tensor], proposals: lis
     """(class logits (N, 81), class-specific box deltas (N, 324)) of the box head on the given proposals."""
     pooled = roi_heads.box_roi_pool(features, proposals, image_sizes)
     return roi_heads.box_predictor(roi_heads.box_head(pooled))
+
+
+def box_losses(roi_heads: RoIHeads, features: dict[str, Tensor], proposals: list[Tensor], image_sizes,
+               targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], Sample]:
+    """The box head's training step: {loss_cls, loss_box_reg} and its sample (with the class logits)."""
+    sample = sample_proposals(roi_heads, proposals, targets)
+    class_logits, box_regression = box_outputs(roi_heads, features, sample.proposals, image_sizes)
+    loss_cls, loss_box = roi_losses(class_logits, box_regression, sample.labels, sample.regression_targets)
+    sample.class_logits = class_logits
+    return {"loss_cls": loss_cls, "loss_box_reg": loss_box}, sample
 
 
 def roi_logits(model: Detector, features: dict[str, Tensor], proposals: list[Tensor], image_sizes) -> Tensor:
@@ -294,10 +297,12 @@ class Detector(nn.Module):
     def train_forward(self, images: ImageList, targets: list[dict[str, Tensor]]) -> TrainOutput:
         """Losses (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg), FPN features and the box head's sample."""
         features = self.backbone(images.tensors)
+        if targets is None:
+            raise MdistillerError("detector: training forward needs targets (boxes and labels per image)")
         proposals, rpn = self.rpn(images, features, targets)
-        _, roi = self.roi_heads(features, proposals, images.image_sizes, targets)
+        roi, sample = box_losses(self.roi_heads, features, proposals, images.image_sizes, targets)
         losses = {"loss_rpn_cls": rpn["loss_objectness"], "loss_rpn_loc": rpn["loss_rpn_box_reg"], **roi}
-        return TrainOutput(losses, features, self.roi_heads.last_sample)
+        return TrainOutput(losses, features, sample)
 
     def forward(self, images: ImageList, targets: list[dict[str, Tensor]] | None = None):
         """Training: the loss dict; eval: detections per image (boxes in the resized image, bg-first labels)."""
