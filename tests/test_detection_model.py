@@ -188,6 +188,13 @@ def test_students_and_teachers_freeze_as_the_spec() -> None:
     teacher = build_teacher("R50")
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert "280758" in teacher.pretrained_source and teacher.input_format == "BGR"
+    il = teacher.preprocess([torch.rand(3, 64, 64) * 255])
+    with torch.no_grad():
+        eval_feats = fpn_features(teacher, il)
+        teacher.train()  # FrozenBN only: train mode computes the same
+        train_feats = fpn_features(teacher, il)
+    for a, b in zip(eval_feats.values(), train_feats.values()):
+        assert torch.equal(a, b)
 
 
 def test_r50_puts_the_stride_on_the_1x1_conv() -> None:

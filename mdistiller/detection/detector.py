@@ -16,9 +16,12 @@ Classes are torchvision's order (0 = background, k = k-th foreground class); det
 `labels_to_detectron2` / `labels_from_detectron2` / `logits_to_detectron2` convert.
 
 Remaining differences from detectron2 (documented, not changed): torchvision's RPN drops proposals smaller than
-1e-3 (detectron2: empty ones) and its box postprocess drops boxes smaller than 1e-2 after clipping; the random
-anchor/proposal samplers draw differently. The model-side resize of torchvision is never used: callers give
-already resized images (the data pipeline applies detectron2's resize) through `to_image_list`.
+1e-3 (detectron2: only empty ones) and its box postprocess drops boxes smaller than 1e-2 after clipping; the random
+anchor/proposal samplers draw differently (same quotas); `pretrained_source` is only recorded (nothing is loaded or
+downloaded: checkpoints come through the converter); MV2 keeps upstream's BGR / std 1 input (with torchvision's
+ImageNet MV2 weights one would use RGB + ImageNet mean/std instead). torchvision's model-side resize and
+normalisation (GeneralizedRCNNTransform) are never used: callers give images already resized by the data pipeline
+(detectron2's rule) in the model's `input_format`, and `to_image_list` normalises and pads them to /32.
 """
 
 from __future__ import annotations
