@@ -327,3 +327,17 @@ def test_cli_in_process(r18, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: detectron2 checkpoint not found") and err.count("\n") == 1
+
+
+def test_a_converted_model_zoo_teacher_loads_into_the_distillation_teacher(r18, tmp_path):
+    """The converter's output is the teacher the detection pipeline builds: detector.build_teacher's R50-FPN takes
+    converted detectron2 weights strictly (same names and shapes), stride on the 1x1 conv included."""
+    from mdistiller.detection.detector import build_teacher
+
+    tv = random_state_dict(50, seed=1)
+    d2 = {k: torch.from_numpy(v) for k, v in to_detectron2_weights(tv).items()}
+    teacher = build_teacher("R50")
+    teacher.load_state_dict(convert_detectron2_state_dict(d2), strict=True)
+    name = "roi_heads.box_predictor.cls_score.weight"
+    assert torch.equal(teacher.state_dict()[name], tv[name])
+    assert teacher.backbone.body.layer2[0].conv1.stride == (2, 2) and not teacher.training

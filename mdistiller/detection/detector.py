@@ -317,8 +317,8 @@ class Detector(nn.Module):
         return detections
 
 
-def _stride_in_1x1(body: nn.Module) -> None:
-    # MSRA / detectron2 bottlenecks put block 0's stride on the 1x1 conv (torchvision: on the 3x3)
+def stride_in_1x1_(body: nn.Module) -> None:
+    """MSRA / detectron2 bottlenecks put block 0's stride on the 1x1 conv (torchvision: on the 3x3), in place."""
     for name in ("layer2", "layer3", "layer4"):
         block = getattr(body, name)[0]
         block.conv1.stride, block.conv2.stride = (2, 2), (1, 1)
@@ -350,7 +350,7 @@ def build_detector(arch: str, pretrained_source: str | None = "default", stride_
         backbone = resnet_fpn_backbone(backbone_name=ARCHS[arch], weights=None, norm_layer=FrozenBatchNorm2d,
                                        trainable_layers=5 - freeze_at)
         if arch != "R18" and stride_in_1x1:
-            _stride_in_1x1(backbone.body)
+            stride_in_1x1_(backbone.body)
     source = PRETRAINED_SOURCES[arch] if pretrained_source == "default" else pretrained_source
     return Detector(backbone, arch, source)
 

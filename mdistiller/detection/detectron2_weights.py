@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import MdistillerError
+from .detector import stride_in_1x1_
 
 # detectron2's default caffe2-style input of these teachers (TEACHER.INPUT.*), stored beside the converted weights
 DETECTRON2_PIXEL_MEAN_BGR = (103.530, 116.280, 123.675)
@@ -225,8 +226,7 @@ def build_torchvision_faster_rcnn(depth: int, num_classes: int = 81, stride_in_1
     backbone = resnet_fpn_backbone(backbone_name=SUPPORTED_DEPTHS[depth], weights=None,
                                    norm_layer=FrozenBatchNorm2d, trainable_layers=5)
     if stride_in_1x1 and depth >= 50:
-        for stage in (backbone.body.layer2, backbone.body.layer3, backbone.body.layer4):
-            stage[0].conv1.stride, stage[0].conv2.stride = (2, 2), (1, 1)
+        stride_in_1x1_(backbone.body)
     return FasterRCNN(backbone, num_classes=num_classes)
 
 
