@@ -1,6 +1,10 @@
 """COCO-format detection data as detectron2 reads it: an instances JSON plus an image folder, categories mapped to
 contiguous labels 0..K-1 in sorted category-id order, crowd boxes out of the training targets, images without a
-non-crowd annotation dropped for training (DATALOADER.FILTER_EMPTY_ANNOTATIONS), and aspect-ratio-grouped batches."""
+non-crowd annotation dropped for training (DATALOADER.FILTER_EMPTY_ANNOTATIONS), and aspect-ratio-grouped batches.
+
+Where the spec is silent these follow detectron2 as remembered, not yet checked against its source: the 1e-5
+empty-box drop after clipping, annotations whose polygons are all invalid dropped, the `ignore` flag refused, the
+`w > h` aspect bucket, the sampler's sharding, and the rescaling of predictions to the original size."""
 
 from __future__ import annotations
 
