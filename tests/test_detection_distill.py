@@ -272,3 +272,15 @@ def test_loss_dkd_on_the_students_sampled_proposals_trains_the_student_only() ->
     assert student.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
     assert student.backbone.fpn.inner_blocks[0][0].weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_losses_are_fp32_for_bf16_inputs() -> None:
+    g = torch.Generator().manual_seed(4)
+    zs, zt = torch.randn(4, 81, generator=g), torch.randn(4, 81, generator=g)
+    labels = torch.tensor([0, 5, 0, 80])
+    low = dkd_roi_loss(zs.bfloat16(), zt.bfloat16(), labels)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, dkd_roi_loss(zs.bfloat16().float(), zt.bfloat16().float(), labels))
+    maps_s, maps_t = _maps(5, 1), _maps(6, 1)
+    low = reviewkd_fpn_loss([m.bfloat16() for m in maps_s], [m.bfloat16() for m in maps_t], 1.0)
+    assert low.dtype == torch.float32
