@@ -38,7 +38,7 @@ import torch.nn as nn
 from ..errors import MdistillerError
 from ..files import atomic_write_text, resolve_project_path
 from ..models.common import classifier_weights, num_classes_of_model
-from ._base import FEATURES, LOGITS, Declaration, Distiller, cross_entropy
+from ._base import Declaration, Distiller, cross_entropy
 from .config import Key, config_section
 from .dkd import dkd_loss
 from .kd import kd_loss
@@ -294,23 +294,23 @@ class _NormDirection(Distiller):
         return self.nd_weight * nd_loss(student_emb, teacher_emb, self.class_centres, target)
 
 
-def _reads_features(hparams) -> dict[str, frozenset[str]]:
-    return {"image": frozenset({LOGITS, FEATURES})}
+def _nd_declaration(section: str) -> Declaration:
+    """KD++ / DKD++: CE, the KD or DKD term and ND; teacher logits and pooled features (the default reads)."""
+    return Declaration(
+        loss_terms=("loss_ce", "loss_kd", "loss_nd"),
+        distillation_terms=("loss_kd", "loss_nd"),
+        config_sections=(section,),
+        extra_modules=("projector",),
+        logit_stand_refusal=LOGIT_STAND_REFUSAL,
+        rank_synced_buffers=("class_centres",),  # read from one file on every rank, never changed
+    )
 
 
 @register_distiller("KDPP")
 class KDPP(_NormDirection):
     """KD++: `CE_WEIGHT * CE + min(1, (epoch - 1) / WARMUP) * KD_WEIGHT * kd_loss(T) + ND_WEIGHT * ND`."""
 
-    declares = Declaration(
-        loss_terms=("loss_ce", "loss_kd", "loss_nd"),
-        distillation_terms=("loss_kd", "loss_nd"),
-        config_sections=("KDPP",),
-        teacher_reads=_reads_features,
-        extra_modules=("projector",),
-        logit_stand_refusal=LOGIT_STAND_REFUSAL,
-        rank_synced_buffers=("class_centres",),  # read from one file on every rank, never changed
-    )
+    declares = _nd_declaration("KDPP")
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -342,15 +342,7 @@ class DKDPP(_NormDirection):
     """DKD++: `CE_WEIGHT * CE + min(1, (epoch - 1) / WARMUP) * (ALPHA * TCKD + BETA * NCKD) + ND_WEIGHT * ND` (ND
     times the warm-up too with ND_WARMUP)."""
 
-    declares = Declaration(
-        loss_terms=("loss_ce", "loss_kd", "loss_nd"),
-        distillation_terms=("loss_kd", "loss_nd"),
-        config_sections=("DKDPP",),
-        teacher_reads=_reads_features,
-        extra_modules=("projector",),
-        logit_stand_refusal=LOGIT_STAND_REFUSAL,
-        rank_synced_buffers=("class_centres",),  # read from one file on every rank, never changed
-    )
+    declares = _nd_declaration("DKDPP")
 
     @classmethod
     def from_config(cls, cfg) -> dict:
