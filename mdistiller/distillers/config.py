@@ -98,12 +98,3 @@ def check_choices(cfg: CN, sections: Iterable[str] | None = None) -> None:
                 allowed = ", ".join(str(c) for c in key.choices)
                 raise MdistillerError(f"{full_key} {lookup(cfg, full_key)!r} is not one of {allowed}")
 
-
-def help_lines() -> list[str]:
-    """`KEY (default): help` for every method key, sorted by key."""
-    lines = []
-    for name, spec in sorted(_SECTIONS.items()):
-        for full_key, key in iter_keys(spec, name):
-            choices = f" [{' | '.join(str(c) for c in key.choices)}]" if key.choices else ""
-            lines.append(f"{full_key} ({key.default!r}){choices}: {key.help}")
-    return lines
