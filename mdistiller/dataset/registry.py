@@ -129,6 +129,11 @@ class DatasetType:
     # (cfg, train set, test set, request, needs, seed, rank, world_size) -> (train loader, test loader) holding the
     # data on the CUDA device (DATASET.DEVICE_RESIDENT); None where the type cannot
     device_loaders: Callable[..., tuple] | None = None
+    # what a run on this data trains (engine/tasks.py): "classification" or "detection"; a distiller declares the same
+    task: str = "classification"
+    # (cfg, train set, test set, request, needs, seed, rank, world_size) -> (train loader, test loader) for a type
+    # whose batches are not classification's (detection's lists of images and targets); None: get_dataset's loaders
+    loaders: Callable[..., tuple] | None = None
 
 
 DATASETS: Registry[DatasetType] = Registry("DATASET.TYPE")
@@ -142,13 +147,15 @@ BATCH_NEEDS: Registry[str] = Registry("batch need")
 
 def register_dataset(*names: str, num_classes: Callable[[Any], int], test_set: Callable[[Any], Dataset],
                      check: Callable[[Any], None] | None = None,
-                     device_loaders: Callable[..., tuple] | None = None) -> Callable[[Builder], Builder]:
+                     device_loaders: Callable[..., tuple] | None = None, task: str = "classification",
+                     loaders: Callable[..., tuple] | None = None) -> Callable[[Builder], Builder]:
     """Decorator on a builder `(cfg, request) -> (train set, test set, class count)`: register it (with the rest of
     what its data set provides, see DatasetType) as each DATASET.TYPE in `names`."""
 
     def wrap(build: Builder) -> Builder:
         for name in names:
-            DATASETS.register(name, DatasetType(name, build, num_classes, test_set, check, device_loaders))
+            DATASETS.register(name, DatasetType(name, build, num_classes, test_set, check, device_loaders, task,
+                                                      loaders))
         return build
 
     return wrap

@@ -84,6 +84,9 @@ class Declaration:
     accepts_soft_targets: bool = False
     # state-dict names of buffers the method keeps equal across ranks itself (DDP must not broadcast them)
     rank_synced_buffers: tuple[str, ...] = ()
+    # what the method trains (engine/tasks.py): "classification" (image -> logits) or "detection" (Faster R-CNN on
+    # COCO-format data); the data set's DATASET.TYPE declares the same, and validation refuses a mismatch
+    task: str = "classification"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train_views", MappingProxyType(dict(self.train_views)))

@@ -116,6 +116,34 @@ CFG.SOLVER.ADAMW = CN()
 CFG.SOLVER.ADAMW.BETAS = (0.9, 0.999)
 CFG.SOLVER.ADAMW.EPS = 1e-8
 CFG.SOLVER.ADAMW.NO_WEIGHT_DECAY_1D = True  # biases, norms, 1-d params and no_weight_decay() names: no decay
+# SGD: the weight decay of norm-layer parameters (detectron2's SOLVER.WEIGHT_DECAY_NORM, 0.0 in its recipes); < 0: the
+# same as WEIGHT_DECAY (mdistiller's single param group)
+CFG.SOLVER.WEIGHT_DECAY_NORM = -1.0
+# ours: detectron2's iteration schedule (the detection task), instead of SOLVER.EPOCHS when MAX_ITER > 0: the LR is
+# LR x LR_DECAY_RATE^(number of LR_DECAY_ITERS <= iteration), times a linear warm-up from WARMUP_FACTOR over the first
+# WARMUP_ITERS iterations; the run is cut into periods of CHECKPOINT_PERIOD iterations (each ends like an epoch: latest
+# saved, the worklog written) and evaluated every EVAL_PERIOD iterations (0: at the end only)
+CFG.SOLVER.MAX_ITER = 0
+CFG.SOLVER.LR_DECAY_ITERS = []
+CFG.SOLVER.WARMUP_ITERS = 0
+CFG.SOLVER.WARMUP_FACTOR = 0.001
+CFG.SOLVER.CHECKPOINT_PERIOD = 5000
+CFG.SOLVER.EVAL_PERIOD = 0
+
+# ours: the detection task (DATASET.TYPE coco; docs/detection.md). DATASET.ROOT holds annotations/instances_<split>.json
+# and the image folder <split>/ (detectron2's datasets/coco layout)
+CFG.DETECTION = CN()
+CFG.DETECTION.TRAIN_SPLIT = "train2017"
+CFG.DETECTION.TEST_SPLIT = "val2017"
+CFG.DETECTION.MIN_SIZE_TRAIN = (640, 672, 704, 736, 768, 800)  # detectron2's INPUT.*: shortest edge, one drawn per image
+CFG.DETECTION.MAX_SIZE_TRAIN = 1333
+CFG.DETECTION.MIN_SIZE_TEST = 800
+CFG.DETECTION.MAX_SIZE_TEST = 1333
+CFG.DETECTION.STUDENT_WEIGHTS = ""  # the student backbone's ImageNet weights ("": random, as no file is downloaded)
+# the R18 pairs' teacher input: upstream normalises in the student's RGB order, then flips to BGR (R and B means
+# swapped, detection.md 1.5); True flips first, as the teacher was trained
+CFG.DETECTION.TEACHER_FLIP_BEFORE_NORMALIZE = False
+CFG.DETECTION.MASK_ON = False  # Mask R-CNN students: not built, True is refused
 
 # Log
 CFG.LOG = CN()
