@@ -192,7 +192,8 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
                                                                world_size)
         return train_loader, val_loader, len(train_set), num_classes
     if dataset_type.loaders is not None:
-        train_loader, val_loader = dataset_type.loaders(cfg, train_set, test_set, request, needs, seed, rank, world_size)
+        train_loader, val_loader = dataset_type.loaders(cfg, train_set, test_set, request, needs, seed, rank,
+                                                        world_size)
         return train_loader, val_loader, len(train_set), num_classes
     serve_batch_needs(train_set, needs)
     workers = cfg.DATASET.NUM_WORKERS

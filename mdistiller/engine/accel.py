@@ -46,15 +46,22 @@ def prepare_module(module: nn.Module, cfg) -> nn.Module:
 
 
 def batch_to_device(batch: dict, device: torch.device, fmt: torch.memory_format = torch.contiguous_format) -> dict:
-    """Tensors of a batch dict on `device` (non-blocking from pinned memory); 4-d ones in memory format `fmt`."""
-    moved = {}
-    for key, value in batch.items():
-        if torch.is_tensor(value):
-            value = value.to(device, non_blocking=True)
-            if value.dim() == 4 and fmt is not torch.contiguous_format:
-                value = value.contiguous(memory_format=fmt)
-        moved[key] = value
-    return moved
+    """Tensors of a batch dict on `device` (non-blocking from pinned memory), also inside lists and dicts (detection's
+    images and targets); 4-d ones in memory format `fmt`."""
+    return {key: _to_device(value, device, fmt) for key, value in batch.items()}
+
+
+def _to_device(value, device: torch.device, fmt: torch.memory_format):
+    if torch.is_tensor(value):
+        value = value.to(device, non_blocking=True)
+        if value.dim() == 4 and fmt is not torch.contiguous_format:
+            value = value.contiguous(memory_format=fmt)
+        return value
+    if isinstance(value, list):
+        return [_to_device(item, device, fmt) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_device(item, device, fmt) for key, item in value.items()}
+    return value
 
 
 def compiled(module: nn.Module, cfg, backward_passes: int = 1) -> Callable:

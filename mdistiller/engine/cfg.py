@@ -135,7 +135,8 @@ CFG.SOLVER.EVAL_PERIOD = 0
 CFG.DETECTION = CN()
 CFG.DETECTION.TRAIN_SPLIT = "train2017"
 CFG.DETECTION.TEST_SPLIT = "val2017"
-CFG.DETECTION.MIN_SIZE_TRAIN = (640, 672, 704, 736, 768, 800)  # detectron2's INPUT.*: shortest edge, one drawn per image
+# detectron2's INPUT.*: the shortest edge (one drawn per training image) and the longest edge's limit
+CFG.DETECTION.MIN_SIZE_TRAIN = (640, 672, 704, 736, 768, 800)
 CFG.DETECTION.MAX_SIZE_TRAIN = 1333
 CFG.DETECTION.MIN_SIZE_TEST = 800
 CFG.DETECTION.MAX_SIZE_TEST = 1333

@@ -25,11 +25,13 @@ class EpochStats:
         self.skipped = 0
         self.skipped_terms: list[str] = []
 
-    def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor, target: torch.Tensor) -> None:
+    def add(self, losses: dict[str, torch.Tensor], logits: torch.Tensor | None, target: torch.Tensor | None) -> None:
+        """One step's loss terms, and its top-1 hits where the task's forward gives class logits (None: detection)."""
         for name, term in losses.items():
             self.loss_sums[name] = self.loss_sums.get(name, 0.0) + term.detach().mean()
-        self.correct += topk_correct(logits.detach(), hard_labels(target), (1,))[0]
-        self.seen += len(target)
+        if logits is not None and target is not None:
+            self.correct += topk_correct(logits.detach(), hard_labels(target), (1,))[0]
+            self.seen += len(target)
         self.steps += 1
 
     def skip(self, bad_terms: list[str]) -> None:

@@ -29,7 +29,6 @@ import torch
 
 from ..log import get_logger
 from . import worklog
-from .evaluate import evaluate as evaluate_model
 from .guards import TrainingInterrupted
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ class EpochEnd:
     writers: worklog.MetricWriters
     run_started: float  # time.time() when this process began training, for the time left
     first_epoch: int  # the first epoch this process trains (after --resume: not 1)
-    test: dict[str, float] = field(default_factory=dict)  # evaluate: top1, top5, loss
+    test: dict[str, float] = field(default_factory=dict)  # evaluate: the task's test numbers ({} when not due)
     is_best: bool = False  # record_best
     metrics: dict[str, float] = field(default_factory=dict)  # collect_metrics: what the writers and the worklog get
     student: dict | None = None  # build_checkpoints: the published student format
@@ -62,23 +61,32 @@ EpochEndStep = Callable[["Trainer", EpochEnd], None]
 
 
 def evaluate(trainer: Trainer, end: EpochEnd) -> None:
-    """Test top-1, top-5 and loss, summed over the ranks, on a forked RNG (its DataLoader draws a worker seed from
-    the global one: evaluating must not change what is trained)."""
+    """The task's test numbers (classification: top-1, top-5 and loss; detection: COCO box AP), over every rank's
+    share, when the schedule says evaluation is due (every epoch; every SOLVER.EVAL_PERIOD iterations and at the
+    end), on a forked RNG (its DataLoader draws a worker seed from the global one: evaluating must not change what
+    is trained)."""
+    if not trainer.schedule.evaluates(end.epoch):
+        return
     with torch.random.fork_rng(devices=[]):
-        end.test = evaluate_model(trainer.distiller, trainer.val_loader, trainer.device, desc=f"test {end.epoch}",
-                                  fmt=trainer.memory_format, reduce=True)
+        end.test = trainer.task.evaluate(trainer.distiller, trainer.val_loader, trainer.device, f"test {end.epoch}",
+                                         trainer.memory_format)
 
 
 def record_best(trainer: Trainer, end: EpochEnd) -> None:
-    """The epoch's test top-1 becomes the last (and maybe the best) accuracy of the run."""
-    end.is_best = trainer.checkpoints.end_epoch(end.epoch, end.test["top1"])
+    """The test number that ranks checkpoints (the task's metric) becomes the last (and maybe the best) of the run;
+    a period without evaluation only moves where the run stands."""
+    if end.test:
+        end.is_best = trainer.checkpoints.end_epoch(end.epoch, end.test[trainer.task.metric])
+    else:
+        trainer.checkpoints.end_epoch_unevaluated(end.epoch)
 
 
 def collect_metrics(trainer: Trainer, end: EpochEnd) -> None:
-    """The epoch's scalars: training, test, best so far, time, and what the distiller reports."""
-    end.metrics = {**end.train_metrics, "test_acc": end.test["top1"], "test_acc_top5": end.test["top5"],
-                   "test_loss": end.test["loss"], "best_acc": trainer.checkpoints.best_acc,
-                   "epoch_seconds": end.epoch_seconds, **trainer.distiller.epoch_metrics()}
+    """The epoch's scalars: training, test (when evaluated), best so far, time, and what the distiller reports."""
+    test = trainer.task.test_columns(end.test) if end.test else {}
+    best = {"best_acc": trainer.checkpoints.best_acc} if trainer.checkpoints.best_acc >= 0 else {}  # none evaluated yet
+    end.metrics = {**end.train_metrics, **test, **best, "epoch_seconds": end.epoch_seconds,
+                   **trainer.distiller.epoch_metrics()}
 
 
 def write_metrics(trainer: Trainer, end: EpochEnd) -> None:
@@ -88,7 +96,7 @@ def write_metrics(trainer: Trainer, end: EpochEnd) -> None:
 
 def build_checkpoints(trainer: Trainer, end: EpochEnd) -> None:
     """The student and trainer checkpoint dicts of this epoch's end (a collective under torchrun: every rank)."""
-    end.student = trainer.checkpoints.student_state(end.epoch, end.test["top1"])
+    end.student = trainer.checkpoints.student_state(end.epoch, trainer.checkpoints.last_acc)
     end.trainer_state = trainer.checkpoints.trainer_state(end.epoch)
 
 
@@ -123,16 +131,17 @@ def save_latest(trainer: Trainer, end: EpochEnd) -> None:
 
 
 def log_line(trainer: Trainer, end: EpochEnd) -> None:
-    """The epoch's one line: LR, losses, accuracies, time taken and time left."""
-    epochs = trainer.cfg.SOLVER.EPOCHS
+    """The epoch's one line: LR, losses, accuracies (or APs), time taken and time left."""
+    periods = trainer.schedule.periods
     elapsed = time.time() - end.run_started
-    left = elapsed / (end.epoch - end.first_epoch + 1) * (epochs - end.epoch)
-    log.info(
-        f"epoch {end.epoch}/{epochs}  lr {end.lr:.4g}  train loss {end.train_metrics['train_loss']:.4f}  "
-        f"train top-1 {end.train_metrics['train_acc']:.2f}  test top-1 {end.test['top1']:.2f}  "
-        f"top-5 {end.test['top5']:.2f}  best {trainer.checkpoints.best_acc:.2f}  ({end.epoch_seconds:.1f} s; "
-        f"elapsed {duration(elapsed)}, left ~{duration(left)})"
-    )
+    left = elapsed / (end.epoch - end.first_epoch + 1) * (periods - end.epoch)
+    train_acc = end.train_metrics.get("train_acc")
+    parts = [trainer.schedule.done(end.epoch), f"lr {end.lr:.4g}", f"train loss {end.train_metrics['train_loss']:.4f}"]
+    if train_acc is not None:
+        parts.append(f"train top-1 {train_acc:.2f}")
+    if end.test:
+        parts += [trainer.task.test_summary(end.test), f"best {trainer.checkpoints.best_acc:.2f}"]
+    log.info("  ".join(parts) + f"  ({end.epoch_seconds:.1f} s; elapsed {duration(elapsed)}, left ~{duration(left)})")
 
 
 def check_signals(trainer: Trainer, end: EpochEnd) -> None:

@@ -2,7 +2,8 @@
 
 - "SGD" (every CNN recipe): `torch.optim.SGD(params, lr, momentum=SOLVER.MOMENTUM, weight_decay=SOLVER.WEIGHT_DECAY)`
   over all learnable parameters in one group, exactly what the trainer has always built (same state dict, so
-  resuming an older run works).
+  resuming an older run works); with SOLVER.WEIGHT_DECAY_NORM >= 0 two groups, norm-layer parameters at that decay
+  (detectron2's recipe, used by the detection task).
 - "AdamW" (the DeiT / VkD recipe): `torch.optim.AdamW(betas=SOLVER.ADAMW.BETAS, eps=SOLVER.ADAMW.EPS)` with
   SOLVER.WEIGHT_DECAY on the weights only: with SOLVER.ADAMW.NO_WEIGHT_DECAY_1D (default) biases, norm parameters,
   every other 1-d parameter and what a module lists in `no_weight_decay()` (timm's ViTs: pos_embed, cls_token) get
@@ -51,8 +52,25 @@ def weight_decay_groups(distiller: nn.Module, weight_decay: float) -> list[dict]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def norm_parameter_groups(distiller: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
+    """detectron2's param groups: the parameters of norm layers (BatchNorm, SyncBatchNorm, GroupNorm, LayerNorm, ...)
+    at `norm_weight_decay`, every other learnable parameter (biases included) at `weight_decay`."""
+    norm_ids = {id(p) for module in distiller.modules() if isinstance(module, NORM_LAYERS)
+                for p in module.parameters(recurse=False)}
+    other, norm = [], []
+    for param in distiller.get_learnable_parameters():
+        (norm if id(param) in norm_ids else other).append(param)
+    return [{"params": other, "weight_decay": weight_decay}, {"params": norm, "weight_decay": norm_weight_decay}]
+
+
 def _sgd(cfg, distiller: nn.Module) -> torch.optim.Optimizer:
     solver = cfg.SOLVER
+    if solver.WEIGHT_DECAY_NORM >= 0:
+        params = norm_parameter_groups(distiller, solver.WEIGHT_DECAY, solver.WEIGHT_DECAY_NORM)
+        return torch.optim.SGD(params, lr=solver.LR, momentum=solver.MOMENTUM)
     return torch.optim.SGD(
         distiller.get_learnable_parameters(), lr=solver.LR, momentum=solver.MOMENTUM, weight_decay=solver.WEIGHT_DECAY
     )
@@ -98,6 +116,19 @@ def learning_rate(cfg, epoch: int, epoch_fraction: float = 1.0) -> float:
         lr = solver.LR * solver.LR_DECAY_RATE**steps
     if solver.LR_WARMUP_EPOCHS > 0:
         lr *= min(1.0, done / solver.LR_WARMUP_EPOCHS)
+    return lr
+
+
+def iteration_learning_rate(cfg, iteration: int) -> float:
+    """detectron2's WarmupMultiStepLR at 0-based `iteration` (the LR its optimizer step uses):
+    `LR x LR_DECAY_RATE^k`, k = the number of LR_DECAY_ITERS <= iteration, times `f + (1 - f) iteration / W` while
+    iteration < W = WARMUP_ITERS (f = WARMUP_FACTOR)."""
+    solver = cfg.SOLVER
+    decays = sum(1 for boundary in solver.LR_DECAY_ITERS if boundary <= iteration)
+    lr = solver.LR * solver.LR_DECAY_RATE**decays
+    if iteration < solver.WARMUP_ITERS:
+        alpha = iteration / solver.WARMUP_ITERS
+        lr *= solver.WARMUP_FACTOR * (1.0 - alpha) + alpha
     return lr
 
 

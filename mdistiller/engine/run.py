@@ -26,6 +26,7 @@ from .build import build_distiller, teacher_home
 from .cfg import cfg_text, cfg_value, override_value
 from .dot import DOT_TRAINERS
 from .run_identity import HISTORY_DIR, record_identity, start_identity
+from .tasks import task_of
 from .teacher_cache import cache_batch_needs, prepare_teacher_cache
 from .trainer import Trainer
 from .validate import check_first_step, validate_run
@@ -146,9 +147,11 @@ def append_result(cfg, run_dir: str, result: dict[str, float]) -> str:
     Idempotent: a line already there (a finished run resumed again) is not written twice.
     """
     path = os.path.join(cfg.LOG.RESULTS_DIR, result_log_name(cfg))
+    metric = task_of(cfg).result_name
+    length = f"iters={cfg.SOLVER.MAX_ITER}" if cfg.SOLVER.MAX_ITER > 0 else f"epochs={cfg.SOLVER.EPOCHS}"
     line = (
-        f"best_top1={result['best_acc']:.4f}\tlast_top1={result['last_acc']:.4f}\tseed={cfg.EXPERIMENT.SEED}\t"
-        f"epochs={cfg.SOLVER.EPOCHS}\tconfig_hash={config_hash(cfg)}\trun_dir={os.path.abspath(run_dir)}"
+        f"best_{metric}={result['best_acc']:.4f}\tlast_{metric}={result['last_acc']:.4f}\tseed={cfg.EXPERIMENT.SEED}\t"
+        f"{length}\tconfig_hash={config_hash(cfg)}\trun_dir={os.path.abspath(run_dir)}"
     )
     try:
         os.makedirs(cfg.LOG.RESULTS_DIR, exist_ok=True)
@@ -262,8 +265,8 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
                     f"it)"
                 ) from None
             result_file = append_result(cfg, run_dir, result) if distributed.is_main_process() else ""
-            log.info(f"best top-1 {result['best_acc']:.2f}, last {result['last_acc']:.2f}; result appended to "
-                     f"{result_file}")
+            log.info(f"best {trainer.task.metric_label} {result['best_acc']:.2f}, last {result['last_acc']:.2f}; "
+                     f"result appended to {result_file}")
             if not distiller_class.declares.requires_teacher:
                 weights = os.path.join(run_dir, "student_best")
                 zoo = teacher_home(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)

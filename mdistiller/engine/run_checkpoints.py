@@ -116,6 +116,10 @@ class RunCheckpoints:
         self.latest_holds = f"the end of epoch {epoch}"
         return is_best
 
+    def end_epoch_unevaluated(self, epoch: int) -> None:
+        """A period that ends without evaluation (the iteration schedule's SOLVER.EVAL_PERIOD): last and best stay."""
+        self.latest_holds = f"the end of period {epoch}"
+
     def trainer_state(self, epoch: int) -> dict:
         """The full training state after `epoch` complete epochs (a collective under torchrun: every rank calls it)."""
         state = {

@@ -16,6 +16,7 @@ list, `epoch_end.EPOCH_END_STEPS` (its docstring says why): the worklog block fi
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..dataset import shutdown_workers
-from ..dataset.mixing import build_batch_mixer
+from ..dataset.mixing import build_batch_mixer, mixing_enabled
 from ..errors import MdistillerError
 from ..files import remove_stale_temp_files
 from ..log import FILE_ONLY, get_logger
@@ -35,9 +36,11 @@ from ..rng import set_rng_state
 from . import accel, epoch_end, worklog
 from .epoch import EpochProgress
 from .guards import PROGRESS_EVERY, NonFiniteLoss, StopSignals, TrainingInterrupted, loss_values, nan_sync_interval
-from .optim import build_optimizer, learning_rate, lr_changes_within, update_rule
+from .optim import build_optimizer, update_rule
 from .placement import place
 from .run_checkpoints import RunCheckpoints
+from .schedule import build_schedule
+from .tasks import task_of
 
 log = get_logger(__name__)
 
@@ -65,7 +68,10 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.distiller)
         self._declared_terms = self.distiller.declares.loss_terms
         self.update = update_rule(self.optimizer)
-        self.mix_batch = build_batch_mixer(cfg, num_classes_of_model(self.distiller.student))  # None when off
+        self.mix_batch = build_batch_mixer(cfg, num_classes_of_model(self.distiller.student)) if mixing_enabled(
+            cfg) else None
+        self.schedule = build_schedule(cfg, _length(train_loader))
+        self.task = task_of(cfg)
         self.nan_policy = cfg.SOLVER.NAN_POLICY
         self.sync_every = nan_sync_interval(device)
         self.checkpoints = RunCheckpoints(run_dir, cfg, self.distiller, self.optimizer,
@@ -102,7 +108,7 @@ class Trainer:
     def epoch_progress(self, epoch: int, steps_total: int | None) -> EpochProgress:
         """A fresh record of `epoch`'s progress over `steps_total` steps (train_epoch makes one; tools/bench.py one
         per row)."""
-        return EpochProgress(epoch, self.device, steps_total, bool(lr_changes_within(self.cfg, epoch) and steps_total))
+        return EpochProgress(epoch, self.device, steps_total, bool(self.schedule.per_step_lr(epoch) and steps_total))
 
     def train_step(self, batch: dict, epoch: int, step: int = 1,
                    progress: EpochProgress | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -113,7 +119,7 @@ class Trainer:
         policy must (every `sync_every` steps under "stop", every step under "skip")."""
         progress = progress if progress is not None else EpochProgress(epoch, self.device)
         if progress.per_step_lr:
-            self.set_lr(learning_rate(self.cfg, epoch, step / progress.steps_total))
+            self.set_lr(self.schedule.step_lr(epoch, step, progress.steps_total))
         batch = self.prepare_batch(batch)
         logits, losses = self.forward_step(batch, epoch)
         bad = progress.watch.update(step, losses)
@@ -124,7 +130,7 @@ class Trainer:
         if self.nan_policy == "stop" and step % self.sync_every == 0:
             self._raise_if_non_finite(progress)  # on the CPU before every update: no bad update is ever applied
         self.update(losses)
-        progress.stats.add(losses, logits, batch["target"])
+        progress.stats.add(losses, logits, batch.get("target"))
         return logits, losses
 
     def _any_rank(self, flag: torch.Tensor) -> bool:
@@ -144,11 +150,13 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set (or the rest of it after a mid-epoch resume); mean loss terms, train top-1."""
         self.distiller.train()
-        steps_total = _length(self.train_loader)
+        steps_total = self.schedule.steps_in(epoch)
         progress = self.epoch_progress(epoch, steps_total)
         self.checkpoints.begin_epoch()  # before the loader draws this epoch's permutation and worker seeds
         self._restart_workers_each_epoch()
         iterator = iter(self.train_loader)
+        if steps_total is not None and _length(self.train_loader) is None:  # an endless stream: this period's share
+            iterator = itertools.islice(iterator, steps_total)
         step = self._replay_partial(epoch, iterator, progress)
         bar = tqdm(iterator, desc=f"epoch {epoch}", initial=step, total=steps_total, leave=False,
                    dynamic_ncols=True, disable=self._quiet)
@@ -208,7 +216,8 @@ class Trainer:
             )
         metrics = {name: (total / stats.steps).item() for name, total in stats.loss_sums.items()}
         metrics["train_loss"] = sum(metrics.values())
-        metrics["train_acc"] = 100.0 * stats.correct.item() / max(stats.seen, 1)
+        if stats.seen:  # a task whose forward gives class logits (classification)
+            metrics["train_acc"] = 100.0 * stats.correct.item() / stats.seen
         if self.nan_policy == "skip":
             metrics["nan_skipped_steps"] = float(stats.skipped)
             if stats.skipped:
@@ -245,22 +254,21 @@ class Trainer:
     def _train_epochs(self, writers: worklog.MetricWriters) -> dict[str, float]:
         """The loop over epochs: set the LR, train one epoch, then the steps of `epoch_end.EPOCH_END_STEPS` in order
         (evaluation, worklog, writers, checkpoints with `latest` last, the log line, the signal check)."""
-        epochs = self.cfg.SOLVER.EPOCHS
+        epochs = self.schedule.periods
         first = self.checkpoints.start_epoch
-        steps = _length(self.train_loader)
         if first > epochs:
-            log.info(f"nothing to do: {self.checkpoints.path('latest')} already finished epoch {epochs}")
+            log.info(f"nothing to do: {self.checkpoints.path('latest')} already finished {self.schedule.done(epochs)}")
         else:
-            log.info(f"training epochs {first}..{epochs} of {epochs}"
-                     + (f", {steps} steps each ({steps * (epochs - first + 1)} steps)" if steps else ""))
+            log.info(self.schedule.describe(first))
         started = time.time()
         for epoch in range(first, epochs + 1):
-            lr = learning_rate(self.cfg, epoch)
+            lr = self.schedule.period_lr(epoch)
             self.set_lr(lr)
             epoch_started = time.time()
             train_metrics = self.train_epoch(epoch)
             end = epoch_end.EpochEnd(epoch=epoch, lr=lr, train_metrics=train_metrics,
-                                     epoch_seconds=time.time() - epoch_started, steps_total=steps, writers=writers,
+                                     epoch_seconds=time.time() - epoch_started,
+                                     steps_total=self.schedule.steps_in(epoch), writers=writers,
                                      run_started=started, first_epoch=first)
             for step in epoch_end.EPOCH_END_STEPS:
                 step(self, end)

@@ -30,11 +30,13 @@ from ..models.common import num_classes_of_model
 from ..rng import get_rng_state, set_rng_state
 from . import accel
 from .build import model_builder, teacher_checkpoint_path
-from .cfg import TRAINERS, validate_cfg
+from .cfg import CFG, TRAINERS, validate_cfg
 from .checkpoint import load_checkpoint
 from .dot import DOT_TRAINERS, check_dot, split_losses
 from .optim import build_optimizer, update_rule
 from .placement import check_distributed
+from .schedule import check_schedule
+from .tasks import task_name
 from .teacher_cache import cache_refusal, check_cache_files
 from .teacher_cache_identity import AUTO, auto_root
 
@@ -62,8 +64,9 @@ def check_recipe(cfg):
     distiller class."""
     validate_cfg(cfg)
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
-    check_trainer(cfg, distiller_class)
     declares = distiller_class.declares
+    check_task(cfg, cfg.DISTILLER.TYPE, declares.task)
+    check_trainer(cfg, distiller_class)
     if mixing_enabled(cfg) and not declares.accepts_soft_targets:
         raise MdistillerError(
             f"DATASET.MIXUP gives soft labels, which {distiller_class.__name__} cannot train on "
@@ -81,6 +84,37 @@ def check_recipe(cfg):
     if refusal:
         raise MdistillerError(refusal)
     return distiller_class
+
+
+def check_task(cfg, method: str, method_task: str) -> None:
+    """The distiller trains the task DATASET.TYPE declares; the schedule is the task's (detection: iterations); the
+    keys only the other task reads stay at their defaults; what the detection task does not support is refused."""
+    task = task_name(cfg)
+    if method_task != task:
+        same_task = sorted(name for name, c in distiller_dict.items() if c.declares.task == task)
+        raise MdistillerError(f"DISTILLER.TYPE {method} is a {method_task} method but DATASET.TYPE "
+                              f"{cfg.DATASET.TYPE} is {task} data; {task} methods: {', '.join(same_task)}")
+    check_schedule(cfg, CFG, task)
+    if cfg.SOLVER.WEIGHT_DECAY_NORM >= 0 and (cfg.SOLVER.TYPE != "SGD" or cfg.SOLVER.TRAINER in DOT_TRAINERS):
+        raise MdistillerError(f"SOLVER.WEIGHT_DECAY_NORM {cfg.SOLVER.WEIGHT_DECAY_NORM} applies to SGD (detectron2's "
+                              f"param groups); SOLVER.TYPE {cfg.SOLVER.TYPE} / SOLVER.TRAINER {cfg.SOLVER.TRAINER} do "
+                              f"not read it: set it -1")
+    if task != "detection":
+        for key, default in CFG.DETECTION.items():
+            if cfg.DETECTION[key] != default:
+                raise MdistillerError(f"DETECTION.{key} is read by the detection task (DATASET.TYPE coco) only; "
+                                      f"DATASET.TYPE {cfg.DATASET.TYPE} does not read it: leave it at {default!r}")
+        return
+    unsupported = {
+        "DETECTION.MASK_ON": (cfg.DETECTION.MASK_ON, "Mask R-CNN students are not built (docs/detection.md)"),
+        "SOLVER.CHANNELS_LAST": (cfg.SOLVER.CHANNELS_LAST, "not wired for detection batches"),
+        "SOLVER.COMPILE": (cfg.SOLVER.COMPILE, "not wired for detection (dynamic image sizes)"),
+        "DATASET.AUGMENT": (cfg.DATASET.AUGMENT, "detection uses detectron2's resize and flip"),
+        "DISTILLER.TEACHER_CACHE": (cfg.DISTILLER.TEACHER_CACHE, "the cache holds classification logits"),
+    }
+    for key, (value, why) in unsupported.items():
+        if value:
+            raise MdistillerError(f"{key} {value!r} is not supported for detection ({why}): leave it unset")
 
 
 def check_top_level_keys(cfg, method: str, declares) -> None:
