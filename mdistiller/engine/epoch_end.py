@@ -148,7 +148,7 @@ def check_signals(trainer: Trainer, end: EpochEnd) -> None:
     """A SIGTERM/SIGINT that arrived during evaluation or saving stops here: `latest` holds this epoch's end."""
     if trainer.signals.requested():
         raise TrainingInterrupted(trainer.signals.signum, end.epoch, end.steps_total or 0, end.steps_total,
-                                  trainer.checkpoints.path("latest"), False)
+                                 trainer.checkpoints.path("latest"), False, trainer.schedule.unit)
 
 
 EPOCH_END_STEPS: tuple[EpochEndStep, ...] = (

@@ -90,12 +90,14 @@ class NonFiniteWatch:
 class TrainingInterrupted(Exception):
     """SIGTERM or SIGINT stopped training after a step; `latest` holds a state that --resume continues exactly."""
 
-    def __init__(self, signum: int, epoch: int, step: int, steps: int | None, checkpoint: str, mid_epoch: bool):
+    def __init__(self, signum: int, epoch: int, step: int, steps: int | None, checkpoint: str, mid_epoch: bool,
+                 unit: str = "epoch"):
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         self.epoch, self.step, self.steps, self.checkpoint, self.mid_epoch = epoch, step, steps, checkpoint, mid_epoch
-        where = f"epoch {epoch}, step {step}/{steps or '?'}" if mid_epoch else f"the end of epoch {epoch}"
+        # unit: "epoch", or the iteration schedule's "period" (SOLVER.CHECKPOINT_PERIOD iterations)
+        where = f"{unit} {epoch}, step {step}/{steps or '?'}" if mid_epoch else f"the end of {unit} {epoch}"
         super().__init__(f"interrupted by {self.signal_name} at {where}; {checkpoint} holds that state")
 
 

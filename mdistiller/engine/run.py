@@ -267,7 +267,7 @@ def train_run(cfg, opts: Sequence[str] = (), resume: bool = False, seed_in_name:
             result_file = append_result(cfg, run_dir, result) if distributed.is_main_process() else ""
             log.info(f"best {trainer.task.metric_label} {result['best_acc']:.2f}, last {result['last_acc']:.2f}; "
                      f"result appended to {result_file}")
-            if not distiller_class.declares.requires_teacher:
+            if not distiller_class.declares.requires_teacher and trainer.task.name == "classification":
                 weights = os.path.join(run_dir, "student_best")
                 zoo = teacher_home(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
                 log.info(f"teacher weights: {weights}. To distil from it, pass DISTILLER.TEACHER_CKPT {weights} "

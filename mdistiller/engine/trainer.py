@@ -172,7 +172,8 @@ class Trainer:
                 stats = progress.stats.summed_state() if self.world > 1 else progress.stats.state()
                 self.checkpoints.save_mid_epoch(epoch, step, stats)
                 latest = self.checkpoints.path("latest")
-                raise TrainingInterrupted(self.signals.signum, epoch, step, steps_total, latest, True)
+                raise TrainingInterrupted(self.signals.signum, epoch, step, steps_total, latest, True,
+                                         self.schedule.unit)
         if self.nan_policy == "stop":
             self._raise_if_non_finite(progress)
         return self._epoch_metrics(progress)
