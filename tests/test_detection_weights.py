@@ -26,64 +26,7 @@ from mdistiller.detection.detectron2_weights import (
 )
 from mdistiller.errors import MdistillerError
 
-K = 80  # COCO foreground classes: detectron2 cls_score has K + 1 rows (background last)
-
-
-def to_detectron2_name(tv: str) -> str:
-    """The detectron2 name of a torchvision FasterRCNN name (inverse map, written by hand)."""
-    parts = tv.split(".")
-    if tv == "backbone.body.conv1.weight":
-        return "backbone.bottom_up.stem.conv1.weight"
-    if parts[:3] == ["backbone", "body", "bn1"]:
-        return "backbone.bottom_up.stem.conv1.norm." + parts[3]
-    if parts[:2] == ["backbone", "body"]:  # backbone.body.layerL.b.<module>...
-        stage = int(parts[2][len("layer"):]) + 1
-        block = parts[3]
-        module, rest = parts[4], parts[5:]
-        if module.startswith("conv"):
-            inner = f"{module}.weight"
-        elif module.startswith("bn"):
-            inner = f"conv{module[2:]}.norm.{rest[0]}"
-        elif rest[0] == "0":  # downsample.0.weight
-            inner = "shortcut.weight"
-        else:  # downsample.1.<field>
-            inner = f"shortcut.norm.{rest[1]}"
-        return f"backbone.bottom_up.res{stage}.{block}.{inner}"
-    if parts[:2] == ["backbone", "fpn"]:
-        kind = {"inner_blocks": "lateral", "layer_blocks": "output"}[parts[2]]
-        return f"backbone.fpn_{kind}{int(parts[3]) + 2}.{parts[5]}"
-    if parts[:2] == ["rpn", "head"]:
-        module = {"conv": "conv", "cls_logits": "objectness_logits", "bbox_pred": "anchor_deltas"}[parts[2]]
-        return f"proposal_generator.rpn_head.{module}.{parts[-1]}"
-    if parts[:2] == ["roi_heads", "box_head"]:
-        return f"roi_heads.box_head.{ {'fc6': 'fc1', 'fc7': 'fc2'}[parts[2]] }.{parts[3]}"
-    assert parts[:2] == ["roi_heads", "box_predictor"], tv
-    return tv
-
-
-def to_detectron2_weights(tv_sd: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """detectron2-named numpy weights of a torchvision state dict, predictor rows in detectron2's order."""
-    out = {}
-    for name, value in tv_sd.items():
-        v = value.numpy().copy()
-        if name.startswith("roi_heads.box_predictor.cls_score."):
-            v = np.concatenate([v[1:], v[:1]])  # background from first to last
-        elif name.startswith("roi_heads.box_predictor.bbox_pred."):
-            v = v[4:]  # detectron2 has no background deltas
-        out[to_detectron2_name(name)] = v
-    return out
-
-
-def random_state_dict(depth: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    sd = build_torchvision_faster_rcnn(depth, K + 1).state_dict()
-    return {k: torch.randn(v.shape, generator=gen) for k, v in sd.items()}
-
-
-def write_pkl(path, weights: dict, protocol: int = 2, **extra) -> str:
-    with open(path, "wb") as f:
-        pickle.dump({"model": weights, "__author__": "Detectron2 Model Zoo", **extra}, f, protocol=protocol)
-    return str(path)
+from detectron2_files import random_state_dict, to_detectron2_name, to_detectron2_weights, write_pkl
 
 
 @pytest.fixture(scope="module")
