@@ -1,0 +1,71 @@
+"""Details of detectron2 (commit 221448e4) that the detection data and evaluation code reproduce, each checked by hand
+against a value detectron2's own code path gives (issue 26)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mdistiller.detection.evaluate import coco_mask_metrics, detections_to_coco_json
+from mdistiller.detection.transforms import Geometry
+
+pytest.importorskip("pycocotools")
+
+
+class Fixed:
+    """A transform plan that always gives the same geometry."""
+
+    def __init__(self, geometry: Geometry):
+        self.geometry = geometry
+
+    def plan(self, height, width, generator=None):
+        return self.geometry
+
+
+def write_coco(root, height, width, annotations):
+    """One gray PNG of height x width (id 1) and an instances JSON with `annotations` (category 7)."""
+    os.makedirs(os.path.join(root, "img"), exist_ok=True)
+    Image.fromarray(np.full((height, width, 3), 90, dtype=np.uint8)).save(os.path.join(root, "img", "a.png"))
+    anns = [dict({"id": k + 1, "image_id": 1, "category_id": 7, "iscrowd": 0}, **a) for k, a in enumerate(annotations)]
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": height, "width": width}], "annotations": anns,
+            "categories": [{"id": 7, "name": "thing", "supercategory": "thing"}]}
+    ann_file = os.path.join(root, "instances.json")
+    with open(ann_file, "w") as f:
+        json.dump(data, f)
+    return os.path.join(root, "img"), ann_file, data
+
+
+def test_json_bbox_is_xywh_in_the_boxes_float32():
+    # detectron2's instances_to_coco_json converts the float32 box tensor: w = float32(x2) - float32(x1) in float32
+    x1, x2 = np.float32(0.1), np.float32(1000.3)
+    expected_w = float(np.float32(x2 - x1))
+    assert expected_w != float(x2) - float(x1)  # the float64 difference is another number
+    det = {"image_id": 3, "boxes": torch.tensor([[x1, 2.0, x2, 50.0]]), "scores": torch.tensor([0.5]),
+           "labels": torch.tensor([0])}
+    (entry,) = detections_to_coco_json([det], [7])
+    assert entry["bbox"] == [float(x1), 2.0, expected_w, 48.0]
+    assert entry["category_id"] == 7 and entry["score"] == 0.5
+
+
+def test_mask_ap_takes_a_detections_area_from_its_mask(tmp_path):
+    # Ground truth: one small 20x20 square (area 400). Detections: the ground truth's mask (score 0.5) and a higher
+    # scored false positive made of two 10x10 squares far apart: mask area 200 (small), box 90x90 = 8100 (medium).
+    # detectron2 drops "bbox" before mask AP, so COCO uses the mask area: the false positive counts among the small
+    # objects and APs = 50 (precision 1/2 at recall 1); with the box area it would be ignored there (APs = 100).
+    square = [10, 10, 30, 10, 30, 30, 10, 30]
+    _, ann_file, data = write_coco(str(tmp_path), 200, 200, [
+        {"bbox": [10.0, 10.0, 20.0, 20.0], "area": 400.0, "segmentation": [square]}])
+    gt_mask = np.zeros((200, 200), dtype=bool)
+    gt_mask[10:30, 10:30] = True
+    fp_mask = np.zeros((200, 200), dtype=bool)
+    fp_mask[100:110, 100:110] = True
+    fp_mask[180:190, 180:190] = True
+    det = {"image_id": 1, "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [100.0, 100.0, 190.0, 190.0]]),
+           "scores": torch.tensor([0.5, 0.9]), "labels": torch.tensor([0, 0]),
+           "masks": torch.from_numpy(np.stack([gt_mask, fp_mask]))}
+    metrics = coco_mask_metrics(data, [det])
+    assert metrics["APs"] == pytest.approx(50.0)
+    assert metrics["AP"] == pytest.approx(50.0)
