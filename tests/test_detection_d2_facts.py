@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mdistiller.detection.coco import CocoDetection
 from mdistiller.detection.evaluate import coco_mask_metrics, detections_to_coco_json
 from mdistiller.detection.transforms import Geometry
 
@@ -69,3 +70,52 @@ def test_mask_ap_takes_a_detections_area_from_its_mask(tmp_path):
     metrics = coco_mask_metrics(data, [det])
     assert metrics["APs"] == pytest.approx(50.0)
     assert metrics["AP"] == pytest.approx(50.0)
+
+
+def test_annotation_with_an_empty_segmentation_list_is_kept_for_boxes(tmp_path):
+    # detectron2's load_coco_json filters polygons only when `segmentation` is truthy: [] keeps the instance; an
+    # annotation whose polygons are all invalid (< 3 points) is dropped
+    image_dir, ann_file, _ = write_coco(str(tmp_path), 40, 60, [
+        {"bbox": [1.0, 2.0, 10.0, 12.0], "area": 120.0, "segmentation": []},
+        {"bbox": [20.0, 5.0, 8.0, 8.0], "area": 64.0, "segmentation": [[20, 5, 28, 5]]},
+        {"bbox": [30.0, 6.0, 9.0, 9.0], "area": 81.0, "segmentation": [[30, 6, 39, 6, 39, 15, 30, 15]]}])
+    ds = CocoDetection(image_dir, ann_file, train=True, transform=Fixed(Geometry(40, 60)))
+    _, target = ds[0]
+    assert target["boxes"].tolist() == [[1.0, 2.0, 11.0, 14.0], [30.0, 6.0, 39.0, 15.0]]
+
+
+def test_annotation_with_an_empty_segmentation_list_is_dropped_with_masks(tmp_path):
+    # with masks, detectron2's filter_empty_instances drops an instance without polygons (PolygonMasks.nonempty)
+    image_dir, ann_file, _ = write_coco(str(tmp_path), 40, 60, [
+        {"bbox": [1.0, 2.0, 10.0, 12.0], "area": 120.0, "segmentation": []},
+        {"bbox": [30.0, 6.0, 9.0, 9.0], "area": 81.0, "segmentation": [[30, 6, 39, 6, 39, 15, 30, 15]]}])
+    ds = CocoDetection(image_dir, ann_file, train=True, transform=Fixed(Geometry(40, 60)), masks=True)
+    _, target = ds[0]
+    assert target["boxes"].tolist() == [[30.0, 6.0, 39.0, 15.0]]
+    assert target["masks"].shape == (1, 40, 60) and int(target["masks"].sum()) == 81
+
+
+def test_boxes_are_moved_in_float64_and_cast_once(tmp_path):
+    # detectron2 converts xywh -> xyxy, scales, flips (x' = W - x) and clips in float64 (numpy), then casts to
+    # float32 once (Boxes); float32 arithmetic all the way rounds differently for these values
+    x, y, w, h = 123.456, 77.7, 301.17, 55.5
+    image_dir, ann_file, _ = write_coco(str(tmp_path), 480, 640, [
+        {"bbox": [x, y, w, h], "area": w * h, "segmentation": [[x, y, x + w, y, x + w, y + h]]}])
+    sx, sy = 1067 / 640, 800 / 480
+    expected = np.array([1067 - (x + w) * sx, y * sy, 1067 - x * sx, (y + h) * sy]).astype(np.float32)
+    f32 = np.float32
+    single = np.array([1067 - f32(f32(x + w) * f32(sx)), f32(f32(y) * f32(sy)), 1067 - f32(f32(x) * f32(sx)),
+                       f32(f32(y + h) * f32(sy))], dtype=np.float32)
+    assert not np.array_equal(expected, single)  # the two roundings differ here
+    ds = CocoDetection(image_dir, ann_file, train=True, transform=Fixed(Geometry(800, 1067, flip=True)))
+    _, target = ds[0]
+    assert target["boxes"].dtype == torch.float32
+    assert np.array_equal(target["boxes"][0].numpy(), expected)
+
+
+def test_evaluation_with_masks_keeps_an_instance_without_polygons(tmp_path):
+    image_dir, ann_file, _ = write_coco(str(tmp_path), 40, 60, [
+        {"bbox": [1.0, 2.0, 10.0, 12.0], "area": 120.0, "segmentation": []}])
+    _, target = CocoDetection(image_dir, ann_file, train=False, transform=Fixed(Geometry(40, 60)), masks=True)[0]
+    assert target["boxes"].tolist() == [[1.0, 2.0, 11.0, 14.0]]
+    assert target["masks"].shape == (1, 40, 60) and int(target["masks"].sum()) == 0
