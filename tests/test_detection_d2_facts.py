@@ -95,18 +95,21 @@ def test_annotation_with_an_empty_segmentation_list_is_dropped_with_masks(tmp_pa
     assert target["masks"].shape == (1, 40, 60) and int(target["masks"].sum()) == 81
 
 
-def test_boxes_are_moved_in_float64_and_cast_once(tmp_path):
-    # detectron2 converts xywh -> xyxy, scales, flips (x' = W - x) and clips in float64 (numpy), then casts to
-    # float32 once (Boxes); float32 arithmetic all the way rounds differently for these values
+def test_boxes_follow_detectron2s_float32_then_float64_chain(tmp_path):
+    # detectron2: BoxMode.convert turns the JSON's [x, y, w, h] list into a float32 tensor (x2 = x + w in float32),
+    # then the transforms scale and flip (x' = W - x) it in float64 (numpy) and clip it, and Boxes casts it to float32
+    # once. For these values that differs both from float32 all the way and from float64 all the way.
     x, y, w, h = 123.456, 77.7, 301.17, 55.5
     image_dir, ann_file, _ = write_coco(str(tmp_path), 480, 640, [
         {"bbox": [x, y, w, h], "area": w * h, "segmentation": [[x, y, x + w, y, x + w, y + h]]}])
-    sx, sy = 1067 / 640, 800 / 480
-    expected = np.array([1067 - (x + w) * sx, y * sy, 1067 - x * sx, (y + h) * sy]).astype(np.float32)
     f32 = np.float32
-    single = np.array([1067 - f32(f32(x + w) * f32(sx)), f32(f32(y) * f32(sy)), 1067 - f32(f32(x) * f32(sx)),
-                       f32(f32(y + h) * f32(sy))], dtype=np.float32)
-    assert not np.array_equal(expected, single)  # the two roundings differ here
+    x1, y1, x2, y2 = (float(v) for v in (f32(x), f32(y), f32(x) + f32(w), f32(y) + f32(h)))
+    sx, sy = 1067 / 640, 800 / 480
+    expected = np.array([1067 - x2 * sx, y1 * sy, 1067 - x1 * sx, y2 * sy]).astype(np.float32)
+    all64 = np.array([1067 - (x + w) * sx, y * sy, 1067 - x * sx, (y + h) * sy]).astype(np.float32)
+    all32 = np.array([1067 - f32(f32(x2) * f32(sx)), f32(f32(y1) * f32(sy)), 1067 - f32(f32(x1) * f32(sx)),
+                      f32(f32(y2) * f32(sy))], dtype=np.float32)
+    assert not np.array_equal(expected, all64) and not np.array_equal(expected, all32)
     ds = CocoDetection(image_dir, ann_file, train=True, transform=Fixed(Geometry(800, 1067, flip=True)))
     _, target = ds[0]
     assert target["boxes"].dtype == torch.float32

@@ -6,9 +6,10 @@ Checked against detectron2 221448e4 (data/datasets/coco.py, detection_utils.py, 
 common.py, samplers/distributed_sampler.py): images sorted by id; `ignore` refused; an annotation whose polygons are
 all invalid (odd length or < 3 points) dropped at load, before the crowd-only image filter (an empty `segmentation`
 list is not filtered there; with masks the instance is dropped later, as filter_empty_instances does); EXIF
-orientation applied before the RGB conversion; boxes moved and clipped in float64, cast to float32 once, a side <=
-1e-5 dropped; the two aspect buckets `w > h` / else on the JSON's sizes; TrainingSampler = one seeded torch
-generator, endless randperms, rank r taking every world_size-th index from r, grouping per rank after that.
+orientation applied before the RGB conversion; xywh -> xyxy in float32 (BoxMode.convert on the JSON list), then
+scaled, flipped and clipped in float64 and cast to float32 once, a side <= 1e-5 dropped; the two aspect buckets
+`w > h` / else on the JSON's sizes; TrainingSampler = one seeded torch generator, endless randperms, rank r taking
+every world_size-th index from r, grouping per rank after that.
 Remaining differences: detectron2 seeds the sampler from a random shared seed (SEED -1) and restarts it on resume
 (here `seed` and `skip_batches`); it evaluates with 1 image per process (padding depends on the batch, see
 detector.py); mask targets are rasterised here per image, upstream per box (model side)."""
@@ -45,7 +46,7 @@ class CocoRecord:
     file_name: str
     height: int
     width: int
-    boxes: np.ndarray  # (N, 4) float64 xyxy, original pixels (cast to float32 once, after the transform)
+    boxes: np.ndarray  # (N, 4) float64 xyxy (float32 values, as detectron2's xywh -> xyxy), original pixels
     labels: np.ndarray  # (N,) int64 contiguous
     iscrowd: np.ndarray  # (N,) int64
     polygons: list = field(default_factory=list)  # per annotation: list of flat [x, y, ...] lists (or an RLE dict)
@@ -98,7 +99,8 @@ def load_coco_records(ann_file: str) -> tuple[list[CocoRecord], list[int]]:
                 if int(ann["category_id"]) not in to_label:
                     raise MdistillerError(f"COCO annotation {ann.get('id')} in {ann_file} has category_id "
                                           f"{ann['category_id']}, not in 'categories'")
-                x, y, w, h = (float(v) for v in ann["bbox"])
+                # detectron2's BoxMode.convert of the JSON list makes a float32 tensor: xyxy rounded to float32
+                x, y, w, h = np.asarray([float(v) for v in ann["bbox"]], dtype=np.float32)
                 boxes.append([x, y, x + w, y + h])
                 labels.append(to_label[int(ann["category_id"])])
                 crowd.append(int(ann.get("iscrowd", 0)))
