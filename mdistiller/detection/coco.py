@@ -2,9 +2,17 @@
 contiguous labels 0..K-1 in sorted category-id order, crowd boxes out of the training targets, images without a
 non-crowd annotation dropped for training (DATALOADER.FILTER_EMPTY_ANNOTATIONS), and aspect-ratio-grouped batches.
 
-Where the spec is silent these follow detectron2 as remembered, not yet checked against its source: the 1e-5
-empty-box drop after clipping, annotations whose polygons are all invalid dropped, the `ignore` flag refused, the
-`w > h` aspect bucket, the sampler's sharding, and the rescaling of predictions to the original size."""
+Checked against detectron2 221448e4 (data/datasets/coco.py, detection_utils.py, dataset_mapper.py, build.py,
+common.py, samplers/distributed_sampler.py): images sorted by id; `ignore` refused; an annotation whose polygons are
+all invalid (odd length or < 3 points) dropped at load, before the crowd-only image filter (an empty `segmentation`
+list is not filtered there; with masks the instance is dropped later, as filter_empty_instances does); EXIF
+orientation applied before the RGB conversion; xywh -> xyxy in float32 (BoxMode.convert on the JSON list), then
+scaled, flipped and clipped in float64 and cast to float32 once, a side <= 1e-5 dropped; the two aspect buckets
+`w > h` / else on the JSON's sizes; TrainingSampler = one seeded torch generator, endless randperms, rank r taking
+every world_size-th index from r, grouping per rank after that.
+Remaining differences: detectron2 seeds the sampler from a random shared seed (SEED -1) and restarts it on resume
+(here `seed` and `skip_batches`); it evaluates with 1 image per process (padding depends on the batch, see
+detector.py); mask targets are rasterised here per image, upstream per box (model side)."""
 
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ class CocoRecord:
     file_name: str
     height: int
     width: int
-    boxes: np.ndarray  # (N, 4) float32 xyxy, original pixels
+    boxes: np.ndarray  # (N, 4) float64 xyxy (float32 values, as detectron2's xywh -> xyxy), original pixels
     labels: np.ndarray  # (N,) int64 contiguous
     iscrowd: np.ndarray  # (N,) int64
     polygons: list = field(default_factory=list)  # per annotation: list of flat [x, y, ...] lists (or an RLE dict)
@@ -82,22 +90,24 @@ def load_coco_records(ann_file: str) -> tuple[list[CocoRecord], list[int]]:
                     raise MdistillerError(f"COCO annotation {ann.get('id')} in {ann_file} has 'ignore' set "
                                           "(unsupported, as in detectron2)")
                 segm = ann.get("segmentation")
-                if isinstance(segm, list):
-                    # detectron2 drops an instance whose polygons are all invalid (odd length or < 3 points)
+                if isinstance(segm, list) and segm:
+                    # detectron2 drops an instance whose polygons are all invalid (odd length or < 3 points); an
+                    # empty list is not filtered (it is dropped later, and only when masks are used)
                     segm = [p for p in segm if len(p) % 2 == 0 and len(p) >= 6]
                     if not segm:
                         continue
                 if int(ann["category_id"]) not in to_label:
                     raise MdistillerError(f"COCO annotation {ann.get('id')} in {ann_file} has category_id "
                                           f"{ann['category_id']}, not in 'categories'")
-                x, y, w, h = (float(v) for v in ann["bbox"])
+                # detectron2's BoxMode.convert of the JSON list makes a float32 tensor: xyxy rounded to float32
+                x, y, w, h = np.asarray([float(v) for v in ann["bbox"]], dtype=np.float32)
                 boxes.append([x, y, x + w, y + h])
                 labels.append(to_label[int(ann["category_id"])])
                 crowd.append(int(ann.get("iscrowd", 0)))
                 polys.append(segm)
             records.append(CocoRecord(
                 image_id=int(img["id"]), file_name=str(img["file_name"]), height=int(img["height"]),
-                width=int(img["width"]), boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                width=int(img["width"]), boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
                 labels=np.asarray(labels, dtype=np.int64), iscrowd=np.asarray(crowd, dtype=np.int64),
                 polygons=polys))
     except (KeyError, TypeError, ValueError) as err:
@@ -142,6 +152,8 @@ def segmentation_to_mask(segm, height: int, width: int, geometry: Geometry) -> n
 
 def _segmentation_to_mask(mask_util, segm, height: int, width: int, geometry: Geometry) -> np.ndarray:
     if isinstance(segm, list):
+        if not segm:  # an instance without polygons (kept by detectron2's reader): an empty mask
+            return np.zeros((geometry.new_h, geometry.new_w), dtype=np.uint8)
         polys = [transform_polygon(p, height, width, geometry) for p in segm]
         return mask_util.decode(mask_util.merge(mask_util.frPyObjects(polys, geometry.new_h, geometry.new_w)))
     if isinstance(segm, dict):
@@ -201,7 +213,14 @@ class CocoDetection(torch.utils.data.Dataset):
         iscrowd = torch.from_numpy(rec.iscrowd[keep].copy())
         geometry = self.transform.plan(rec.height, rec.width, self.generator)
         image, boxes = apply_geometry(image, boxes, geometry)
+        # detectron2 clips in float64, casts to float32 once, then drops boxes with a side <= 1e-5
+        clip_and_drop_empty(boxes, image.shape[1], image.shape[2])
+        boxes = boxes.float()
         nonempty = clip_and_drop_empty(boxes, image.shape[1], image.shape[2])
+        if self.masks and self.train:
+            # filter_empty_instances with masks: an instance without polygons (segmentation []) goes
+            nonempty &= torch.tensor([not (isinstance(seg, list) and not seg)
+                                      for seg, k in zip(rec.polygons, keep) if k], dtype=torch.bool)
         if not self.train:
             nonempty[:] = True
         target = {"boxes": boxes[nonempty], "labels": labels[nonempty], "iscrowd": iscrowd[nonempty],

@@ -22,6 +22,12 @@ downloaded: checkpoints come through the converter); MV2 keeps upstream's BGR / 
 ImageNet MV2 weights one would use RGB + ImageNet mean/std instead). torchvision's model-side resize and
 normalisation (GeneralizedRCNNTransform) are never used: callers give images already resized by the data pipeline
 (detectron2's rule) in the model's `input_format`, and `to_image_list` normalises and pads them to /32.
+Checked against detectron2 221448e4 (rpn.py, proposal_utils.py, fast_rcnn.py, poolers.py, roi_align.py,
+anchor_generator.py, postprocessing.py): the settings above match; torchvision's RPN keeps proposals with both sides
+>= 1e-3 where detectron2 keeps sides > 0, and its box postprocess drops boxes with a side < 1e-2 that detectron2
+keeps (both after clipping). Batches: every image is padded to the batch's largest /32 size, and the padded area
+changes the features near an image's right/bottom edge; detectron2 trains with 2 images per GPU and evaluates with
+1, so other batch sizes give (slightly) other numbers.
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """COCO box and mask AP with pycocotools, reported as detectron2's COCOEvaluator does (percent; NaN where COCO has
-no value). Detections carry contiguous labels 0..K-1; they go back to the JSON's category ids (sorted order)."""
+no value). Detections carry contiguous labels 0..K-1; they go back to the JSON's category ids (sorted order).
+
+Checked against detectron2 221448e4 (evaluation/coco_evaluation.py, modeling/postprocessing.py): xyxy -> xywh in the
+boxes' own dtype (float32 for a detector's output), mask AP scored without the `bbox` field (so COCO takes a
+detection's area from its mask, not its box, for APs/APm/APl), maxDets (1, 10, 100), every ground-truth image.
+Remaining difference: detectron2 scores with its own C++ COCOeval (`COCOeval_opt`, meant to equal pycocotools);
+this module uses pycocotools' COCOeval."""
 
 from __future__ import annotations
 
@@ -67,7 +73,9 @@ def detections_to_coco_json(detections: Sequence[Mapping], label_to_category_id:
     [, masks (N,H,W) bool at original size]}, as detectron2's instances_to_coco_json."""
     results = []
     for det in detections:
-        boxes = _numpy(det["boxes"]).astype(np.float64).reshape(-1, 4)
+        boxes = _numpy(det["boxes"]).reshape(-1, 4)
+        # width and height in the boxes' dtype, as detectron2's BoxMode.convert (float32 rounding included)
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
         scores, labels = _numpy(det["scores"]).reshape(-1), _numpy(det["labels"]).reshape(-1)
         if not len(boxes) == len(scores) == len(labels):
             raise MdistillerError(f"image {det['image_id']}: {len(boxes)} boxes, {len(scores)} scores and "
@@ -84,9 +92,8 @@ def detections_to_coco_json(detections: Sequence[Mapping], label_to_category_id:
             if not 0 <= label < len(label_to_category_id):
                 raise MdistillerError(f"image {det['image_id']}: label {label} outside "
                                       f"0..{len(label_to_category_id) - 1}")
-            x1, y1, x2, y2 = boxes[k].tolist()
             entry = {"image_id": int(det["image_id"]), "category_id": int(label_to_category_id[label]),
-                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(scores[k])}
+                     "bbox": xywh[k], "score": float(scores[k])}
             if rles is not None:
                 entry["segmentation"] = rles[k]
             results.append(entry)
@@ -110,6 +117,9 @@ def coco_metrics(gt: str | os.PathLike | dict, detections: Sequence[Mapping], io
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise MdistillerError(f"detections for image ids not in the ground truth: {sorted(unknown)[:5]}")
+    if iou_type == "segm":
+        # with a bbox present, pycocotools' loadRes takes the box area as the detection's area
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)

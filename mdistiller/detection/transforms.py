@@ -1,5 +1,11 @@
 """detectron2's input pipeline for detection: shortest-edge resize (multi-scale in training) and horizontal flip, on a
-uint8 CHW image and its xyxy boxes. Every random draw comes from torch's RNG (or a given generator)."""
+uint8 CHW image and its xyxy boxes. Every random draw comes from torch's RNG (or a given generator).
+
+Checked against detectron2 221448e4 (data/transforms/augmentation_impl.py, transform.py, detection_utils.py): the
+output size rule (int(x + 0.5) after the long-side cap), PIL bilinear on uint8, "choice" sampling of the short side
+for training, flip x' = W - x after the resize, boxes scaled by new/old size per axis. Remaining difference:
+detectron2 draws the short side and the flip from numpy's global RNG (np.random.choice, np.random.uniform < 0.5)
+in its loader workers; here they come from torch, so the same seed gives another (equally distributed) sequence."""
 
 from __future__ import annotations
 
@@ -30,8 +36,14 @@ def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tu
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
+def _box_dtype(boxes: torch.Tensor) -> torch.dtype:
+    """Boxes keep a floating dtype (detectron2 moves them in float64, casting to float32 once); others become fp32."""
+    return boxes.dtype if boxes.is_floating_point() else torch.float32
+
+
 def resize(image: torch.Tensor, boxes: torch.Tensor, new_h: int, new_w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize a uint8 CHW image with PIL bilinear (as detectron2 does on uint8) and scale xyxy boxes to match."""
+    """Resize a uint8 CHW image with PIL bilinear (as detectron2 does on uint8) and scale xyxy boxes to match (in
+    their floating dtype; integer boxes become float32)."""
     if image.dtype != torch.uint8 or image.dim() != 3:
         raise MdistillerError(f"resize expects a uint8 CHW image, got {image.dtype} of shape {tuple(image.shape)}")
     height, width = image.shape[1:]
@@ -39,14 +51,15 @@ def resize(image: torch.Tensor, boxes: torch.Tensor, new_h: int, new_w: int) -> 
     pil = Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
     out = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))
     out = torch.from_numpy(out.copy()).reshape(new_h, new_w, -1).permute(2, 0, 1).contiguous()
-    scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height], dtype=torch.float32)
-    return out, boxes.float() * scale
+    dtype = _box_dtype(boxes)
+    scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height], dtype=dtype)
+    return out, boxes.to(dtype) * scale
 
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror a CHW image left-right and its xyxy boxes by x' = W - x."""
     width = image.shape[-1]
-    flipped = boxes.float().clone()
+    flipped = boxes.to(_box_dtype(boxes)).clone()
     flipped[:, 0] = width - boxes[:, 2]
     flipped[:, 2] = width - boxes[:, 0]
     return image.flip(-1), flipped
@@ -72,7 +85,7 @@ def apply_geometry(image: torch.Tensor, boxes: torch.Tensor, geometry: Geometry)
     """Resize (skipped at the same size) then flip a uint8 CHW image and its xyxy boxes."""
     if tuple(image.shape[1:]) != (geometry.new_h, geometry.new_w):
         image, boxes = resize(image, boxes, geometry.new_h, geometry.new_w)
-    boxes = boxes.float()
+    boxes = boxes.to(_box_dtype(boxes))
     if geometry.flip:
         image, boxes = hflip(image, boxes)
     return image, boxes
