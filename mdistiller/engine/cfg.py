@@ -22,6 +22,7 @@ from ..distillers import method_sections
 from ..distillers.config import check_choices, to_cfgnode
 from ..errors import MdistillerError, closest, did_you_mean
 from ..files import DEFAULT_DATA_ROOT, atomic_write_text
+from .detectron2_cfg import is_detectron2_config, translate_detectron2_config
 
 # Allowed values of the keys that take one of a few names.
 OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.TYPE
@@ -261,11 +262,15 @@ def _yaml_error_line(path: str, exc: yaml.MarkedYAMLError) -> str:
 
 
 def merge_file(cfg: CN, path: str) -> None:
-    """Merge a YAML config file (with yacs' `_BASE_` inheritance) into cfg."""
+    """Merge a YAML config file (with yacs' `_BASE_` inheritance) into cfg; a detectron2-style detection file
+    (upstream's detection/configs) is translated into our keys first (engine/detectron2_cfg.py)."""
     if not path:
         raise MdistillerError("no config file given: pass --cfg configs/<dataset>/<method>/<pair>.yaml")
     if not os.path.isfile(path):
         raise MdistillerError(f"config file not found: {path}")
+    if is_detectron2_config(path):  # upstream's detection YAML files: translated into our keys
+        merge_dict(cfg, translate_detectron2_config(path), path)
+        return
     try:
         with open(path) as f:
             values = yaml.load(f, Loader=_StrictLoader) or {}
