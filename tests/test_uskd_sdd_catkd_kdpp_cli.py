@@ -178,7 +178,7 @@ def test_config_headers_and_report_published_numbers_agree():
     / "none" where there is no number."""
     seen = 0
     for path in sorted((REPO / "configs").rglob("*.yaml")):
-        if "sweeps" in path.parts:
+        if "sweeps" in path.parts or "coco" in path.parts:  # detection configs: AP headers (test_detection_configs)
             continue
         cfg = train_tool.load_cfg(str(path))
         if cfg.DISTILLER.TYPE not in RECENT:
