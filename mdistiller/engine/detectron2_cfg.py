@@ -65,7 +65,7 @@ D2_DEFAULTS: dict[str, Any] = {
     "SOLVER.WARMUP_FACTOR": 0.001, "SOLVER.WARMUP_ITERS": 1000, "SOLVER.CHECKPOINT_PERIOD": 5000,
     "TEST.EVAL_PERIOD": 0, "DATALOADER.NUM_WORKERS": 4,
     "INPUT.MIN_SIZE_TRAIN": [800], "INPUT.MAX_SIZE_TRAIN": 1333, "INPUT.MIN_SIZE_TEST": 800,
-    "INPUT.MAX_SIZE_TEST": 1333, "INPUT.FORMAT": "BGR", "TEACHER.INPUT.FORMAT": "BGR",
+    "INPUT.MAX_SIZE_TEST": 1333,
     "DATASETS.TRAIN": [], "DATASETS.TEST": [], "OUTPUT_DIR": "./output",
     "MODEL.WEIGHTS": "", "MODEL.MASK_ON": False, "MODEL.RESNETS.DEPTH": 50, "TEACHER.MODEL.RESNETS.DEPTH": 50,
     "MODEL.BACKBONE.NAME": "build_resnet_backbone",
@@ -295,7 +295,7 @@ def _section_keys(node: Any) -> set[str]:
 
 
 def _kind(values: dict) -> str:
-    """"ours", "detectron2" or "" (nothing telling) from a file's own top-level keys and their sub-keys."""
+    """A file's kind from its own top-level keys and their sub-keys: "ours", "detectron2" or "" (nothing telling)."""
     from .cfg import CFG
 
     ours = detectron2 = False
@@ -318,7 +318,6 @@ def _kind(values: dict) -> str:
     if ours:
         return "ours"
     return "detectron2" if detectron2 else ""
-
 
 
 def is_detectron2_config(path: str) -> bool:
