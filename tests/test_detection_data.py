@@ -280,8 +280,16 @@ def test_grouped_batch_sampler_follows_its_generator_and_shards():
     sampler.skip_next(4)
     assert list(itertools.islice(iter(sampler), 2)) == first[4:6]
     assert list(itertools.islice(iter(sampler), 1)) != first[:1]  # the skip was for one iter() only, state moved on
-    # by hand: per pass randperm(10) then 10 seeds; rank r takes positions r, r + 2, ... of that stream
-    reference = torch.Generator().manual_seed(5)
+    gen.set_state(state)
+    iter(sampler)  # not used: no draw
+    next(iter(sampler)), list(itertools.islice(iter(sampler), 9))  # one draw each, however much is taken
+    third = torch.Generator().set_state(state)
+    torch.randint(0, 2**62, (2,), generator=third)
+    assert torch.equal(gen.get_state(), third.get_state())
+    # by hand: a stream seed from the generator, then per pass randperm(10) and 10 seeds from a generator with that
+    # seed; rank r takes positions r, r + 2, ... of the stream
+    stream_seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(5)))
+    reference = torch.Generator().manual_seed(stream_seed)
     stream = []
     for _ in range(4):
         order = torch.randperm(10, generator=reference).tolist()

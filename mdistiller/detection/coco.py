@@ -266,11 +266,12 @@ def infinite_seeded_shuffled(n: int, generator: torch.Generator) -> Iterator[tup
 class GroupedBatchSampler(torch.utils.data.Sampler):
     """detectron2's training stream as an endless batch sampler of (index, seed) pairs (CocoDetection's keys).
 
-    Everything is drawn from `generator` (the DataLoader's own, saved by the trainer), lazily from its state when
-    `iter()` is called: endless permutations of the images, each position with a seed for that item's augmentation
-    (so the pixels do not depend on which worker, or how many, load it); rank r takes every world_size-th position
-    from r of the shared stream; aspect-ratio grouping into per-process batches. Each `iter()` starts a new stream
-    from the generator's current state (what a previous iterator left over is dropped). No __len__: it never ends."""
+    Each `iter()` draws one seed from `generator` (the DataLoader's own, saved by the trainer) and the whole stream
+    comes from a private generator seeded with it: endless permutations of the images, each position with a seed for
+    that item's augmentation (so the pixels do not depend on which worker, or how many, load it); rank r takes every
+    world_size-th position from r of the shared stream; aspect-ratio grouping into per-process batches. So `generator`
+    advances by one draw per iter() that yields a batch, however many are taken or prefetched. No __len__: it never
+    ends."""
 
     def __init__(self, is_wide: Sequence[bool], batch_size: int, generator: torch.Generator, rank: int = 0,
                  world_size: int = 1):
@@ -289,10 +290,16 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         skip, self._skip = self._skip, 0
-        positions = itertools.islice(infinite_seeded_shuffled(len(self.is_wide), self.generator), self.rank, None,
+        return self._stream(skip)
+
+    def _stream(self, skip: int) -> Iterator[list[tuple[int, int]]]:
+        # a generator function: the seed is drawn at the first batch, so an iterator made and never used (a
+        # multi-worker DataLoader makes two at start) draws nothing
+        stream = torch.Generator().manual_seed(int(torch.randint(0, SEED_HIGH, (), generator=self.generator)))
+        positions = itertools.islice(infinite_seeded_shuffled(len(self.is_wide), stream), self.rank, None,
                                      self.world_size)
         batches = group_by_aspect(positions, self.is_wide, self.batch_size, index_of=lambda item: item[0])
-        return itertools.islice(batches, skip, None)
+        yield from itertools.islice(batches, skip, None)
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> dict[str, list]:

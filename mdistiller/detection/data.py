@@ -104,9 +104,11 @@ def train_loader(train_set: CocoDetection, batch_size: int, workers: int, seed: 
     generator.manual_seed(int(seed))
     sampler = GroupedBatchSampler(train_set.is_wide(), batch_size, generator, rank, world_size)
     init = seed_worker if world_size == 1 else functools.partial(_seed_rank_worker, rank)
+    # no persistent workers: a fresh iterator draws its base seed from `generator` at every iter(), a resumed
+    # persistent one does not, so the stream would depend on whether iter() was called before
     return DataLoader(train_set, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=torch.cuda.is_available(), generator=generator, worker_init_fn=init,
-                      persistent_workers=workers > 0)
+                      persistent_workers=False)
 
 
 def eval_loader(test_set: Dataset, batch_size: int, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:

@@ -94,7 +94,7 @@ def detections_to_coco_json(detections: Sequence[Mapping], label_to_category_id:
 
 
 def _no_results(coco_gt):
-    """An empty result set (pycocotools' loadRes fails on []): scored, it gives AP 0 where the ground truth has boxes."""
+    """An empty result set (pycocotools' loadRes fails on []); scored, it gives AP 0 where there is ground truth."""
     COCO, _ = _pycocotools()
     coco_dt = COCO()
     coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": copy.deepcopy(coco_gt.dataset[
