@@ -269,3 +269,57 @@ def test_a_bare_detector_goes_through_model_inputs(root):
         got = detect(model, images)
         want = model(model_inputs(model, images))
     assert len(got) == 2 and all(torch.equal(g["boxes"], w["boxes"]) for g, w in zip(got, want))
+
+
+EVAL_SCRIPT = """
+import json, sys
+import torch
+from mdistiller import distributed
+from mdistiller.dataset import get_test_set
+from mdistiller.detection.data import eval_loader
+from mdistiller.detection.inference import evaluate_detection
+from test_detection_run_data import GroundTruthModel, make_cfg
+
+root, out = sys.argv[1], sys.argv[2]
+with distributed.process_group():
+    rank, world = distributed.rank(), distributed.world_size()
+    loader = eval_loader(get_test_set(make_cfg(root)), 2, 0, rank, world)
+    model = GroundTruthModel()
+    metrics = evaluate_detection(model, loader, "cpu", results_json=f"{out}/results.json")
+    seen = [t["image_id"] for b in loader for t in b["targets"]]
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"metrics": metrics, "seen": seen}, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is not available")
+def test_torchrun_ranks_share_one_score(root, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "eval_script.py"
+    script.write_text(EVAL_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{repo / 'tests'}", OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(script), root[0], str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["seen"] == list(range(10, 15)) and ranks[1]["seen"] == list(range(15, 20))
+    single = evaluate_detection(GroundTruthModel(), eval_loader(get_test_set(make_cfg(root[0])), 2, 0), "cpu")
+    assert single["AP"] == pytest.approx(100.0) and math.isnan(single["APl"])
+    for metrics in (r["metrics"] for r in ranks):  # every rank returns the one-process scores
+        assert set(metrics) == set(single)
+        assert all(metrics[k] == v or (math.isnan(metrics[k]) and math.isnan(v)) for k, v in single.items())
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert len(written) == single["detections"] == ranks[0]["metrics"]["detections"]
+    assert {r["image_id"] for r in written} == {a["image_id"] for a in root[1]["annotations"] if not a["iscrowd"]}
