@@ -166,6 +166,11 @@ def test_stream_is_a_function_of_the_generator_state(root):
     assert same_batches(draw(train2, 3), with_workers)
     assert same_batches(with_workers, first)  # per-item seeds: the pixels do not depend on the workers
     assert same_batches(draw(train2, 3), later)  # nor the generator's advance (prefetching draws nothing from it)
+    for loader in (train0, train2):  # a mid-period resume: the boundary's state, then skip what was trained on
+        loader.generator.set_state(state)
+        loader.batch_sampler.skip_next(2)
+        assert same_batches(draw(loader, 1), first[2:])
+        assert same_batches(draw(loader, 3), later)
     # the augmentation is really drawn: each image is its file resized to a drawn short edge, mirrored or not
     train_set = train0.dataset
     row = {r.image_id: k for k, r in enumerate(train_set.records)}

@@ -284,17 +284,14 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         self._skip = 0
 
     def skip_next(self, batches: int) -> None:
-        """Make the next `iter()` start `batches` batches into its stream (drawn but not loaded: a mid-period resume
-        without reading the skipped images)."""
+        """Make the next iterator that yields start `batches` batches into its stream (drawn but not loaded: a
+        mid-period resume without reading the skipped images; call it on `loader.batch_sampler` before iter(loader))."""
         self._skip = int(batches)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # a generator: the seed is drawn (and a skip taken) at the first batch, so an iterator made and never used
+        # (a multi-worker DataLoader makes two at start and uses the second) draws and takes nothing
         skip, self._skip = self._skip, 0
-        return self._stream(skip)
-
-    def _stream(self, skip: int) -> Iterator[list[tuple[int, int]]]:
-        # a generator function: the seed is drawn at the first batch, so an iterator made and never used (a
-        # multi-worker DataLoader makes two at start) draws nothing
         stream = torch.Generator().manual_seed(int(torch.randint(0, SEED_HIGH, (), generator=self.generator)))
         positions = itertools.islice(infinite_seeded_shuffled(len(self.is_wide), stream), self.rank, None,
                                      self.world_size)
