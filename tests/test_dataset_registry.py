@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 import mdistiller.dataset as data
+import mdistiller.detection  # noqa: F401  (registers "coco"; imported here so the names do not depend on test order)
 from mdistiller.dataset import (
     BATCH_NEEDS,
     DATASETS,
@@ -112,7 +113,8 @@ def test_unknown_name_is_one_line_with_did_you_mean_and_the_known_names():
 # ---- the shipped registries ----
 
 def test_the_shipped_names_are_registered():
-    assert DATASETS.names() == ["cifar10", "cifar100", "imagenet", "tiny_imagenet"]
+    assert DATASETS.names() == ["cifar10", "cifar100", "coco", "imagenet", "tiny_imagenet"]
+    assert [name for name, entry in DATASETS.items() if entry.task == "detection"] == ["coco"]
     assert {"standard", "strong", "test"} <= set(TRAIN_VIEWS)
     assert {"standard", "strong", "test", "deit"} <= set(IMAGENET_VIEWS)
     assert {"standard", "test"} <= set(TINY_IMAGENET_VIEWS)
@@ -130,9 +132,10 @@ def test_every_registered_builder_has_the_one_signature():
         for hook in (entry.num_classes, entry.test_set, entry.check):
             if hook is not None:
                 assert list(inspect.signature(hook).parameters) == ["cfg"], (name, hook)
-        if entry.device_loaders is not None:
-            assert list(inspect.signature(entry.device_loaders).parameters) == [
-                "cfg", "train_set", "test_set", "request", "needs", "seed", "rank", "world_size"], name
+        for loaders in (entry.device_loaders, entry.loaders):
+            if loaders is not None:
+                assert list(inspect.signature(loaders).parameters) == [
+                    "cfg", "train_set", "test_set", "request", "needs", "seed", "rank", "world_size"], name
 
 
 def test_every_view_of_a_family_takes_its_familys_arguments():

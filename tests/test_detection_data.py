@@ -95,7 +95,9 @@ def test_item_image_and_target(coco):
     # the rectangle's pixels are painted, the ones just outside are background
     assert (image[:, y:y + h, x:x + w] != 30).any(0).all()
     assert target["image_id"] == 10 and target["orig_size"] == (96, 128) and target["size"] == (96, 128)
-    images, targets = collate([ds[0], ds[1]])
+    batch = collate([ds[0], ds[1]])
+    assert list(batch) == ["images", "targets"]
+    images, targets = batch["images"], batch["targets"]
     assert len(images) == 2 and targets[1]["image_id"] == 11
 
 
@@ -265,17 +267,44 @@ def test_geometry_of_plans():
     assert TrainAugment(short_edges=(640,), flip_prob=0.0).plan(333, 1000) == Geometry(444, 1333, False)  # capped
 
 
-def test_grouped_batch_sampler_shards_and_resumes():
+def test_grouped_batch_sampler_follows_its_generator_and_shards():
     wide = [i % 3 == 0 for i in range(10)]
-    first = list(itertools.islice(iter(GroupedBatchSampler(wide, 2, seed=5)), 6))
-    again = list(itertools.islice(iter(GroupedBatchSampler(wide, 2, seed=5)), 6))
-    assert first == again and all(len({wide[i] for i in b}) == 1 for b in first)
-    resumed = list(itertools.islice(iter(GroupedBatchSampler(wide, 2, seed=5, skip_batches=4)), 2))
-    assert resumed == first[4:6]
-    # two ranks split one permutation stream: rank r takes positions r, r + 2, ...
-    stream = list(itertools.islice(infinite_shuffled(10, torch.Generator().manual_seed(5)), 40))
+    gen = torch.Generator().manual_seed(5)
+    sampler = GroupedBatchSampler(wide, 2, gen)
+    state = gen.get_state()
+    first = list(itertools.islice(iter(sampler), 6))
+    assert all(len(b) == 2 and len({wide[i] for i, _ in b}) == 1 for b in first)
+    gen.set_state(state)
+    assert list(itertools.islice(iter(sampler), 6)) == first  # a function of the generator's state only
+    gen.set_state(state)
+    sampler.skip_next(4)
+    assert list(itertools.islice(iter(sampler), 2)) == first[4:6]
+    assert list(itertools.islice(iter(sampler), 1)) != first[:1]  # the skip was for one iter() only, state moved on
+    gen.set_state(state)
+    iter(sampler)  # not used: no draw
+    next(iter(sampler)), list(itertools.islice(iter(sampler), 9))  # one draw each, however much is taken
+    third = torch.Generator().set_state(state)
+    torch.randint(0, 2**62, (2,), generator=third)
+    assert torch.equal(gen.get_state(), third.get_state())
+    # by hand: a stream seed from the generator, then per pass randperm(10) and 10 seeds from a generator with that
+    # seed; rank r takes positions r, r + 2, ... of the stream
+    stream_seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(5)))
+    reference = torch.Generator().manual_seed(stream_seed)
+    stream = []
+    for _ in range(4):
+        order = torch.randperm(10, generator=reference).tolist()
+        stream += list(zip(order, torch.randint(0, 2**62, (10,), generator=reference).tolist()))
     for rank in (0, 1):
-        own = list(itertools.islice(iter(GroupedBatchSampler(wide, 1, seed=5, rank=rank, world_size=2)), 20))
-        assert [b[0] for b in own] == stream[rank::2]
+        own = GroupedBatchSampler(wide, 1, torch.Generator().manual_seed(5), rank=rank, world_size=2)
+        assert [b[0] for b in itertools.islice(iter(own), 20)] == stream[rank::2]
     with pytest.raises(MdistillerError, match="rank 2 outside 0..1"):
-        GroupedBatchSampler(wide, 2, seed=0, rank=2, world_size=2)
+        GroupedBatchSampler(wide, 2, gen, rank=2, world_size=2)
+
+
+def test_seeded_key_gives_the_same_augmentation(coco):
+    image_dir, ann_file, _ = coco
+    ds = CocoDetection(image_dir, ann_file, train=True, transform=TrainAugment(short_edges=(64, 96, 128)))
+    draws = [ds[(0, seed)] for seed in range(8)]
+    again = [ds[(0, seed)] for seed in range(8)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"]) for a, b in zip(draws, again))
+    assert len({(tuple(d[0].shape), tuple(d[1]["boxes"][0].tolist())) for d in draws}) > 2  # seeds draw differently

@@ -102,10 +102,16 @@ def test_contiguous_labels_map_back_to_category_ids():
         {"image_id": 7, "category_id": 90, "bbox": [1.0, 2.0, 3.0, 6.0], "score": 0.5}]
 
 
-def test_no_detections_give_nan_and_bad_inputs_refuse(gt):
+def test_no_detections_give_zero_and_bad_inputs_refuse(gt):
     ann_file, data = gt
     empty = [{"image_id": 10, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}]
-    assert all(math.isnan(v) for v in coco_box_metrics(ann_file, empty).values())
+    areas = [a["area"] for a in data["annotations"] if not a["iscrowd"]]
+    has = {"APs": any(a < 32**2 for a in areas), "APm": any(32**2 <= a < 96**2 for a in areas),
+           "APl": any(a >= 96**2 for a in areas)}
+    assert has["APs"] and has["APm"] and not has["APl"]  # the synthetic set has small and medium boxes only
+    for metrics in (coco_box_metrics(ann_file, empty), coco_box_metrics(ann_file, [])):
+        assert metrics["AP"] == metrics["AP50"] == metrics["AP75"] == 0.0
+        assert all(metrics[k] == 0.0 if present else math.isnan(metrics[k]) for k, present in has.items())
     bad_label = [{"image_id": 10, "boxes": torch.ones(1, 4), "scores": torch.ones(1), "labels": torch.tensor([3])}]
     with pytest.raises(MdistillerError, match="label 3 outside 0..2"):
         coco_box_metrics(ann_file, bad_label)

@@ -21,7 +21,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -187,6 +187,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise MdistillerError(f"no usable images in {ann_file}")
         self.records = records
         self.image_dir = image_dir
+        self.ann_file = ann_file
         self.train = train
         self.transform = transform if transform is not None else (TrainAugment() if train else EvalResize())
         self.generator = generator
@@ -201,7 +202,16 @@ class CocoDetection(torch.utils.data.Dataset):
         """Per image, width > height: detectron2's aspect-ratio bucket 0 (the JSON's sizes, as upstream)."""
         return [r.width > r.height for r in self.records]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        """Item `key`, its augmentation drawn from `self.generator` (None: torch's RNG); or key = (index, seed), as
+        GroupedBatchSampler yields: drawn from a generator seeded with `seed` (the same pixels in any worker)."""
+        if isinstance(key, (tuple, list)):
+            index, seed = key
+            return self.load(int(index), torch.Generator().manual_seed(int(seed)))
+        return self.load(int(key), self.generator)
+
+    def load(self, index: int, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
+        """Image `index` and its target, the transform's random choices drawn from `generator`."""
         rec = self.records[index]
         image = read_image(os.path.join(self.image_dir, rec.file_name))
         if tuple(image.shape[1:]) != (rec.height, rec.width):
@@ -211,7 +221,7 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes = torch.from_numpy(rec.boxes[keep].copy())
         labels = torch.from_numpy(rec.labels[keep].copy())
         iscrowd = torch.from_numpy(rec.iscrowd[keep].copy())
-        geometry = self.transform.plan(rec.height, rec.width, self.generator)
+        geometry = self.transform.plan(rec.height, rec.width, generator)
         image, boxes = apply_geometry(image, boxes, geometry)
         # detectron2 clips in float64, casts to float32 once, then drops boxes with a side <= 1e-5
         clip_and_drop_empty(boxes, image.shape[1], image.shape[2])
@@ -237,16 +247,19 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def group_by_aspect(indices: Iterable[int], is_wide: Sequence[bool], batch_size: int) -> Iterator[list[int]]:
-    """detectron2's AspectRatioGroupedDataset on indices: two buckets (w > h, w <= h), a batch when one is full.
+def group_by_aspect(items: Iterable, is_wide: Sequence[bool], batch_size: int,
+                    index_of: Callable[[Any], int] = int) -> Iterator[list]:
+    """detectron2's AspectRatioGroupedDataset on a stream: two buckets (w > h, w <= h) by the image
+    `is_wide[index_of(item)]`, a batch of items when one bucket is full. Plain indices come out as ints.
 
     A partial bucket is never emitted (upstream's stream is infinite, so it carries over)."""
     if batch_size < 1:
         raise MdistillerError(f"batch size must be at least 1, got {batch_size}")
-    buckets: tuple[list[int], list[int]] = ([], [])
-    for i in indices:
-        bucket = buckets[0 if is_wide[i] else 1]
-        bucket.append(int(i))
+    buckets: tuple[list, list] = ([], [])
+    for item in items:
+        index = index_of(item)
+        bucket = buckets[0 if is_wide[index] else 1]
+        bucket.append(index if index_of is int else item)
         if len(bucket) == batch_size:
             yield bucket[:]
             bucket.clear()
@@ -258,24 +271,53 @@ def infinite_shuffled(n: int, generator: torch.Generator) -> Iterator[int]:
         yield from torch.randperm(n, generator=generator).tolist()
 
 
-class GroupedBatchSampler(torch.utils.data.Sampler):
-    """detectron2's training stream as a batch sampler: TrainingSampler (one seed, endless permutations, rank r taking
-    every world_size-th index from r) then aspect-ratio grouping into per-process batches. `skip_batches` drops the
-    first batches, so a resumed run continues the same stream."""
+SEED_HIGH = 2**62
 
-    def __init__(self, is_wide: Sequence[bool], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 skip_batches: int = 0):
+
+def infinite_seeded_shuffled(n: int, generator: torch.Generator) -> Iterator[tuple[int, int]]:
+    """`infinite_shuffled` with a seed for each position: per pass, randperm(n) then n seeds, both from `generator`."""
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        seeds = torch.randint(0, SEED_HIGH, (n,), generator=generator).tolist()
+        yield from zip(order, seeds)
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """detectron2's training stream as an endless batch sampler of (index, seed) pairs (CocoDetection's keys).
+
+    Each `iter()` draws one seed from `generator` (the DataLoader's own, saved by the trainer) and the whole stream
+    comes from a private generator seeded with it: endless permutations of the images, each position with a seed for
+    that item's augmentation (so the pixels do not depend on which worker, or how many, load it); rank r takes every
+    world_size-th position from r of the shared stream; aspect-ratio grouping into per-process batches. So `generator`
+    advances by one draw per iter() that yields a batch, however many are taken or prefetched. No __len__: it never
+    ends."""
+
+    def __init__(self, is_wide: Sequence[bool], batch_size: int, generator: torch.Generator, rank: int = 0,
+                 world_size: int = 1):
         if not 0 <= rank < world_size:
             raise MdistillerError(f"rank {rank} outside 0..{world_size - 1}")
-        self.is_wide, self.batch_size, self.seed = list(is_wide), batch_size, seed
-        self.rank, self.world_size, self.skip_batches = rank, world_size, skip_batches
+        if batch_size < 1:
+            raise MdistillerError(f"batch size must be at least 1, got {batch_size}")
+        self.is_wide, self.batch_size, self.generator = list(is_wide), batch_size, generator
+        self.rank, self.world_size = rank, world_size
+        self._skip = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed)
-        indices = itertools.islice(infinite_shuffled(len(self.is_wide), generator), self.rank, None, self.world_size)
-        return itertools.islice(group_by_aspect(indices, self.is_wide, self.batch_size), self.skip_batches, None)
+    def skip_next(self, batches: int) -> None:
+        """Make the next iterator that yields start `batches` batches into its stream (drawn but not loaded: a
+        mid-period resume without reading the skipped images; call it on `loader.batch_sampler` before iter(loader))."""
+        self._skip = int(batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # a generator: the seed is drawn (and a skip taken) at the first batch, so an iterator made and never used
+        # (a multi-worker DataLoader makes two at start and uses the second) draws and takes nothing
+        skip, self._skip = self._skip, 0
+        stream = torch.Generator().manual_seed(int(torch.randint(0, SEED_HIGH, (), generator=self.generator)))
+        positions = itertools.islice(infinite_seeded_shuffled(len(self.is_wide), stream), self.rank, None,
+                                     self.world_size)
+        batches = group_by_aspect(positions, self.is_wide, self.batch_size, index_of=lambda item: item[0])
+        yield from itertools.islice(batches, skip, None)
 
 
-def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
-    """Images and targets as lists (sizes differ; padding is the model's job)."""
-    return [b[0] for b in batch], [b[1] for b in batch]
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> dict[str, list]:
+    """{"images": list of uint8 CHW tensors, "targets": list of target dicts} (sizes differ; padding is the model's)."""
+    return {"images": [b[0] for b in batch], "targets": [b[1] for b in batch]}

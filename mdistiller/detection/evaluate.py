@@ -100,9 +100,20 @@ def detections_to_coco_json(detections: Sequence[Mapping], label_to_category_id:
     return results
 
 
+def _no_results(coco_gt):
+    """An empty result set (pycocotools' loadRes fails on []); scored, it gives AP 0 where there is ground truth."""
+    COCO, _ = _pycocotools()
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": copy.deepcopy(coco_gt.dataset[
+        "categories"]), "annotations": []}
+    coco_dt.createIndex()
+    return coco_dt
+
+
 def coco_metrics(gt: str | os.PathLike | dict, detections: Sequence[Mapping], iou_type: str = "bbox",
                  label_to_category_id: Sequence[int] | None = None) -> dict[str, float]:
-    """{AP, AP50, AP75, APs, APm, APl} in percent for `iou_type` "bbox" or "segm"; all NaN when nothing was detected."""
+    """{AP, AP50, AP75, APs, APm, APl} in percent for `iou_type` "bbox" or "segm" (NaN where the ground truth has no
+    instance of that size). No detection at all scores 0 where there is ground truth (detectron2 reports NaN then)."""
     if iou_type not in ("bbox", "segm"):
         raise MdistillerError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
     _, COCOeval = _pycocotools()
@@ -112,8 +123,6 @@ def coco_metrics(gt: str | os.PathLike | dict, detections: Sequence[Mapping], io
     results = detections_to_coco_json(detections, label_to_category_id)
     if iou_type == "segm" and results and "segmentation" not in results[0]:
         raise MdistillerError("mask AP needs 'masks' in the detections")
-    if not results:
-        return {m: float("nan") for m in METRICS}
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise MdistillerError(f"detections for image ids not in the ground truth: {sorted(unknown)[:5]}")
@@ -121,7 +130,7 @@ def coco_metrics(gt: str | os.PathLike | dict, detections: Sequence[Mapping], io
         # with a bbox present, pycocotools' loadRes takes the box area as the detection's area
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
+        coco_dt = coco_gt.loadRes(results) if results else _no_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
