@@ -251,6 +251,16 @@ def to_image_list(images: list[Tensor], pixel_mean, pixel_std, size_divisibility
     return ImageList(batch, sizes)
 
 
+def model_inputs(detector: Detector, images: list[Tensor]) -> ImageList:
+    """The data pipeline's RGB uint8 (3, H, W) images as `detector`'s input: channels reversed for a BGR model, then
+    normalised with its mean/std and padded (`Detector.preprocess`)."""
+    if detector.input_format not in ("RGB", "BGR"):
+        raise MdistillerError(f"detector: input_format must be RGB or BGR, got {detector.input_format!r}")
+    if detector.input_format == "BGR":
+        images = [im.flip(0) for im in images]
+    return detector.preprocess(images)
+
+
 @dataclass
 class TrainOutput:
     """A training forward: the losses by upstream's names and what distillation needs."""
