@@ -83,23 +83,27 @@ def _torch_load(path: str) -> Any:
                               f"({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
-def read_detectron2_checkpoint(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The `model` weights of a detectron2 checkpoint as CPU tensors: a model-zoo pickle (numpy-only unpickling) or a
-    `torch.save`d file (weights_only), whatever its extension. With `prefix` (e.g. "teacher." for a file bundling
-    teacher and student), only the names that start with it, prefix removed."""
+def read_weights_file(path: str) -> Any:
+    """The object a weights file holds, read safely whatever its extension: a pickle with the numpy-only unpickler
+    (detectron2's model zoo, MSRA caffe2 `.pkl`), a `torch.save`d file with weights_only."""
     if not os.path.isfile(path):
         raise MdistillerError(f"detectron2 checkpoint not found: {path}")
     if zipfile.is_zipfile(path):  # torch.save's format since torch 1.6
+        return _torch_load(path)
+    try:
+        with open(path, "rb") as f:
+            obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # UnpicklingError (refused global, corrupt file), EOFError, ...
+        raise MdistillerError(f"detectron2 checkpoint {path} is not a safe numpy pickle "
+                              f"({type(exc).__name__}: {str(exc)[:160]})") from None
+    if isinstance(obj, int):  # the magic number that starts torch.save's legacy format
         obj = _torch_load(path)
-    else:
-        try:
-            with open(path, "rb") as f:
-                obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-        except Exception as exc:  # UnpicklingError (refused global, corrupt file), EOFError, ...
-            raise MdistillerError(f"detectron2 checkpoint {path} is not a safe numpy pickle "
-                                  f"({type(exc).__name__}: {str(exc)[:160]})") from None
-        if isinstance(obj, int):  # the magic number that starts torch.save's legacy format
-            obj = _torch_load(path)
+    return obj
+
+
+def select_weights(obj: Any, path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The `model` weights of a checkpoint object (`read_weights_file`) as CPU tensors; with `prefix`, only the
+    names that start with it, prefix removed."""
     if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping):
         raise MdistillerError(f"detectron2 checkpoint {path} holds no {{'model': {{name: array}}}} dict")
     weights = {}
@@ -117,6 +121,13 @@ def read_detectron2_checkpoint(path: str, prefix: str = "") -> dict[str, torch.T
         some = _listing(sorted(map(str, obj["model"])), 3)
         raise MdistillerError(f"detectron2 checkpoint {path} has no weights named {prefix}* (it has {some})")
     return weights
+
+
+def read_detectron2_checkpoint(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The `model` weights of a detectron2 checkpoint as CPU tensors: a model-zoo pickle (numpy-only unpickling) or a
+    `torch.save`d file (weights_only), whatever its extension. With `prefix` (e.g. "teacher." for a file bundling
+    teacher and student), only the names that start with it, prefix removed."""
+    return select_weights(read_weights_file(path), path, prefix)
 
 
 def detectron2_to_torchvision_name(name: str) -> str | None:
