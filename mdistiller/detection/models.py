@@ -312,3 +312,33 @@ def build_detection_teacher(cfg, random_weights: bool = False) -> Detector:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def load_detector(name: str, path: str) -> Detector:
+    """The detector `name` holding `path`'s weights, in eval mode (tools/eval.py): a teacher name reads every teacher
+    format (a run's R50-FPN student file is one: torchvision names); R18-FPN / MV2-FPN read a run's student file."""
+    if name in DETECTION_TEACHERS:
+        model = build_teacher(DETECTION_TEACHERS[name], weights_source=None)
+        load_teacher_weights(model, path)
+        return model.eval()
+    if name not in DETECTION_STUDENTS:
+        known = [*DETECTION_STUDENTS, *(t for t in DETECTION_TEACHERS if t not in DETECTION_STUDENTS)]
+        raise MdistillerError(f"unknown detector {name!r}{did_you_mean(name, known)}; one of {', '.join(known)}")
+    model = build_student(DETECTION_STUDENTS[name], pretrained_source=None)
+    obj = read_weights_file(path)
+    state_dict = obj.get("model") if isinstance(obj, Mapping) else None
+    if not isinstance(state_dict, Mapping):
+        raise MdistillerError(f"{path} holds no {{'model': state dict}}: give a run's student_best / student_latest")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    shapes = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or shapes:
+        arch = obj.get("arch", "another model")
+        detail = (f"{shapes[0]} is {list(state_dict[shapes[0]].shape)}, not {list(expected[shapes[0]].shape)}"
+                  if shapes else f"{len(missing)} missing (e.g. {missing[0]})" if missing
+                  else f"{len(extra)} unexpected (e.g. {extra[0]})")
+        raise MdistillerError(f"{path} holds weights of {arch}, not {name}: {detail}")
+    model.load_state_dict(state_dict, strict=True)
+    model.pretrained_source = path
+    return model.eval()

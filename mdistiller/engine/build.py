@@ -6,6 +6,13 @@ import os
 
 from torch import nn
 
+from ..dataset import DATASETS
+from ..detection.models import (
+    build_detection_student,
+    build_detection_teacher,
+    check_detection_models,
+    teacher_weights_path,
+)
 from ..distillers import get_distiller_class
 from ..errors import MdistillerError, did_you_mean
 from ..files import resolve_project_path
@@ -83,8 +90,30 @@ def build_model(name: str, num_classes: int, dataset_type: str | None = None, im
     return builder(num_classes=num_classes)
 
 
+def is_detection(cfg) -> bool:
+    """Whether DATASET.TYPE is detection data (its models are detectors: detection/models.py)."""
+    return DATASETS.get(cfg.DATASET.TYPE).task == "detection"
+
+
+def check_models(cfg, requires_teacher: bool) -> None:
+    """The student's (and, when the method distils, the teacher's) name is one the data's zoo builds."""
+    if is_detection(cfg):
+        check_detection_models(cfg, requires_teacher)
+        weights = cfg.DETECTION.STUDENT_WEIGHTS
+        if weights and not os.path.isfile(os.path.expanduser(weights)):
+            raise MdistillerError(f"DETECTION.STUDENT_WEIGHTS {weights} not found: put the student backbone's "
+                                  f"ImageNet weights there (docs/detection.md), or set it \"\" for a random backbone")
+        return
+    model_builder(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
+    if requires_teacher:
+        model_builder(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE)
+
+
 def teacher_checkpoint_path(cfg) -> str:
-    """DISTILLER.TEACHER_CKPT when set, else the zoo's published path for DISTILLER.TEACHER."""
+    """DISTILLER.TEACHER_CKPT when set, else the zoo's published path for DISTILLER.TEACHER (detection: there is no
+    zoo, DISTILLER.TEACHER_CKPT is required)."""
+    if is_detection(cfg):
+        return teacher_weights_path(cfg)
     if cfg.DISTILLER.TEACHER_CKPT:
         return resolve_project_path(cfg.DISTILLER.TEACHER_CKPT)
     if is_imagenet(cfg.DATASET.TYPE):
@@ -200,6 +229,11 @@ def build_distiller(cfg, num_classes: int, num_data: int | None = None, random_t
     no checkpoint read (tools/bench.py: a step costs the same time whatever the weights)."""
     distiller_class = get_distiller_class(cfg.DISTILLER.TYPE)
     kwargs = build_kwargs(distiller_class, num_data)
+    if is_detection(cfg):
+        student = build_detection_student(cfg)
+        teacher = (build_detection_teacher(cfg, random_weights=random_teacher)
+                   if distiller_class.declares.requires_teacher else None)
+        return distiller_class(student, teacher, cfg, **kwargs)
     student = build_model(cfg.DISTILLER.STUDENT, num_classes, cfg.DATASET.TYPE, cfg.DATASET.IMAGE_SIZE)
     teacher = None
     if distiller_class.declares.requires_teacher and random_teacher:

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import yaml
 from yacs.config import CfgNode as CN
 
+from .. import detection  # noqa: F401  (registers DATASET.TYPE coco and the RCNN_* methods' sections first)
 from ..distillers import method_sections
 from ..distillers.config import check_choices, to_cfgnode
 from ..errors import MdistillerError, closest, did_you_mean

@@ -63,7 +63,20 @@ def run_name(cfg, opts: Sequence[str] = (), seed_in_name: bool = False) -> str:
         tags.append(f"seed:{cfg.EXPERIMENT.SEED}")
     if tags:
         name += "," + ",".join(tags)
-    return name.replace(os.sep, "_")
+    return _fits_a_folder_name(name.replace(os.sep, "_"))
+
+
+RUN_NAME_MAX_BYTES = 200  # file systems allow 255 bytes a name; the checkpoints' temporary suffixes need a few more
+
+
+def _fits_a_folder_name(name: str) -> str:
+    """`name`, or when longer than RUN_NAME_MAX_BYTES its head and `,~<10 hex>` of the whole name: distinct runs stay
+    in distinct folders (config.yaml says every value) instead of a bare "File name too long"."""
+    if len(name.encode()) <= RUN_NAME_MAX_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    head = name.encode()[: RUN_NAME_MAX_BYTES - len(digest) - 2].decode(errors="ignore")
+    return f"{head},~{digest}"
 
 
 def _trained_value(cfg, key: str, typed: str) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..dataset import DATASETS
+from ..detection.inference import evaluate_detection
 from .evaluate import evaluate as evaluate_classifier
 
 Evaluate = Callable[[nn.Module, Any, torch.device, str, torch.memory_format], dict]
@@ -41,8 +42,6 @@ def _classification_eval(model: nn.Module, loader, device: torch.device, desc: s
 
 
 def _detection_eval(model: nn.Module, loader, device: torch.device, desc: str, fmt: torch.memory_format) -> dict:
-    from ..detection.inference import evaluate_detection  # TEMP until merged
-
     return evaluate_detection(model, loader, device, desc=desc)
 
 

@@ -154,10 +154,18 @@ class Trainer:
         progress = self.epoch_progress(epoch, steps_total)
         self.checkpoints.begin_epoch()  # before the loader draws this epoch's permutation and worker seeds
         self._restart_workers_each_epoch()
+        partial = self.checkpoints.take_partial(epoch)
+        done = partial["step"] if partial is not None else 0
+        # a sampler that can skip batches without their data being read (COCO's stream) starts after the steps done;
+        # otherwise they are loaded again (replayed) so every RNG advances as it did
+        sampler = getattr(self.train_loader, "batch_sampler", None)
+        skips = done > 0 and callable(getattr(sampler, "skip_next", None))
+        if skips:
+            sampler.skip_next(done)
         iterator = iter(self.train_loader)
         if steps_total is not None and _length(self.train_loader) is None:  # an endless stream: this period's share
-            iterator = itertools.islice(iterator, steps_total)
-        step = self._replay_partial(epoch, iterator, progress)
+            iterator = itertools.islice(iterator, steps_total - done if skips else steps_total)
+        step = self._resume_partial(partial, epoch, iterator, progress, replay=not skips)
         bar = tqdm(iterator, desc=f"epoch {epoch}", initial=step, total=steps_total, leave=False,
                    dynamic_ncols=True, disable=self._quiet)
         for batch in bar:
@@ -178,13 +186,14 @@ class Trainer:
             self._raise_if_non_finite(progress)
         return self._epoch_metrics(progress)
 
-    def _replay_partial(self, epoch: int, iterator, progress: EpochProgress) -> int:
-        """After a mid-epoch resume: load (not train on) the batches already seen, so every RNG advances as it did,
-        restore the sums and the RNG of the saved step; the step to continue after (0 otherwise)."""
-        partial = self.checkpoints.take_partial(epoch)
+    def _resume_partial(self, partial: dict | None, epoch: int, iterator, progress: EpochProgress,
+                        replay: bool = True) -> int:
+        """After a mid-epoch resume: load (not train on) the batches already seen (`replay`; a skipping sampler has
+        passed them already), so every RNG advances as it did, restore the sums and the RNG of the saved step; the
+        step to continue after (0 otherwise)."""
         if partial is None:
             return 0
-        for _ in range(partial["step"]):  # workers advance identically
+        for _ in range(partial["step"] if replay else 0):  # workers advance identically
             if next(iterator, None) is None:
                 raise MdistillerError(f"{self.checkpoints.path('latest')} was saved at step {partial['step']} of "
                                       f"epoch {epoch}, but the training set now has fewer batches")

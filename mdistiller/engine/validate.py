@@ -29,7 +29,7 @@ from ..errors import MdistillerError
 from ..models.common import num_classes_of_model
 from ..rng import get_rng_state, set_rng_state
 from . import accel
-from .build import model_builder, teacher_checkpoint_path
+from .build import check_models, teacher_checkpoint_path
 from .cfg import CFG, TRAINERS, validate_cfg
 from .checkpoint import load_checkpoint
 from .dot import DOT_TRAINERS, check_dot, split_losses
@@ -77,9 +77,7 @@ def check_recipe(cfg):
     if cfg.EXPERIMENT.LOGIT_STAND and declares.logit_stand is None:
         raise MdistillerError(declares.logit_stand_refusal or f"EXPERIMENT.LOGIT_STAND applies to logit methods; "
                               f"DISTILLER.TYPE {cfg.DISTILLER.TYPE} is not one: set it False")
-    model_builder(cfg.DISTILLER.STUDENT, cfg.DATASET.TYPE)
-    if declares.requires_teacher:
-        model_builder(cfg.DISTILLER.TEACHER, cfg.DATASET.TYPE)
+    check_models(cfg, declares.requires_teacher)
     refusal = cache_refusal(cfg, distiller_class)
     if refusal:
         raise MdistillerError(refusal)

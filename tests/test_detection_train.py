@@ -1,0 +1,162 @@
+"""The detection task through tools/train.py, as a user runs it: the configs/coco recipes on a synthetic COCO folder in
+detectron2's layout (tiny images, a few iterations), with teachers from model-zoo style .pkl files; the loss goes
+down, the run evaluates with COCO box AP, logs and appends its result, resumes exactly after SIGTERM mid-period, runs
+under torchrun (gloo), and its student_best evaluates with tools/eval.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mdistiller.cli import train as train_tool
+from mdistiller.engine import worklog
+
+from coco_files import write_coco_split
+from conftest import REPO, THREADS, run_tool
+from detectron2_files import write_teacher_pkl
+
+pytest.importorskip("pycocotools")
+
+COCO_CONFIGS = REPO / "configs" / "coco"
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> dict[str, str]:
+    """A COCO root (train: 10 images, 8 trainable; val: 6) and model-zoo style R101 / R50 teacher files."""
+    root = tmp_path_factory.mktemp("coco")
+    write_coco_split(str(root), "train", n_images=10, seed=0)
+    write_coco_split(str(root), "val", n_images=6, seed=1)
+    teachers = tmp_path_factory.mktemp("teachers")
+    return {"root": str(root), "R101-FPN": write_teacher_pkl(teachers / "r101.pkl", "R101", seed=1),
+            "R50-FPN": write_teacher_pkl(teachers / "r50.pkl", "R50", seed=2)}
+
+
+def tiny(tmp: Path, coco: dict, teacher: str | None, max_iter: int = 4, period: int = 2, **extra: str) -> list[str]:
+    """Overrides that shrink a configs/coco recipe to tiny images and a few iterations, files inside tmp."""
+    values = {
+        "DATASET.ROOT": coco["root"], "DATASET.NUM_WORKERS": "0", "DETECTION.TRAIN_SPLIT": "train",
+        "DETECTION.TEST_SPLIT": "val", "DETECTION.STUDENT_WEIGHTS": "", "DETECTION.MIN_SIZE_TRAIN": "(64, 80)",
+        "DETECTION.MAX_SIZE_TRAIN": "128",
+        "DETECTION.MIN_SIZE_TEST": "64", "DETECTION.MAX_SIZE_TEST": "128", "SOLVER.MAX_ITER": str(max_iter),
+        "SOLVER.CHECKPOINT_PERIOD": str(period), "SOLVER.LR_DECAY_ITERS": f"[{max_iter - 1}]",
+        "SOLVER.WARMUP_ITERS": "1", "SOLVER.BATCH_SIZE": "2", "LOG.PREFIX": str(tmp / "output"),
+        "LOG.RESULTS_DIR": str(tmp / "logs"), **extra,
+    }
+    if teacher is not None:
+        values["DISTILLER.TEACHER_CKPT"] = coco[teacher]
+    return [item for pair in values.items() for item in pair]
+
+
+def run_dir_of(tmp: Path) -> Path:
+    (folder,) = (tmp / "output" / "coco").iterdir()
+    return folder
+
+
+def teacher_of(config: Path) -> str | None:
+    text = config.read_text()
+    match = re.search(r"TEACHER: (\S+-FPN)", text)
+    return match.group(1) if match and "RCNN_NONE" not in text else None
+
+
+def test_dkd_r18_r101_trains_evaluates_and_records(tmp_path, coco):
+    config = COCO_CONFIGS / "DKD-R18-R101.yaml"
+    result = train_tool.main(["--cfg", str(config), *tiny(tmp_path, coco, "R101-FPN")])
+    run_dir = run_dir_of(tmp_path)
+    assert Path(result["run_dir"]) == run_dir
+    blocks = worklog.read(str(run_dir))
+    assert [b["epoch"] for b in blocks] == [1, 2]
+    for name in ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_dkd", "train_loss"):
+        assert all(torch.isfinite(torch.tensor(b[name])) for b in blocks), name
+    assert "test_AP" not in blocks[0] and "test_AP" in blocks[1]  # EVAL_PERIOD 0: at the end only
+    assert 0.0 <= blocks[1]["test_AP"] <= 100.0
+    (line,) = (tmp_path / "logs" / "RCNN_DKD,R101-FPN,R18-FPN.txt").read_text().splitlines()
+    assert line.startswith(f"best_AP={blocks[1]['test_AP']:.4f}\tlast_AP=") and "\titers=4\t" in line
+    assert sorted(os.listdir(run_dir)) == sorted(["config.yaml", "identity.json", "log.txt", "worklog.txt",
+                                                  "train.events", "latest", "best", "student_best", "student_latest"])
+    log = (run_dir / "log.txt").read_text()
+    assert "iteration 2/4" in log and "iteration 4/4" in log and "box AP" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(p.name for p in COCO_CONFIGS.glob("*.yaml")))
+def test_every_coco_recipe_runs_a_few_iterations(tmp_path, coco, config):
+    path = COCO_CONFIGS / config
+    train_tool.main(["--cfg", str(path), *tiny(tmp_path, coco, teacher_of(path), max_iter=2, period=2)])
+    (block,) = worklog.read(str(run_dir_of(tmp_path)))
+    assert torch.isfinite(torch.tensor(block["train_loss"])) and "test_AP" in block
+
+
+def test_the_loss_goes_down(tmp_path, coco):
+    """24 iterations of RCNN_DKD at one scale, no warm-up: the last period's mean loss is below the first's."""
+    args = tiny(tmp_path, coco, "R50-FPN", max_iter=24, period=6, **{
+        "SOLVER.WARMUP_ITERS": "0", "SOLVER.LR": "0.02", "DETECTION.MIN_SIZE_TRAIN": "(64,)",
+        "SOLVER.LR_DECAY_ITERS": "[]"})
+    train_tool.main(["--cfg", str(COCO_CONFIGS / "DKD-MV2-R50.yaml"), *args])
+    losses = [b["train_loss"] for b in worklog.read(str(run_dir_of(tmp_path)))]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1")
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, str(REPO / "tools" / "train.py"), *args], cwd=str(REPO), env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def _student(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "student_latest", weights_only=False)["model"]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_period_then_resume_is_bitwise_exact(tmp_path, coco):
+    config = str(COCO_CONFIGS / "ReviewDKD-R18-R101.yaml")
+    common = ["EXPERIMENT.DETERMINISTIC", "True"]
+    reference_tmp = tmp_path / "reference"
+    result = run_tool("train.py", "--cfg", config, *tiny(reference_tmp, coco, "R101-FPN", max_iter=8, period=4),
+                      *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = _student(run_dir_of(reference_tmp))
+
+    run_tmp = tmp_path / "stopped"
+    args = ["--cfg", config, *tiny(run_tmp, coco, "R101-FPN", max_iter=8, period=4), *common]
+    log = tmp_path / "train.log"
+    proc = _start(args, log)
+    deadline = time.time() + 300
+    while not list((run_tmp / "output").rglob("latest")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into period 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
+    run_dir = run_dir_of(run_tmp)
+    latest = torch.load(run_dir / "latest", weights_only=False)
+    hint = next(line for line in log.read_text().splitlines() if "interrupted by SIGTERM" in line)
+    assert ("partial" in latest and "period 2, step" in hint) or "the end of period" in hint, hint
+    resumed = run_tool("train.py", "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = _student(run_dir)
+    assert final.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(final[key], reference[key]), key
+    assert [b["epoch"] for b in worklog.read(str(run_dir))] == [1, 2]
+
+
+@pytest.mark.slow
+def test_student_best_evaluates_with_tools_eval(tmp_path, coco):
+    train_tool.main(["--cfg", str(COCO_CONFIGS / "Baseline-R18.yaml"), *tiny(tmp_path, coco, None, max_iter=2)])
+    run_dir = run_dir_of(tmp_path)
+    trained_ap = worklog.read(str(run_dir))[-1]["test_AP"]
+    out = tmp_path / "detections.json"
+    result = run_tool("eval.py", "-m", "R18-FPN", "-c", str(run_dir / "student_best"), "-d", "coco", "--data-root",
+                      coco["root"], "--split", "val", "--min-size", "64", "--max-size", "128", "-bs", "1",
+                      "--results-json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"box AP {trained_ap:.2f}" in result.stdout
+    assert out.is_file()
