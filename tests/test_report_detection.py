@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mdistiller.analysis import published as pub
 from mdistiller.analysis import report as rep
+from mdistiller.analysis import report_detection as det
 from mdistiller.cli import report as report_cli
+from mdistiller.cli import train as train_tool
+from mdistiller.detection import methods  # noqa: F401  (registers the RCNN_* config sections)
+from mdistiller.distillers.config import method_sections, to_cfgnode
+from mdistiller.engine import cfg as cfg_module
 from mdistiller.engine import worklog
+from mdistiller.engine.run import append_result
 from mdistiller.errors import MdistillerError
 
-from conftest import run_tool
+from conftest import REPO, run_tool
 
 NAN = math.nan
 
@@ -257,3 +265,34 @@ def test_the_bar_chart_of_a_detection_table(logs, tmp_path):
     figure = table_figure(table)
     assert figure.axes[0].get_ylabel() == "box AP (%), last evaluation"
     assert Path(plot_table(table, str(tmp_path / "det.png"))).stat().st_size > 0
+
+
+COCO_CONFIGS = sorted((REPO / "configs" / "coco").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", COCO_CONFIGS, ids=[p.name for p in COCO_CONFIGS])
+def test_the_configs_published_numbers_and_rows_are_the_reports(path):
+    """Each configs/coco file names its row of the DKD paper's table in its header and quotes its AP / AP50 / AP75:
+    the report's label for its DISTILLER.TYPE must be that row, and published.py must hold the same numbers."""
+    header = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(header) if line.startswith("# Published AP / AP50 / AP75"))
+    row = re.search(r"table, (\S+) row\)", header[at]).group(1)
+    numbers = tuple(float(v) for v in re.findall(r"\d+\.\d+", header[at + 1])[:3])
+    distiller = yaml.safe_load(path.read_text())["DISTILLER"]
+    assert det.label(distiller["TYPE"]) == row
+    teacher = distiller.get("TEACHER") or next(t for t, s in pub.COCO_PAIRS if s == distiller["STUDENT"])
+    assert pub.published_ap(row, teacher, distiller["STUDENT"])[:3] == numbers
+
+
+def test_the_engine_writes_lines_the_report_reads(tmp_path, monkeypatch):
+    for name in ("RCNN_DKD", "RCNN_REVIEWKD"):  # in CFG only when mdistiller.detection came before the engine
+        if name not in cfg_module.CFG:
+            monkeypatch.setitem(cfg_module.CFG, name, to_cfgnode(method_sections()[name]))
+    cfg = train_tool.load_cfg(str(REPO / "configs/coco/DKD-R18-R101.yaml"), ["LOG.RESULTS_DIR", str(tmp_path)])
+    cfg.EXPERIMENT.SEED = 3
+    path = append_result(cfg, str(tmp_path / "run"), {"best_acc": 35.12346, "last_acc": NAN})
+    assert Path(path).name == "RCNN_DKD,R101-FPN,R18-FPN.txt"
+    cell = rep.report(str(tmp_path)).cells[("DKD", ("R101-FPN", "R18-FPN"))]
+    assert (cell.values, cell.seeds, cell.unmeasured) == ([35.1235], [3], 0)
+    line = rep.read_results(str(tmp_path))[0][rep.parse_log_name(Path(path).name)][0]
+    assert (line.metric, line.iters, line.epochs) == ("AP", cfg.SOLVER.MAX_ITER, None) and math.isnan(line.last)
