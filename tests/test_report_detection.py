@@ -296,3 +296,25 @@ def test_the_engine_writes_lines_the_report_reads(tmp_path, monkeypatch):
     assert (cell.values, cell.seeds, cell.unmeasured) == ([35.1235], [3], 0)
     line = rep.read_results(str(tmp_path))[0][rep.parse_log_name(Path(path).name)][0]
     assert (line.metric, line.iters, line.epochs) == ("AP", cfg.SOLVER.MAX_ITER, None) and math.isnan(line.last)
+
+
+def test_the_coco_sweeps_report_is_a_box_ap_table(tmp_path, monkeypatch):
+    from mdistiller.cli import sweep as sweep_cli
+    from mdistiller.cli import sweep_file, sweep_plan
+
+    for name in ("RCNN_DKD", "RCNN_REVIEWKD"):
+        if name not in cfg_module.CFG:
+            monkeypatch.setitem(cfg_module.CFG, name, to_cfgnode(method_sections()[name]))
+    where = ["LOG.PREFIX", str(tmp_path / "output"), "LOG.RESULTS_DIR", str(tmp_path / "logs")]
+    plan = sweep_plan.plan_sweep(sweep_file.load_sweep("coco"), where)
+    finished = {"DKD-R18-R101.yaml": (35.5, 35.0), "Baseline-R18.yaml": (33.0, 32.0)}
+    for run in plan.runs:
+        if Path(run.config).name in finished:
+            best, last = finished[Path(run.config).name]
+            append_result(run.cfg, run.run_dir, {"best_acc": best, "last_acc": last})
+    report = sweep_cli.main(["--report", "coco", *where, "--published"])["report"]
+    assert f"2 of {len(plan.runs)} runs finished" in report
+    assert "| student | 33.00 (n=1) · paper 33.26 (-0.26) |" in report
+    assert "| DKD | 35.50 (n=1) · paper 35.05 (+0.45) |" in report
+    assert "Top-1" not in report and report.count("Box AP (%), best evaluation") == 1
+    assert (tmp_path / "output" / "sweeps" / "coco" / "report.csv").read_text().startswith("row,method,teacher,")
