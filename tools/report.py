@@ -1,4 +1,5 @@
-"""Paper-style tables from the result logs: mean ± std of top-1 over seeds, per method and teacher → student pair.
+"""Paper-style tables from the result logs: mean ± std over seeds (top-1; box AP for detection runs), per method
+and teacher → student pair.
 
 `python tools/report.py` runs mdistiller/cli/report.py (also a console script).
 """

@@ -269,7 +269,8 @@ def table_figure(table: Table, show_published: bool = True):
     method_rows = [r for r in rows if r not in _VANILLA_COLORS]
     colors = dict(zip(method_rows, _colors(len(method_rows))))
     colors.update({r: c for r, c in _VANILLA_COLORS.items() if r in rows})
-    groups = [(column, [r for r in rows if (r, column) in table.cells]) for column in table.columns]
+    groups = [(column, [r for r in rows if (r, column) in table.cells and table.cells[(r, column)].values])
+              for column in table.columns]  # a cell of runs without a number (nan) has no bar
     n_bars = sum(len(present) for _, present in groups)
     half = 0.4  # half a bar's width, in bars
     fig, ax = plt.subplots(figsize=(min(5.0 + 0.45 * n_bars + 0.45 * len(groups), 30), 4.6), layout="constrained")
@@ -287,8 +288,8 @@ def table_figure(table: Table, show_published: bool = True):
             ns.append(cell.n)
             values += [cell.mean - (cell.std or 0.0), cell.mean + (cell.std or 0.0)]
             if show_published and cell.published is not None:
-                published.append((x, cell.published.top1))
-                values.append(cell.published.top1)
+                published.append((x, cell.published.value))
+                values.append(cell.published.value)
             x += 1.0
         centers.append((start + x - 1.0) / 2)
         x += 0.8  # a gap between pairs
@@ -310,9 +311,10 @@ def table_figure(table: Table, show_published: bool = True):
                         fontsize=7, color="black" if row == "student (vanilla)" else "white")
     ax.set_xticks(centers, [column_label(c).replace(" → ", "\n→ ") for c, _ in groups], fontsize=8)
     ax.set_xlabel("teacher → student (or a vanilla model of its own)")
-    which = "best epoch" if table.metric == "best" else "last epoch"
-    ax.set_ylabel(f"top-1 (%), {which}")
-    ax.set_title(f"top-1 (%), {which}: mean ± std over seeds", fontsize=11)
+    unit = "evaluation" if table.task == "detection" else "epoch"
+    which = f"best {unit}" if table.metric == "best" else f"last {unit}"
+    ax.set_ylabel(f"{table.quantity} (%), {which}")
+    ax.set_title(f"{table.quantity} (%), {which}: mean ± std over seeds", fontsize=11)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     handles = [Patch(color=colors[r]) for r in rows]
@@ -321,7 +323,8 @@ def table_figure(table: Table, show_published: bool = True):
     names.append("± sample std over seeds")
     if published:
         handles.append(Line2D([], [], color="black", linewidth=2.5))
-        names.append("published (Sun et al. 2024,\nCIFAR-100)")
+        names.append("published (DKD paper, COCO;\nunconfirmed)" if table.task == "detection"
+                     else "published (Sun et al. 2024,\nCIFAR-100)")
     fig.legend(handles, names, loc="outside right upper", title="method", fontsize=8, title_fontsize=9)
     return fig
 

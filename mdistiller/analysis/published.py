@@ -1,4 +1,4 @@
-"""Published top-1 numbers, for `tools/report.py --published`, keyed by (method, teacher, student).
+"""Published numbers for `tools/report.py --published`: top-1 keyed by (method, teacher, student), and box AP.
 
 Sources:
 - the logit-standardisation paper's (Sun et al., CVPR 2024) CIFAR-100 seed table, which also lists KD, CTKD, DKD and
@@ -20,6 +20,9 @@ Sources:
   KD++ / DKD++ (the ND repo's README tables 1.1 / 1.2), USKD (cls_KD's nkd.md, ImageNet, no teacher: logged as
   `USKD,none,<student>.txt`; ResNet18 / ResNet50 only in their config headers, as their log names are those of CIFAR
   runs). CAT-KD's numbers are owed (its paper's tables were not read), as are USKD's on CIFAR.
+
+Detection (box AP / AP50 / AP75 on MS-COCO, `published_ap`) is a table of its own at the end: the DKD paper's
+Faster R-CNN-FPN table as recalled in the spec (detection.md section 4), unconfirmed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class Published(NamedTuple):
     setting: tuple | None = None
     source: str = "Sun et al., CVPR 2024 (logit standardisation), CIFAR-100"
     note: str = ""  # a caveat shown beside the number (e.g. "†": not cross-checked against a second copy)
+
+    @property
+    def value(self) -> float:
+        """The number a table cell is compared with: top-1."""
+        return self.top1
 
 
 TEACHERS: dict[str, float] = {  # cifar_teachers.tar
@@ -242,3 +250,63 @@ def published_top1(method: str, teacher: str, student: str) -> Published | None:
     if method == "teacher":
         return Published(TEACHERS[teacher], None, "cifar_teachers.tar") if teacher in TEACHERS else None
     return PUBLISHED.get((method, teacher, student))
+
+
+# ---- detection: a separate table, never mixed with the top-1 numbers above ----
+
+COCO_SOURCE = ("Zhao et al., CVPR 2022 (DKD), MS-COCO val2017, Faster R-CNN-FPN: as recalled in the spec, "
+               "unconfirmed (check arXiv 2203.08679 before quoting)")
+COCO_AP75_TYPO = "*"  # printed AP75 below the printed AP: a typo the DKD paper carried from the ReviewKD paper
+
+
+class PublishedAP(NamedTuple):
+    """One published detection result (box AP, AP50, AP75, %) and a mark on a doubtful value (`ap75_note`)."""
+
+    ap: float
+    ap50: float
+    ap75: float
+    source: str = COCO_SOURCE
+    ap75_note: str = ""
+
+    @property
+    def value(self) -> float:
+        """The number a table cell is compared with: box AP."""
+        return self.ap
+
+
+# The model names are DISTILLER.TEACHER / STUDENT; the rows are the report's detection labels (analysis/report.py).
+COCO_PAIRS: list[tuple[str, str]] = [("R101-FPN", "R18-FPN"), ("R101-FPN", "R50-FPN"), ("R50-FPN", "MV2-FPN")]
+# row | AP / AP50 / AP75 of each pair in COCO_PAIRS' order (spec detection.md section 4)
+_COCO_TABLE = """
+teacher      | 42.04 / 62.48 / 45.88 | 42.04 / 62.48 / 45.88 | 40.22 / 61.02 / 43.81
+student      | 33.26 / 53.61 / 35.26 | 37.93 / 58.84 / 41.05 | 29.47 / 48.87 / 30.90
+KD           | 33.97 / 54.66 / 36.62 | 38.35 / 59.41 / 41.71 | 30.13 / 50.28 / 31.35
+FitNet       | 34.13 / 54.16 / 36.71 | 38.76 / 59.62 / 41.80 | 30.20 / 49.80 / 31.69
+FGFI         | 35.44 / 55.51 / 38.17 | 39.44 / 60.27 / 43.04 | 31.16 / 50.68 / 32.92
+ReviewKD     | 36.75 / 56.72 / 34.00* | 40.36 / 60.97 / 44.08 | 33.71 / 53.15 / 36.13
+DKD          | 35.05 / 56.60 / 37.54 | 39.25 / 60.90 / 42.73 | 32.34 / 53.77 / 34.01
+DKD+ReviewKD | 37.01 / 57.53 / 39.85 | 40.65 / 61.51 / 44.44 | 34.35 / 54.89 / 36.61
+"""
+
+
+def _parse_coco_table() -> dict[tuple[str, str, str], PublishedAP]:
+    table = {}
+    for line in _COCO_TABLE.strip().splitlines():
+        row, *cells = (part.strip() for part in line.split("|"))
+        if len(cells) != len(COCO_PAIRS):
+            raise ValueError(f"COCO table row {row!r} has {len(cells)} cells")
+        for (teacher, student), cell in zip(COCO_PAIRS, cells):
+            ap, ap50, ap75 = (part.strip() for part in cell.split("/"))
+            note = COCO_AP75_TYPO if ap75.endswith(COCO_AP75_TYPO) else ""
+            table[(row, teacher, student)] = PublishedAP(float(ap), float(ap50), float(ap75.rstrip(COCO_AP75_TYPO)),
+                                                         ap75_note=note)
+    return table
+
+
+COCO_DETECTION: dict[tuple[str, str, str], PublishedAP] = _parse_coco_table()
+
+
+def published_ap(row: str, teacher: str, student: str) -> PublishedAP | None:
+    """The published COCO numbers of a detection table row (`student`, `DKD`, `ReviewKD`, `DKD+ReviewKD`, ...) and
+    teacher → student pair, if there are any."""
+    return COCO_DETECTION.get((row, teacher, student))

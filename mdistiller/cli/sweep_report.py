@@ -8,7 +8,7 @@ import os
 import shlex
 
 from ..analysis.plots import plot_table
-from ..analysis.report import build_table, results_of_runs, to_csv, to_markdown
+from ..analysis.report import build_table, results_of_runs, split_by_task, to_csv, to_markdown
 from ..errors import MdistillerError
 from .report import write_text
 from .sweep_plan import Plan, Run
@@ -38,18 +38,16 @@ def status_text(status: RunStatus) -> str:
 
 def sweep_report(plan: Plan, statuses: dict[str, RunStatus], out_dir: str, metric: str = "best",
                  published: bool = False) -> str:
-    """The markdown report of exactly the sweep's runs (also written with its CSV to out_dir)."""
+    """The markdown report of exactly the sweep's runs (also written with its CSV to out_dir). A sweep of both
+    classification and detection runs gets one table per task: the second's CSV and figure are named after it."""
     results, missing = results_of_runs([run.ref for run in plan.runs])
     done = len(plan.runs) - len(missing)
     lines = [f"# Sweep {plan.sweep.name}", "",
              f"{done} of {len(plan.runs)} runs finished ({plan.recipes} recipes; sweep file {plan.sweep.path}).", ""]
-    csv_text = ""
-    table = None
-    if results:
-        table = build_table(results, metric, published or plan.sweep.published)
-        lines.append(to_markdown(table))
-        csv_text = to_csv(table)
-    else:
+    tables = [build_table(task_results, metric, published or plan.sweep.published)
+              for task_results in split_by_task(results).values()]
+    lines += [to_markdown(table) for table in tables]
+    if not tables:
         lines += ["No finished run yet.", ""]
     unfinished = [run for run in plan.runs if statuses[run.run_dir].status in ("failed", "started")]
     if unfinished:
@@ -62,13 +60,15 @@ def sweep_report(plan: Plan, statuses: dict[str, RunStatus], out_dir: str, metri
     not_run = sum(statuses[run.run_dir].status == "todo" for run in plan.runs)
     if not_run:
         lines += [f"{not_run} run(s) not started yet.", ""]
-    figure = results_figure(table, os.path.join(out_dir, "results.png")) if table is not None else None
-    if figure:
-        lines += [f"![results]({os.path.basename(figure)})", ""]
+    suffixes = ["" if i == 0 else f"-{table.task}" for i, table in enumerate(tables)]
+    for table, suffix in zip(tables, suffixes):
+        figure = results_figure(table, os.path.join(out_dir, f"results{suffix}.png"))
+        if figure:
+            lines += [f"![results]({os.path.basename(figure)})", ""]
     markdown = "\n".join(lines)
     write_text(os.path.join(out_dir, "report.md"), markdown)
-    if csv_text:
-        write_text(os.path.join(out_dir, "report.csv"), csv_text)
+    for table, suffix in zip(tables, suffixes):
+        write_text(os.path.join(out_dir, f"report{suffix}.csv"), to_csv(table))
     return markdown
 
 
