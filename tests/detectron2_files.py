@@ -70,10 +70,39 @@ def write_pkl(path, weights: dict, protocol: int = 2, **extra) -> str:
     return str(path)
 
 
+# A random ResNet body fed detectron2's BGR, std-1 input (values up to ~150) grows its maps to thousands and more
+# (FrozenBN is the identity, and every block adds its branch), and the losses of such maps overflow in a step or two.
+# Trained weights keep the maps small; so does this: the stem scaled by STEM_SCALE and each residual branch's last
+# FrozenBN scale by BRANCH_SCALE (Goyal et al.'s zero-init-residual idea, not quite zero).
+STEM_SCALE = 1 / 100
+BRANCH_SCALE = 0.1
+
+
+def tame(state: dict) -> dict:
+    """A random detector / backbone state dict (torchvision names) with its maps at trained-network sizes."""
+    state = dict(state)
+    state["backbone.body.conv1.weight"] = state["backbone.body.conv1.weight"] * STEM_SCALE
+    last_bn = "bn3" if "backbone.body.layer1.0.bn3.weight" in state else "bn2"
+    for name in [n for n in state if n.startswith("backbone.body.layer") and f".{last_bn}.weight" in n]:
+        state[name] = state[name] * BRANCH_SCALE
+    return state
+
+
 def write_teacher_pkl(path, arch: str, seed: int = 0) -> str:
-    """A model-zoo style `.pkl` of a freshly initialised teacher detector (`arch` R50 / R101; seeded), so its FrozenBN
-    statistics are sane (mean 0, var 1) and its outputs finite."""
+    """A model-zoo style `.pkl` of a freshly initialised teacher detector (`arch` R50 / R101; seeded; `tame`d), its
+    FrozenBN statistics sane (mean 0, var 1) and its outputs finite."""
     from mdistiller.detection.detector import build_teacher
 
     torch.manual_seed(seed)
-    return write_pkl(path, to_detectron2_weights(build_teacher(arch).state_dict()))
+    return write_pkl(path, to_detectron2_weights(tame(build_teacher(arch).state_dict())))
+
+
+def write_bundled_student(path, arch: str, seed: int = 0) -> str:
+    """Upstream's release-bundle layout (`{"model": {detectron2 name: tensor}}`) holding only a fresh `arch` (R18 /
+    R50) student backbone, `tame`d: DETECTION.STUDENT_WEIGHTS as the configs/coco files use it."""
+    from mdistiller.detection.detector import build_student
+
+    torch.manual_seed(seed)
+    state = {k: v for k, v in tame(build_student(arch).state_dict()).items() if k.startswith("backbone.body.")}
+    torch.save({"model": {to_detectron2_name(k): v.clone() for k, v in state.items()}}, path)
+    return str(path)
