@@ -59,14 +59,15 @@ def write_synthetic_coco(root: str, n_images: int = 5, seed: int = 0, crowd_only
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 
-def write_coco_split(root: str, split: str, n_images: int = 10, seed: int = 0) -> dict:
+def write_coco_split(root: str, split: str, n_images: int = 10, seed: int = 0,
+                     categories: list[int] = COCO_CATEGORY_IDS) -> dict:
     """The synthetic set as split `split` of a detectron2-layout root (annotations/instances_<split>.json and the
-    image folder <split>/), with COCO's 80 categories; returns the JSON's contents."""
+    image folder <split>/), with COCO's 80 categories (or `categories`); returns the JSON's contents."""
     tmp = os.path.join(root, f"_{split}")
     image_dir, ann_file = write_synthetic_coco(tmp, n_images=n_images, seed=seed)
     with open(ann_file) as f:
         data = json.load(f)
-    data["categories"] = [{"id": c, "name": f"c{c}", "supercategory": "thing"} for c in COCO_CATEGORY_IDS]
+    data["categories"] = [{"id": c, "name": f"c{c}", "supercategory": "thing"} for c in categories]
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
         json.dump(data, f)

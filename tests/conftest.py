@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -84,6 +85,26 @@ def run_tool(script: str, *args: str, cwd: str | None = None, timeout: int = 300
         [sys.executable, str(REPO / "tools" / script), *args],
         cwd=cwd or str(REPO), env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+GLOO_OK = torch.distributed.is_available() and torch.distributed.is_gloo_available()
+needs_gloo = pytest.mark.skipif(not GLOO_OK, reason="torch.distributed with the gloo backend is not available")
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node nproc script args` on the CPU (gloo), one thread a rank."""
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+    return subprocess.run(command, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_overrides(tmp: Path, data_root: str) -> list[str]:

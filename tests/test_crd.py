@@ -587,7 +587,7 @@ def test_under_torchrun_every_rank_updates_its_memory_with_the_whole_global_batc
     """Two ranks, each its slice of two global batches (the second partial and split unevenly): both memories equal
     each other bitwise, and the one-process memories after the same global batches; Z is the global mean; DDP does
     not broadcast the memories."""
-    from test_distributed import _torchrun
+    from conftest import run_torchrun as _torchrun
 
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")

@@ -6,7 +6,6 @@ a08d46f1), folder layout kept."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -92,6 +91,14 @@ def test_configs_coco_holds_exactly_the_twelve_recipes():
     assert {p.stem for p in COCO.glob("*.yaml")} == names and len(names) == 12
 
 
+def student_weights(student: str, bundle: str) -> str:
+    """Our configs' DETECTION.STUDENT_WEIGHTS: the ReviewKD bundle's student part (R18, R50); torchvision's ImageNet
+    MobileNetV2 for MV2 (the bundle's MobileNetV2 names have no map)."""
+    if student == "MV2-FPN":
+        return "download_ckpts/torchvision/mobilenet_v2-b0353104.pth"
+    return f"download_ckpts/reviewkd/{bundle}"
+
+
 @pytest.mark.parametrize("upstream", list(UPSTREAM_FILES))
 def test_distillation_config_loads_with_its_recipe_and_header(upstream):
     method, student, teacher, loss_weight, bundle = UPSTREAM_FILES[upstream]
@@ -99,8 +106,9 @@ def test_distillation_config_loads_with_its_recipe_and_header(upstream):
     cfg = _load(path)
     assert (cfg.DISTILLER.TYPE, cfg.DISTILLER.STUDENT, cfg.DISTILLER.TEACHER) == (method, student, teacher)
     assert cfg.DISTILLER.TEACHER_CKPT == ZOO[teacher]
-    assert cfg.DETECTION.STUDENT_WEIGHTS == f"download_ckpts/reviewkd/{bundle}"
+    assert cfg.DETECTION.STUDENT_WEIGHTS == student_weights(student, bundle)
     assert {key: cfg.SOLVER[key] for key in SOLVER} == SOLVER
+    assert cfg.LOG.SAVE_CHECKPOINT_FREQ == 1  # epoch_<n> every CHECKPOINT_PERIOD iterations, as detectron2
     assert (cfg.DATASET.TYPE, cfg.DATASET.ROOT, cfg.DATASET.TEST.BATCH_SIZE) == ("coco", "data/coco", 1)
     assert (cfg.EXPERIMENT.PROJECT, cfg.EXPERIMENT.NAME) == ("coco", path.stem)
     assert cfg.DETECTION.MIN_SIZE_TRAIN == (640, 672, 704, 736, 768, 800)
@@ -124,7 +132,7 @@ def test_baseline_config_loads_with_the_same_solver_and_no_teacher(name):
     cfg = _load(path)
     assert (cfg.DISTILLER.TYPE, cfg.DISTILLER.STUDENT, cfg.DISTILLER.TEACHER_CKPT) == ("RCNN_NONE", student, "")
     assert {key: cfg.SOLVER[key] for key in SOLVER} == SOLVER
-    assert cfg.DETECTION.STUDENT_WEIGHTS == f"download_ckpts/reviewkd/{bundle}"
+    assert cfg.DETECTION.STUDENT_WEIGHTS == student_weights(student, bundle)
     assert "TEACHER" not in yaml.safe_load(path.read_text())["DISTILLER"]
     header = path.read_text().split("EXPERIMENT:")[0]
     assert PUBLISHED[student]["student"] in header and "unconfirmed" in header
@@ -153,7 +161,7 @@ def test_upstream_file_gives_the_recipe_of_our_config_of_the_same_name(upstream)
     # the only difference: the teacher file (upstream's bundle vs the zoo .pkl) and the bundle's folder
     bundle = UPSTREAM_FILES[upstream][4]
     assert theirs.pop("DISTILLER.TEACHER_CKPT") == theirs.pop("DETECTION.STUDENT_WEIGHTS") == f"pretrained/{bundle}"
-    assert os.path.basename(ours.pop("DETECTION.STUDENT_WEIGHTS")) == bundle
+    assert ours.pop("DETECTION.STUDENT_WEIGHTS") == student_weights(UPSTREAM_FILES[upstream][1], bundle)
     ours.pop("DISTILLER.TEACHER_CKPT")
     assert {k: v for k, v in theirs.items() if ours[k] != v} == {}
 
@@ -161,6 +169,7 @@ def test_upstream_file_gives_the_recipe_of_our_config_of_the_same_name(upstream)
 def test_translation_of_one_file_by_hand():
     assert translate_detectron2_config(str(UPSTREAM / "DKD" / "DKD-R18-R101.yaml")) == {
         "EXPERIMENT": {"PROJECT": "coco", "NAME": "DKD-R18-R101"},
+        "LOG": {"SAVE_CHECKPOINT_FREQ": 1},
         "DATASET": {"TYPE": "coco", "ROOT": "data/coco", "TEST": {"BATCH_SIZE": 1}, "NUM_WORKERS": 4},
         "DISTILLER": {"TYPE": "RCNN_DKD", "STUDENT": "R18-FPN", "TEACHER": "R101-FPN",
                       "TEACHER_CKPT": "pretrained/r18-r101.pth"},

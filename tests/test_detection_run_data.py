@@ -21,28 +21,12 @@ from mdistiller.detection.transforms import EvalResize
 from mdistiller.engine.cfg import default_cfg
 from mdistiller.errors import MdistillerError
 
-from coco_files import write_synthetic_coco
+from coco_files import write_coco_split
+from conftest import needs_gloo, run_torchrun
 
 pytest.importorskip("pycocotools")
 
-# COCO's 80 category ids (1..90 with ten gaps); the synthetic set's 1, 18, 90 are among them
-COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
-N_IMAGES = 10  # ids 10..19; 18 has a crowd box only and 19 none: 8 training images (4 wide, 4 tall)
-
-
-def write_split(root, split, seed=0, categories=COCO_IDS):
-    """The synthetic set as split `split` of a detectron2-layout root, with COCO's 80 categories."""
-    tmp = os.path.join(root, f"_{split}")
-    image_dir, ann_file = write_synthetic_coco(tmp, n_images=N_IMAGES, seed=seed)
-    with open(ann_file) as f:
-        data = json.load(f)
-    data["categories"] = [{"id": c, "name": f"c{c}", "supercategory": "thing"} for c in categories]
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
-        json.dump(data, f)
-    shutil.move(image_dir, os.path.join(root, split))
-    shutil.rmtree(tmp)
-    return data
+# write_coco_split: image ids 10..19; 18 has a crowd box only and 19 none: 8 training images (4 wide, 4 tall)
 
 
 def make_cfg(root, workers=0, batch=4, test_batch=3):
@@ -64,8 +48,8 @@ def make_cfg(root, workers=0, batch=4, test_batch=3):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     path = tmp_path_factory.mktemp("coco_root")
-    write_split(str(path), "train", seed=0)
-    data = write_split(str(path), "val", seed=1)
+    write_coco_split(str(path), "train", seed=0)
+    data = write_coco_split(str(path), "val", seed=1)
     return str(path), data
 
 
@@ -87,8 +71,8 @@ def test_registered_as_detection_data():
     ("val", "COCO image folder not found"),
 ])
 def test_check_names_the_missing_piece(tmp_path, remove, named):
-    write_split(str(tmp_path), "train")
-    write_split(str(tmp_path), "val")
+    write_coco_split(str(tmp_path), "train")
+    write_coco_split(str(tmp_path), "val")
     cfg = make_cfg(tmp_path)
     check_data(cfg)  # all there: nothing raised
     path = tmp_path / remove
@@ -105,8 +89,8 @@ def test_mask_on_and_wrong_category_count_are_refused(tmp_path, root):
     with pytest.raises(MdistillerError, match="MASK_ON True: Mask R-CNN students are not built") as err:
         check_data(cfg)
     one_line(err)
-    write_split(str(tmp_path), "train", categories=[1, 18, 90])
-    write_split(str(tmp_path), "val", categories=[1, 18, 90])
+    write_coco_split(str(tmp_path), "train", categories=[1, 18, 90])
+    write_coco_split(str(tmp_path), "val", categories=[1, 18, 90])
     with pytest.raises(MdistillerError, match="has 3 categories; the detectors have 80") as err:
         get_dataset(make_cfg(tmp_path), seed=0, rank=0, world_size=1)
     one_line(err)
@@ -298,25 +282,11 @@ with distributed.process_group():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                    reason="torch.distributed with the gloo backend is not available")
+@needs_gloo
 def test_torchrun_ranks_share_one_score(root, tmp_path):
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "eval_script.py"
     script.write_text(EVAL_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{repo / 'tests'}", OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(script), root[0], str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    result = run_torchrun(str(script), root[0], str(tmp_path), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["seen"] == list(range(10, 15)) and ranks[1]["seen"] == list(range(15, 20))

@@ -21,7 +21,7 @@ from mdistiller.engine import worklog
 from mdistiller.engine.cfg import load_cfg
 
 from coco_files import write_coco_split
-from conftest import REPO, THREADS, run_tool
+from conftest import REPO, THREADS, needs_gloo, run_tool, run_torchrun
 from detectron2_files import write_bundled_student, write_teacher_pkl
 
 pytest.importorskip("pycocotools")
@@ -166,3 +166,19 @@ def test_student_best_evaluates_with_tools_eval(tmp_path, coco):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"box AP {trained_ap:.2f}" in result.stdout
     assert out.is_file()
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_torchrun_two_processes_train_and_evaluate(tmp_path, coco):
+    """Two gloo processes, 2 images each step (one per rank): the run trains, evaluates on both ranks' shares and
+    rank 0 alone writes the run's files and the one result line."""
+    args = ["--cfg", str(COCO_CONFIGS / "ReviewDKD-R18-R101.yaml"), *tiny(tmp_path, coco, "R101-FPN", 4, 2, "R18-FPN")]
+    result = run_torchrun(str(REPO / "tools" / "train.py"), *args, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    blocks = worklog.read(str(run_dir))
+    assert [b["epoch"] for b in blocks] == [1, 2] and "test_AP" in blocks[1]
+    assert all(torch.isfinite(torch.tensor(b["loss_reviewkd"])) for b in blocks)
+    assert len((tmp_path / "logs" / "RCNN_REVIEWDKD,R101-FPN,R18-FPN.txt").read_text().splitlines()) == 1
+    assert (run_dir / "log.txt").read_text().count("iteration 4/4") == 1

@@ -7,9 +7,6 @@ import copy
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,30 +21,14 @@ from mdistiller.engine.cfg import default_cfg
 from mdistiller.engine.placement import check_distributed
 from mdistiller.errors import MdistillerError
 
-from conftest import REPO, run_overrides
+from conftest import REPO, needs_gloo, run_overrides
+from conftest import run_torchrun as _torchrun
 from dot_protocol import upstream_dot_step
 
 pytestmark = pytest.mark.slow  # subprocesses / multi-process runs: the full suite runs them, `-m "not slow"` skips them
 
 VANILLA = str(REPO / "configs/cifar100/vanilla/resnet8.yaml")
 RUN_NAME = "vanilla,resnet8,SOLVER.EPOCHS:2,SOLVER.BATCH_SIZE:16"
-DIST_OK = torch.distributed.is_available() and torch.distributed.is_gloo_available()
-needs_gloo = pytest.mark.skipif(not DIST_OK, reason="torch.distributed with the gloo backend is not available")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc_per_node nproc script args` on the CPU (gloo), one thread a rank."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script, *args]
-    return subprocess.run(command, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # ---- the sampler and the loaders (no process group) ----

@@ -465,6 +465,8 @@ def translate_detectron2_config(path: str) -> dict:
 
     out: dict = {
         "EXPERIMENT": {"PROJECT": "coco", "NAME": os.path.basename(os.path.normpath(output_dir))},
+        # detectron2 keeps a numbered checkpoint every CHECKPOINT_PERIOD iterations: epoch_<n> after every period
+        "LOG": {"SAVE_CHECKPOINT_FREQ": 1},
         "DATASET": {"TYPE": "coco", "ROOT": "data/coco", "TEST": {"BATCH_SIZE": 1},
                     "NUM_WORKERS": _number(refuse, "DATALOADER.NUM_WORKERS", get("DATALOADER.NUM_WORKERS"), int)},
         "DISTILLER": {"TYPE": method, "STUDENT": f"{student}-FPN", "TEACHER": f"{teacher}-FPN",
