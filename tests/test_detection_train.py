@@ -48,12 +48,14 @@ def tiny(tmp: Path, coco: dict, teacher: str | None, max_iter: int = 4, period: 
     backbone from a bundle (R18 / R50-FPN) or random (MV2-FPN, or no `student`)."""
     values = {"DETECTION.STUDENT_WEIGHTS": coco.get(f"student {student}", ""),
         "DATASET.ROOT": coco["root"], "DATASET.NUM_WORKERS": "0", "DETECTION.TRAIN_SPLIT": "train",
-        "DETECTION.TEST_SPLIT": "val", "DETECTION.MIN_SIZE_TRAIN": "(64, 80)",
+        "DETECTION.TEST_SPLIT": "val", "DETECTION.MIN_SIZE_TRAIN": "(32, 48)",
         "DETECTION.MAX_SIZE_TRAIN": "128",
-        "DETECTION.MIN_SIZE_TEST": "64", "DETECTION.MAX_SIZE_TEST": "128", "SOLVER.MAX_ITER": str(max_iter),
-        "SOLVER.CHECKPOINT_PERIOD": str(period), "SOLVER.LR_DECAY_ITERS": f"[{max_iter - 1}]",
+        "DETECTION.MIN_SIZE_TEST": "32", "DETECTION.MAX_SIZE_TEST": "128", "SOLVER.MAX_ITER": str(max_iter),
+        "SOLVER.CHECKPOINT_PERIOD": str(period), "SOLVER.LR_DECAY_ITERS": f"[{max_iter - 1}]" if max_iter > 1 else "[]",
         "SOLVER.WARMUP_ITERS": "1", "SOLVER.BATCH_SIZE": "2", "LOG.PREFIX": str(tmp / "output"),
-        "LOG.RESULTS_DIR": str(tmp / "logs"), **extra,
+        "LOG.RESULTS_DIR": str(tmp / "logs"),
+        "LOG.SAVE_CHECKPOINT_FREQ": "1000",  # a detector checkpoint is ~230 MB: no numbered ones unless asked
+        **extra,
     }
     if teacher is not None:
         values["DISTILLER.TEACHER_CKPT"] = coco[teacher]
@@ -74,7 +76,8 @@ def roles(config: Path) -> dict[str, str | None]:
 
 def test_dkd_r18_r101_trains_evaluates_and_records(tmp_path, coco):
     config = COCO_CONFIGS / "DKD-R18-R101.yaml"
-    result = train_tool.main(["--cfg", str(config), *tiny(tmp_path, coco, "R101-FPN", student="R18-FPN")])
+    result = train_tool.main(["--cfg", str(config), *tiny(tmp_path, coco, "R101-FPN", student="R18-FPN", **{
+        "LOG.SAVE_CHECKPOINT_FREQ": "1"})])
     run_dir = run_dir_of(tmp_path)
     assert Path(result["run_dir"]) == run_dir
     blocks = worklog.read(str(run_dir))
@@ -85,8 +88,9 @@ def test_dkd_r18_r101_trains_evaluates_and_records(tmp_path, coco):
     assert 0.0 <= blocks[1]["test_AP"] <= 100.0
     (line,) = (tmp_path / "logs" / "RCNN_DKD,R101-FPN,R18-FPN.txt").read_text().splitlines()
     assert line.startswith(f"best_AP={blocks[1]['test_AP']:.4f}\tlast_AP=") and "\titers=4\t" in line
-    assert sorted(os.listdir(run_dir)) == sorted(["config.yaml", "identity.json", "log.txt", "worklog.txt",
-                                                  "train.events", "latest", "best", "student_best", "student_latest"])
+    assert sorted(os.listdir(run_dir)) == sorted([  # a numbered checkpoint every period, as detectron2's
+        "config.yaml", "identity.json", "log.txt", "worklog.txt", "train.events", "latest", "best", "student_best",
+        "student_latest", "epoch_1", "epoch_2", "student_1", "student_2"])
     log = (run_dir / "log.txt").read_text()
     assert "iteration 2/4" in log and "iteration 4/4" in log and "box AP" in log
 
@@ -95,18 +99,20 @@ def test_dkd_r18_r101_trains_evaluates_and_records(tmp_path, coco):
 @pytest.mark.parametrize("config", sorted(p.name for p in COCO_CONFIGS.glob("*.yaml")))
 def test_every_coco_recipe_runs_a_few_iterations(tmp_path, coco, config):
     path = COCO_CONFIGS / config
-    train_tool.main(["--cfg", str(path), *tiny(tmp_path, coco, max_iter=2, period=2, **roles(path))])
+    train_tool.main(["--cfg", str(path), *tiny(tmp_path, coco, max_iter=1, period=1, **roles(path))])
     (block,) = worklog.read(str(run_dir_of(tmp_path)))
     assert torch.isfinite(torch.tensor(block["train_loss"])) and "test_AP" in block
 
 
 def test_the_loss_goes_down(tmp_path, coco):
-    """24 iterations of DKD-R18-R101 at one scale: the last period's mean loss is well below the first's."""
-    args = tiny(tmp_path, coco, "R101-FPN", 24, 6, "R18-FPN", **{
-        "SOLVER.WARMUP_ITERS": "2", "DETECTION.MIN_SIZE_TRAIN": "(64,)", "SOLVER.LR_DECAY_ITERS": "[]"})
+    """16 iterations of DKD-R18-R101 (an R50 teacher: cheaper) at one scale: each period's mean loss is below the one
+    before, the last one well below the first."""
+    args = tiny(tmp_path, coco, "R50-FPN", 16, 4, "R18-FPN", **{
+        "DISTILLER.TEACHER": "R50-FPN", "SOLVER.WARMUP_ITERS": "2", "DETECTION.MIN_SIZE_TRAIN": "(32,)",
+        "SOLVER.LR_DECAY_ITERS": "[]"})
     train_tool.main(["--cfg", str(COCO_CONFIGS / "DKD-R18-R101.yaml"), *args])
     losses = [b["train_loss"] for b in worklog.read(str(run_dir_of(tmp_path)))]
-    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    assert len(losses) == 4 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -123,21 +129,21 @@ def _student(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_sigterm_mid_period_then_resume_is_bitwise_exact(tmp_path, coco):
     config = str(COCO_CONFIGS / "ReviewDKD-R18-R101.yaml")
-    common = ["EXPERIMENT.DETERMINISTIC", "True"]
+    common = ["EXPERIMENT.DETERMINISTIC", "True", "DISTILLER.TEACHER", "R50-FPN"]  # an R50 teacher: cheaper
     reference_tmp = tmp_path / "reference"
-    result = run_tool("train.py", "--cfg", config, *tiny(reference_tmp, coco, "R101-FPN", 8, 4, "R18-FPN"),
+    result = run_tool("train.py", "--cfg", config, *tiny(reference_tmp, coco, "R50-FPN", 6, 3, "R18-FPN"),
                       *common)
     assert result.returncode == 0, result.stderr[-3000:]
     reference = _student(run_dir_of(reference_tmp))
 
     run_tmp = tmp_path / "stopped"
-    args = ["--cfg", config, *tiny(run_tmp, coco, "R101-FPN", 8, 4, "R18-FPN"), *common]
+    args = ["--cfg", config, *tiny(run_tmp, coco, "R50-FPN", 6, 3, "R18-FPN"), *common]
     log = tmp_path / "train.log"
     proc = _start(args, log)
     deadline = time.time() + 300
     while not list((run_tmp / "output").rglob("latest")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    time.sleep(0.3)  # into period 2
+    time.sleep(0.1)  # into period 2 (or still at period 1's end: both are checked)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
     run_dir = run_dir_of(run_tmp)
@@ -171,9 +177,11 @@ def test_student_best_evaluates_with_tools_eval(tmp_path, coco):
 @pytest.mark.slow
 @needs_gloo
 def test_torchrun_two_processes_train_and_evaluate(tmp_path, coco):
-    """Two gloo processes, 2 images each step (one per rank): the run trains, evaluates on both ranks' shares and
+    """Two gloo processes, 4 images each step (two per rank): the run trains, evaluates on both ranks' shares and
     rank 0 alone writes the run's files and the one result line."""
-    args = ["--cfg", str(COCO_CONFIGS / "ReviewDKD-R18-R101.yaml"), *tiny(tmp_path, coco, "R101-FPN", 4, 2, "R18-FPN")]
+    # 2 images a process: kd_trans's BatchNorm needs more than one value per channel on the 1x1 p6 of 32-pixel images
+    args = ["--cfg", str(COCO_CONFIGS / "ReviewDKD-R18-R101.yaml"), *tiny(tmp_path, coco, "R101-FPN", 4, 2, "R18-FPN"),
+            "SOLVER.BATCH_SIZE", "4"]
     result = run_torchrun(str(REPO / "tools" / "train.py"), *args, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = run_dir_of(tmp_path)

@@ -303,10 +303,12 @@ def test_training_with_the_cache_equals_training_with_the_live_teacher(method, f
 
 
 def test_resume_crosses_between_cached_and_live_runs(fp32_cache, data_root, teacher_file, tmp_path, one_thread):
-    """`latest` of a cached run holds no teacher; of a live run it does: each resumes as the other."""
+    """`latest` holds no frozen teacher (a live run's is rebuilt from its file; a cached run has none): each run
+    resumes as the other, the teacher's weights those of its file."""
     _, _, live = _one_epoch(_cfg(data_root, teacher_file), tmp_path / "live")
     _, _, cached = _one_epoch(_cfg(data_root, teacher_file, fp32_cache), tmp_path / "cached")
-    assert any(k.startswith("teacher.") for k in live.checkpoints.trainer_state(1)["model"])
+    assert any(k.startswith("teacher.") for k in live.distiller.state_dict())
+    assert not any(k.startswith("teacher.") for k in live.checkpoints.trainer_state(1)["model"])
     assert not any(k.startswith("teacher.") for k in cached.checkpoints.trainer_state(1)["model"])
     for source, target in ((live, cached), (cached, live)):
         source.checkpoints.save(source.checkpoints.trainer_state(1), "latest")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from ..dataset import eval_loader, get_test_set, num_classes_of
-from ..detection.data import build_coco_test_set, check_coco_data
+from ..detection.data import build_coco_test_set
 from ..detection.data import eval_loader as detection_eval_loader
 from ..detection.inference import evaluate_detection
 from ..detection.models import load_detector
@@ -54,7 +54,6 @@ def evaluate_detector(args: argparse.Namespace) -> dict:
     for key, value in (("TEST_SPLIT", args.split), ("MIN_SIZE_TEST", args.min_size), ("MAX_SIZE_TEST", args.max_size)):
         if value is not None:
             cfg.DETECTION[key] = value
-    check_coco_data(cfg, test_only=True)
     if args.ckpt == "pretrain":
         raise MdistillerError("-c pretrain: there is no published detector zoo here; pass a checkpoint file (a run's "
                               "student_best, or a detectron2 model-zoo .pkl for a teacher)")

@@ -35,19 +35,22 @@ def split_paths(cfg, split: str) -> tuple[str, str]:
     return os.path.join(root, split), os.path.join(root, "annotations", f"instances_{split}.json")
 
 
-def check_coco_data(cfg, test_only: bool = False) -> None:
-    """The two splits' JSONs and image folders exist (nothing is read; `test_only`: the test split's), and
-    DETECTION.MASK_ON is off."""
+def check_coco_data(cfg) -> None:
+    """The two splits' JSONs and image folders exist (nothing is read), and DETECTION.MASK_ON is off."""
     if cfg.DETECTION.MASK_ON:
         raise MdistillerError("DETECTION.MASK_ON True: Mask R-CNN students are not built; set it False "
                               "(box AP only, see docs/detection.md)")
-    splits = (cfg.DETECTION.TEST_SPLIT,) if test_only else (cfg.DETECTION.TRAIN_SPLIT, cfg.DETECTION.TEST_SPLIT)
-    for split in splits:
-        image_dir, ann_file = split_paths(cfg, split)
-        if not os.path.isfile(ann_file):
-            raise MdistillerError(f"COCO annotation file not found: {ann_file}; expected {LAYOUT}")
-        if not os.path.isdir(image_dir):
-            raise MdistillerError(f"COCO image folder not found: {image_dir}; expected {LAYOUT}")
+    for split in (cfg.DETECTION.TRAIN_SPLIT, cfg.DETECTION.TEST_SPLIT):
+        check_coco_split(cfg, split)
+
+
+def check_coco_split(cfg, split: str) -> None:
+    """One split's JSON and image folder exist under DATASET.ROOT (nothing is read)."""
+    image_dir, ann_file = split_paths(cfg, split)
+    if not os.path.isfile(ann_file):
+        raise MdistillerError(f"COCO annotation file not found: {ann_file}; expected {LAYOUT}")
+    if not os.path.isdir(image_dir):
+        raise MdistillerError(f"COCO image folder not found: {image_dir}; expected {LAYOUT}")
 
 
 def coco_num_classes(cfg) -> int:
@@ -65,7 +68,7 @@ def _check_categories(dataset: CocoDetection, reference: list[int] | None = None
 
 def build_coco_test_set(cfg) -> CocoDetection:
     """The test split: every image, EvalResize(MIN_SIZE_TEST, MAX_SIZE_TEST), all annotations with their crowd flag."""
-    check_coco_data(cfg, test_only=True)
+    check_coco_split(cfg, cfg.DETECTION.TEST_SPLIT)
     image_dir, ann_file = split_paths(cfg, cfg.DETECTION.TEST_SPLIT)
     test_set = CocoDetection(image_dir, ann_file, train=False,
                              transform=EvalResize(int(cfg.DETECTION.MIN_SIZE_TEST), int(cfg.DETECTION.MAX_SIZE_TEST)))

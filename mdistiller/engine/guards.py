@@ -39,11 +39,11 @@ def loss_values(losses: dict[str, torch.Tensor]) -> torch.Tensor:
 class NonFiniteLoss(Exception):
     """The first step of an epoch whose loss terms were not all finite (values by term name)."""
 
-    def __init__(self, epoch: int, step: int, steps: int | None, values: dict[str, float]):
+    def __init__(self, epoch: int, step: int, steps: int | None, values: dict[str, float], unit: str = "epoch"):
         self.epoch, self.step, self.steps, self.values = epoch, step, steps, values
         bad = {k: v for k, v in values.items() if not math.isfinite(v)} or values
         self.terms = ", ".join(f"{k}={v}" for k, v in bad.items())
-        super().__init__(f"non-finite loss at epoch {epoch}, step {step}/{steps or '?'} ({self.terms})")
+        super().__init__(f"non-finite loss at {unit} {epoch}, step {step}/{steps or '?'} ({self.terms})")
 
 
 class NonFiniteWatch:
@@ -76,15 +76,16 @@ class NonFiniteWatch:
             return None
         return step, dict(zip(self.names, self.values.tolist()))
 
-    def raise_if_any(self, epoch: int, steps: int | None) -> None:
-        """Raise NonFiniteLoss for the first bad step, of any rank under torchrun (every rank raises together)."""
+    def raise_if_any(self, epoch: int, steps: int | None, unit: str = "epoch") -> None:
+        """Raise NonFiniteLoss for the first bad step, of any rank under torchrun (every rank raises together);
+        `unit`: the schedule's name for `epoch` ("period" for the iteration schedule)."""
         found = self.first()
         if distributed.world_size() > 1:
             if not distributed.any_rank(found is not None, self.device):
                 return
             found = min((f for f in distributed.all_gather_object(found) if f is not None), key=lambda f: f[0])
         if found is not None:
-            raise NonFiniteLoss(epoch, found[0], steps, found[1])
+            raise NonFiniteLoss(epoch, found[0], steps, found[1], unit)
 
 
 class TrainingInterrupted(Exception):

@@ -84,11 +84,23 @@ class RunCheckpoints:
             where += f" (saved by {saved_world} process(es), now {self.world}: the continuation is not bitwise exact)"
         log.info(f"resumed from {latest} at {where} (best top-1 {self.best_acc:.2f})")
 
+    def saved_weights(self) -> dict:
+        """The distiller's state dict less a frozen teacher's weights: they are the teacher file's (its SHA-256 is in
+        identity.json), loaded again at every build, and a detection teacher is hundreds of MB a checkpoint. A teacher
+        that trains along (`teacher_train_mode`: OFD's BN statistics move) is kept."""
+        state = self.distiller.state_dict()
+        if getattr(self.distiller, "teacher", None) is None or getattr(self.distiller, "teacher_train_mode", False):
+            return state
+        return type(state)((k, v) for k, v in state.items() if not k.startswith("teacher."))
+
     def _with_own_teacher(self, saved: dict) -> dict:
         """The saved weights (mdistiller wrapped DataParallel: prefixes stripped) with the teacher's taken from the
-        distiller as built: the teacher is frozen and loaded from its checkpoint at every build, and a run served by
-        the teacher-output cache holds none, so `latest` may or may not carry it (resume works across the two)."""
+        distiller as built: the teacher is frozen and loaded from its checkpoint at every build; a run served by the
+        teacher-output cache holds none and `saved_weights` leaves a frozen one out, so `latest` may or may not carry
+        it (resume works across the two). A teacher that trains along keeps its saved BN statistics."""
         own = {k: v for k, v in self.distiller.state_dict().items() if k.startswith("teacher.")}
+        if getattr(self.distiller, "teacher_train_mode", False):  # its saved BN statistics are where it stood
+            own = {**own, **{k: v for k, v in saved.items() if k.startswith("teacher.")}}
         return {**{k: v for k, v in saved.items() if not k.startswith("teacher.")}, **own}
 
     def take_partial(self, epoch: int) -> dict | None:
@@ -123,7 +135,7 @@ class RunCheckpoints:
     def trainer_state(self, epoch: int) -> dict:
         """The full training state after `epoch` complete epochs (a collective under torchrun: every rank calls it)."""
         state = {
-            "model": self.distiller.state_dict(),
+            "model": self.saved_weights(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": epoch,  # complete epochs
             "best_acc": self.best_acc,

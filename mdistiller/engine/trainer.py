@@ -139,7 +139,7 @@ class Trainer:
 
     def _raise_if_non_finite(self, progress: EpochProgress) -> None:
         try:
-            progress.watch.raise_if_any(progress.epoch, progress.steps_total)
+            progress.watch.raise_if_any(progress.epoch, progress.steps_total, self.schedule.unit)
         except NonFiniteLoss as exc:
             raise MdistillerError(
                 f"{exc}; stopped without saving: {self.checkpoints.last_good()}. Lower SOLVER.LR, check the loss "
