@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -190,3 +191,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> dict[str, str]:
+    """A COCO root in detectron2's layout (train: 10 images, 8 trainable; val: 6), model-zoo style R101 / R50
+    teacher files and bundled R18 / R50 student backbones (tests/detection_runs.py, the detection run tests)."""
+    from coco_files import write_coco_split
+    from detectron2_files import write_bundled_student, write_teacher_pkl
+
+    root = tmp_path_factory.mktemp("coco")
+    write_coco_split(str(root), "train", n_images=10, seed=0)
+    write_coco_split(str(root), "val", n_images=6, seed=1)
+    weights = tmp_path_factory.mktemp("weights")
+    return {"root": str(root), "R101-FPN": write_teacher_pkl(weights / "r101.pkl", "R101", seed=1),
+            "R50-FPN": write_teacher_pkl(weights / "r50.pkl", "R50", seed=2),
+            "student R18-FPN": write_bundled_student(weights / "r18-r101.pth", "R18", seed=3),
+            "student R50-FPN": write_bundled_student(weights / "r50-r101.pth", "R50", seed=4)}
+
+
+@pytest.fixture
+def drop_run_files(tmp_path):
+    """The test's run folders go when it ends (a detector checkpoint is ~230 MB; `coco` stays for the module)."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
