@@ -24,13 +24,13 @@ def test_sigterm_mid_period_then_resume_is_bitwise_exact(tmp_path, coco):
     config = str(COCO_CONFIGS / "ReviewDKD-R18-R101.yaml")
     common = ["EXPERIMENT.DETERMINISTIC", "True", "DISTILLER.TEACHER", "R50-FPN"]  # an R50 teacher: cheaper
     reference_tmp = tmp_path / "reference"
-    result = run_tool("train.py", "--cfg", config, *tiny(reference_tmp, coco, "R50-FPN", 6, 3, "R18-FPN"),
+    result = run_tool("train.py", "--cfg", config, *tiny(reference_tmp, coco, "R50-FPN", 4, 2, "R18-FPN"),
                       *common)
     assert result.returncode == 0, result.stderr[-3000:]
     reference = student_weights_of(run_dir_of(reference_tmp))
 
     run_tmp = tmp_path / "stopped"
-    args = ["--cfg", config, *tiny(run_tmp, coco, "R50-FPN", 6, 3, "R18-FPN"), *common]
+    args = ["--cfg", config, *tiny(run_tmp, coco, "R50-FPN", 4, 2, "R18-FPN"), *common]
     log = tmp_path / "train.log"
     proc = start_train(args, log)
     deadline = time.time() + 300

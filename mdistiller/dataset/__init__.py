@@ -64,13 +64,14 @@ def num_classes_of(cfg) -> int:
     return count
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
+    """A loader worker's numpy and Python RNGs seeded from its torch seed (DataLoader's worker_init_fn)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
 
 
-def _seed_rank_worker(rank: int, worker_id: int) -> None:
+def seed_rank_worker(rank: int, worker_id: int) -> None:
     """Under torchrun every rank's workers get the same seeds from the shared generator: mix the rank in."""
     seed = distributed.rank_seed(torch.initial_seed(), rank)
     torch.manual_seed(seed)
@@ -202,10 +203,10 @@ def get_dataset(cfg, train_views: Mapping[str, str] | None = None, seed: int = 0
     generator.manual_seed(seed)
     loader_class = getattr(train_set, "loader_class", DataLoader)  # a data set may bring its DataLoader subclass
     if world_size == 1:
-        batching = {"batch_size": cfg.SOLVER.BATCH_SIZE, "shuffle": True, "worker_init_fn": _seed_worker}
+        batching = {"batch_size": cfg.SOLVER.BATCH_SIZE, "shuffle": True, "worker_init_fn": seed_worker}
     else:
         sampler = ShardedBatchSampler(len(train_set), cfg.SOLVER.BATCH_SIZE, rank, world_size, generator)
-        batching = {"batch_sampler": sampler, "worker_init_fn": functools.partial(_seed_rank_worker, rank)}
+        batching = {"batch_sampler": sampler, "worker_init_fn": functools.partial(seed_rank_worker, rank)}
     train_loader = loader_class(
         train_set,
         num_workers=workers,

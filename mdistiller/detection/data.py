@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 from typing import Mapping
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mdistiller import distributed
+from mdistiller.dataset import seed_rank_worker, seed_worker
 from mdistiller.dataset.registry import DataRequest, register_dataset
 from mdistiller.detection.coco import CocoDetection, GroupedBatchSampler, collate
 from mdistiller.detection.detector import NUM_CLASSES
@@ -76,22 +75,6 @@ def build_coco_test_set(cfg) -> CocoDetection:
     return test_set
 
 
-def seed_worker(worker_id: int) -> None:
-    """numpy's and Python's RNGs of a loader worker seeded from its torch seed (the items draw from their own
-    seeded generators; this keeps any other draw reproducible too)."""
-    seed = torch.initial_seed()
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _seed_rank_worker(rank: int, worker_id: int) -> None:
-    """Under torchrun every rank draws its workers' base seed from the same generator: mix the rank in."""
-    seed = distributed.rank_seed(torch.initial_seed(), rank)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 def per_process_batch(cfg, world_size: int) -> int:
     """SOLVER.BATCH_SIZE (images per step, all processes) / world_size, refused when it does not divide."""
     total = int(cfg.SOLVER.BATCH_SIZE)
@@ -108,7 +91,7 @@ def train_loader(train_set: CocoDetection, batch_size: int, workers: int, seed: 
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     sampler = GroupedBatchSampler(train_set.is_wide(), batch_size, generator, rank, world_size)
-    init = seed_worker if world_size == 1 else functools.partial(_seed_rank_worker, rank)
+    init = seed_worker if world_size == 1 else functools.partial(seed_rank_worker, rank)
     # no persistent workers: a fresh iterator draws its base seed from `generator` at every iter(), a resumed
     # persistent one does not, so the stream would depend on whether iter() was called before
     return DataLoader(train_set, batch_sampler=sampler, num_workers=workers, collate_fn=collate,

@@ -262,16 +262,11 @@ def _yaml_error_line(path: str, exc: yaml.MarkedYAMLError) -> str:
     return f"config file {path}{place} is not valid YAML: {problem}{context}"
 
 
-def merge_file(cfg: CN, path: str) -> None:
-    """Merge a YAML config file (with yacs' `_BASE_` inheritance) into cfg; a detectron2-style detection file
-    (upstream's detection/configs) is translated into our keys first (engine/detectron2_cfg.py)."""
-    if not path:
-        raise MdistillerError("no config file given: pass --cfg configs/<dataset>/<method>/<pair>.yaml")
+def read_yaml_mapping(path: str) -> dict:
+    """A config file's mapping (keys given twice refused); one-line errors for a missing file, invalid YAML or a
+    file that is not a mapping."""
     if not os.path.isfile(path):
         raise MdistillerError(f"config file not found: {path}")
-    if is_detectron2_config(path):  # upstream's detection YAML files: translated into our keys
-        merge_dict(cfg, translate_detectron2_config(path), path)
-        return
     try:
         with open(path) as f:
             values = yaml.load(f, Loader=_StrictLoader) or {}
@@ -282,6 +277,20 @@ def merge_file(cfg: CN, path: str) -> None:
         raise MdistillerError(f"config file {path} is not valid YAML: {first_line}") from None
     if not isinstance(values, dict):
         raise MdistillerError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def merge_file(cfg: CN, path: str) -> None:
+    """Merge a YAML config file (with yacs' `_BASE_` inheritance) into cfg; a detectron2-style detection file
+    (upstream's detection/configs) is translated into our keys first (engine/detectron2_cfg.py)."""
+    if not path:
+        raise MdistillerError("no config file given: pass --cfg configs/<dataset>/<method>/<pair>.yaml")
+    if not os.path.isfile(path):
+        raise MdistillerError(f"config file not found: {path}")
+    if is_detectron2_config(path):  # upstream's detection YAML files: translated into our keys
+        merge_dict(cfg, translate_detectron2_config(path), path)
+        return
+    values = read_yaml_mapping(path)
     base = values.pop("_BASE_", None)
     if base:
         merge_file(cfg, base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base))

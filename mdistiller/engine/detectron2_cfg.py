@@ -205,20 +205,9 @@ def _detector() -> dict[str, Any]:
 # ---- reading ----
 
 def _read_yaml(path: str) -> dict:
-    from .cfg import _StrictLoader, _yaml_error_line  # cfg imports this module
+    from .cfg import read_yaml_mapping  # cfg imports this module
 
-    if not os.path.isfile(path):
-        raise MdistillerError(f"config file not found: {path}")
-    try:
-        with open(path) as f:
-            values = yaml.load(f, Loader=_StrictLoader) or {}
-    except yaml.MarkedYAMLError as exc:
-        raise MdistillerError(_yaml_error_line(path, exc)) from None
-    except yaml.YAMLError as exc:
-        raise MdistillerError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise MdistillerError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
-    return values
+    return read_yaml_mapping(path)
 
 
 def _base_path(path: str, base: Any) -> str:
