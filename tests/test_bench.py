@@ -196,3 +196,10 @@ def test_methods_mode_bad_input_is_one_line_before_any_timing(bench, args, messa
     with pytest.raises(MdistillerError) as info:
         bench.main(["--device", "cpu", *args])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_detection_recipe_is_refused_in_one_line():
+    from mdistiller.cli import bench
+
+    with pytest.raises(MdistillerError, match=r"DKD-R18-R101.yaml is a detection recipe: tools/bench.py times "):
+        bench.main(["--cfg", str(REPO / "configs/coco/DKD-R18-R101.yaml")])

@@ -32,7 +32,9 @@ import argparse
 
 import torch
 
+from ...engine.cfg import load_cfg
 from ...engine.run import default_device
+from ...engine.tasks import task_name
 from ...errors import MdistillerError
 from .. import run_cli
 from .methods import bench_methods
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.methods:
         return bench_methods(args, device)
     args.cfg = args.cfg or DEFAULT_CFG
+    if task_name(load_cfg(args.cfg, args.opts)) != "classification":
+        raise MdistillerError(f"{args.cfg} is a detection recipe: tools/bench.py times classification steps; the "
+                              f"detection timings are owed (docs/detection.md)")
     return bench_rows(args, device)
 
 
