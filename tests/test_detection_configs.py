@@ -320,3 +320,35 @@ def test_a_file_is_decided_by_its_own_keys_then_its_base(tmp_path):
     mixed = write("mixed.yaml", "DISTILLER:\n  TYPE: KD\nMODEL:\n  MASK_ON: False\n")
     assert not is_detectron2_config(mixed)
     assert _refusal(mixed).startswith(f"unknown config key MODEL in {mixed}")
+
+
+@pytest.mark.parametrize("key, value, phrase", [
+    ("DATASET.IMAGE_SIZE", "160", "DATASET.IMAGE_SIZE 160 is not supported for detection"),
+    ("DATASET.GPU_DECODE", "True", "DATASET.GPU_DECODE True is not supported for detection"),
+    ("SOLVER.COMPILE", "default", "SOLVER.COMPILE 'default' is not supported for detection"),
+    ("DETECTION.MASK_ON", "True", "DETECTION.MASK_ON True is not supported for detection"),
+    ("SOLVER.EPOCHS", "12", "SOLVER.EPOCHS 12 is not read by a run of SOLVER.MAX_ITER > 0"),
+    ("DISTILLER.TYPE", "DKD", "DISTILLER.TYPE DKD is a classification method but DATASET.TYPE coco is detection"),
+])
+def test_what_a_detection_run_would_not_read_is_refused_in_one_line(key, value, phrase):
+    from mdistiller.engine.cfg import load_cfg
+    from mdistiller.engine.validate import check_recipe
+
+    cfg = load_cfg(str(COCO / "DKD-R18-R101.yaml"), [key, value])
+    with pytest.raises(MdistillerError) as info:
+        check_recipe(cfg)
+    assert phrase in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_detection_setting_on_classification_data_is_refused():
+    from mdistiller.engine.cfg import load_cfg
+    from mdistiller.engine.validate import check_recipe
+
+    cfg = load_cfg(str(Path(__file__).resolve().parents[1] / "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"),
+                   ["DETECTION.MIN_SIZE_TEST", "600"])
+    with pytest.raises(MdistillerError, match="DETECTION.MIN_SIZE_TEST is read by the detection task"):
+        check_recipe(cfg)
+    cfg = load_cfg(str(Path(__file__).resolve().parents[1] / "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"),
+                   ["DISTILLER.TYPE", "RCNN_DKD"])
+    with pytest.raises(MdistillerError, match="DISTILLER.TYPE RCNN_DKD is a detection method but DATASET.TYPE"):
+        check_recipe(cfg)

@@ -109,6 +109,11 @@ def check_task(cfg, method: str, method_task: str) -> None:
         "SOLVER.COMPILE": (cfg.SOLVER.COMPILE, "not wired for detection (dynamic image sizes)"),
         "DATASET.AUGMENT": (cfg.DATASET.AUGMENT, "detection uses detectron2's resize and flip"),
         "DISTILLER.TEACHER_CACHE": (cfg.DISTILLER.TEACHER_CACHE, "the cache holds classification logits"),
+        # ImageNet's data keys, which the COCO reader does not read
+        "DATASET.IMAGE_SIZE": (cfg.DATASET.IMAGE_SIZE != CFG.DATASET.IMAGE_SIZE and cfg.DATASET.IMAGE_SIZE,
+                               "the sizes are DETECTION.MIN_SIZE_* / MAX_SIZE_*"),
+        "DATASET.GPU_DECODE": (cfg.DATASET.GPU_DECODE, "COCO images are decoded by the loader's workers"),
+        "DATASET.SKIP_BAD_IMAGES": (cfg.DATASET.SKIP_BAD_IMAGES, "an unreadable COCO image stops the run"),
     }
     for key, (value, why) in unsupported.items():
         if value:
