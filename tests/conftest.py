@@ -183,20 +183,8 @@ def http_files():
         server.server_close()
 
 
-# The longest test files (measured with --durations on 2 cores), run first: pytest-xdist's `--dist loadfile` hands
-# files to the workers in collection order, so a long file collected last would keep one worker busy alone at the end.
-LONGEST_FILES_FIRST = (
-    "test_distributed.py", "test_detection_resume.py", "test_detection_methods.py", "test_detection_recipes.py",
-    "test_speed.py", "test_uskd_sdd_catkd_kdpp_cli.py", "test_detection_train.py", "test_dot.py", "test_resume.py",
-    "test_sweep.py", "test_train_cli.py", "test_recent_logit_methods.py", "test_imagenet_cli.py", "test_bench.py",
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest files first (LONGEST_FILES_FIRST; the rest keep their order); tests marked `cuda` need a CUDA
-    device: without one they are skipped, saying so."""
-    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    """Tests marked `cuda` need a CUDA device: without one they are skipped, saying so."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m cuda` on a GPU machine)")
