@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 from ..errors import MdistillerError
+from .cfg import cfg_value
 from .optim import iteration_learning_rate, learning_rate, lr_changes_within
 
 
@@ -108,10 +109,9 @@ ITERATION_KEYS = ("SOLVER.LR_DECAY_ITERS", "SOLVER.WARMUP_ITERS", "SOLVER.WARMUP
 
 
 def _value(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return list(node) if isinstance(node, (list, tuple)) else node
+    """cfg_value, a tuple read as a list (a YAML list and a default tuple compare equal)."""
+    value = cfg_value(cfg, key)
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def check_schedule(cfg, defaults, task: str) -> None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..dataset import shutdown_workers
-from ..dataset.mixing import build_batch_mixer, mixing_enabled
+from ..dataset.mixing import build_batch_mixer
 from ..errors import MdistillerError
 from ..files import remove_stale_temp_files
 from ..log import FILE_ONLY, get_logger
@@ -68,8 +68,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.distiller)
         self._declared_terms = self.distiller.declares.loss_terms
         self.update = update_rule(self.optimizer)
-        self.mix_batch = build_batch_mixer(cfg, num_classes_of_model(self.distiller.student)) if mixing_enabled(
-            cfg) else None
+        self.mix_batch = build_batch_mixer(cfg, num_classes_of_model(self.distiller.student))  # None when off
         self.schedule = build_schedule(cfg, _length(train_loader))
         self.task = task_of(cfg)
         self.nan_policy = cfg.SOLVER.NAN_POLICY
